@@ -1,0 +1,1 @@
+"""Data sources. `data.source` names one: `tfds:NAME`, `text_file:PATH` or `embedded:NAME`."""

@@ -1,0 +1,88 @@
+"""GPT-style decoder-only Transformer (pre-norm, learned positions, optional tied head)."""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from aigc_jax import nn as ann
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyperparameters; variants via `dataclasses.replace`."""
+  vocab_size: int
+  max_len: int  # context length: learned positions and the KV cache have this many slots
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 0  # 0: as many as query heads; fewer for grouped-query attention
+  emb_dim: int = 128
+  mlp_ratio: int = 4
+  dropout_rate: float = 0.0
+  use_bias: bool = False
+  tie_embeddings: bool = True
+  dtype: Any = jnp.float32  # compute dtype; bfloat16 computes in bf16 with fp32 params
+  param_dtype: Any = jnp.float32
+  attention: str = "auto"  # see aigc_jax.nn.attention
+
+  @property
+  def head_dim(self) -> int:
+    return self.emb_dim // self.num_heads
+
+
+class Block(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, *, deterministic, decode, decode_index):
+    c = self.config
+    residual_scale = (2 * c.num_layers) ** -0.5  # GPT-2: residual projections scaled by depth
+    y = nn.LayerNorm(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_attn")(x)
+    y = ann.MultiHeadAttention(
+        num_heads=c.num_heads, num_kv_heads=c.num_kv_heads or c.num_heads, head_dim=c.head_dim, max_len=c.max_len,
+        dtype=c.dtype, param_dtype=c.param_dtype, use_bias=c.use_bias, dropout_rate=c.dropout_rate,
+        out_init_scale=residual_scale, implementation=c.attention, name="attn",
+    )(y, deterministic=deterministic, decode=decode, decode_index=decode_index)
+    x = x + y
+    y = nn.LayerNorm(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_mlp")(x)
+    y = ann.MLP(c.mlp_ratio * c.emb_dim, dtype=c.dtype, param_dtype=c.param_dtype, use_bias=c.use_bias,
+                dropout_rate=c.dropout_rate, out_init_scale=residual_scale, name="mlp")(y, deterministic=deterministic)
+    return x + y
+
+
+class Transformer(nn.Module):
+  """Tokens [B, T] -> logits [B, T, vocab] (fp32).
+
+  With `decode=True` the model keeps a KV cache (collection `cache`, made by
+  `init` with `decode=True`) and takes the next T tokens of the sequences it has
+  seen so far; call `apply(..., decode=True, mutable=["cache"])`.
+  """
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens, *, train: bool = False, decode: bool = False):
+    c = self.config
+    t = tokens.shape[1]
+    decode_index = None
+    if decode:
+      index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+      decode_index = index.value
+      if not self.is_initializing():
+        index.value = decode_index + t
+      positions = decode_index + jnp.arange(t)
+    else:
+      positions = jnp.arange(t)
+    embed = ann.TokenAndPositionEmbed(c.vocab_size, c.max_len, c.emb_dim, dtype=c.dtype, param_dtype=c.param_dtype,
+                                      name="embed")
+    x = embed(tokens, positions)
+    x = nn.Dropout(c.dropout_rate)(x, deterministic=not train)
+    for i in range(c.num_layers):
+      x = Block(c, name=f"block_{i}")(x, deterministic=not train, decode=decode, decode_index=decode_index)
+    x = nn.LayerNorm(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_final")(x)
+    if c.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.Dense(c.vocab_size, use_bias=False, kernel_init=ann.dense_init(), dtype=c.dtype,
+                        param_dtype=c.param_dtype, name="head")(x)
+    return logits.astype(jnp.float32)

@@ -1,0 +1,52 @@
+"""Text generation from a trained workdir: what `aigc-jax sample` runs."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aigc_jax import config as config_lib
+from aigc_jax import decoding
+from aigc_jax.errors import UserError
+from aigc_jax.tasks import make_task
+from aigc_jax.train import parallel
+from aigc_jax.train.checkpoint import Checkpointer, abstract_with_sharding
+from aigc_jax.train.loop import CONFIG_FILE, build_state
+from aigc_jax.train.optim import make_optimizer
+
+
+def load_trained(workdir: str):
+  """(task, params, step) from the latest checkpoint in `workdir`."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise UserError(f"{workdir!r} holds no trained run ({CONFIG_FILE} is missing); train with `aigc-jax train` first.")
+  with open(path) as f:
+    config = config_lib.from_json(f.read())
+  task = make_task(config, workdir)
+  mesh = parallel.data_mesh()
+  _, abstract, shardings = build_state(task, make_optimizer(config.optim, config.num_train_steps), config, mesh)
+  state, _ = Checkpointer(workdir).restore(abstract_with_sharding(abstract, shardings))
+  return task, state.params, int(state.step)
+
+
+def generate_text(workdir: str, *, prompt: str = "\n", num_samples: int = 1, max_new_tokens: int = 500,
+                  temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, beams: int = 1,
+                  seed: int = 0) -> list[str]:
+  if num_samples < 1:
+    raise UserError(f"--num-samples is {num_samples}; ask for at least one.")
+  if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+    raise UserError("Use --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1.")
+  task, params, _ = load_trained(workdir)
+  ids = task.vocab.encode(prompt)
+  decoding.check_prompt(task.model, len(ids), max_new_tokens, beams)
+  if beams > 1:
+    if num_samples > beams:
+      raise UserError(f"Beam search returns at most {beams} beams; ask for --num-samples <= --beams.")
+    tokens, _ = decoding.beam_search(task.model, params, jnp.asarray(ids), beams=beams, max_new_tokens=max_new_tokens)
+    tokens = tokens[:num_samples]
+  else:
+    prompts = jnp.tile(jnp.asarray(ids)[None], (num_samples, 1))
+    tokens = decoding.sample(task.model, params, prompts, jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p)
+  return [task.vocab.decode(row) for row in np.asarray(tokens)]

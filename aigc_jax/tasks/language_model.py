@@ -1,0 +1,61 @@
+"""Character language modelling: next-token cross-entropy for the Transformer and the LSTM."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from aigc_jax import decoding
+from aigc_jax.data.text import CharDataset, CharVocab
+from aigc_jax.models import build_language_model
+
+VOCAB_FILE = "vocab.json"
+
+
+class LanguageModelTask:
+  units = "tokens"
+
+  def __init__(self, config, workdir: str | None = None):
+    self.config = config
+    vocab_path = os.path.join(workdir, VOCAB_FILE) if workdir else None
+    vocab = CharVocab.load(vocab_path) if vocab_path and os.path.exists(vocab_path) else None
+    self.dataset = CharDataset.from_config(config.data, vocab)
+    self.vocab = self.dataset.vocab
+    self.model = build_language_model(config.model, vocab_size=self.vocab.size, max_len=config.data.seq_len)
+    self.units_per_batch = config.batch_size * config.data.seq_len
+
+  def save_assets(self, workdir: str) -> None:
+    self.vocab.save(os.path.join(workdir, VOCAB_FILE))
+
+  def init_params(self, rng):
+    return self.model.init(rng, jnp.zeros((1, self.config.data.seq_len), jnp.int32))["params"]
+
+  def loss(self, params, batch, rng, train: bool):
+    rngs = {"dropout": rng} if train else {}
+    logits = self.model.apply({"params": params}, batch["inputs"], train=train, rngs=rngs)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return jnp.sum(losses), jnp.asarray(losses.size, jnp.float32)
+
+  def train_batch(self, step: int):
+    return self.dataset.batch("train", step, self.config.batch_size, seed=self.config.seed)
+
+  def eval_batches(self):
+    return {split: [self.dataset.batch(split, i, self.config.batch_size, seed=self.config.seed, stream=1)
+                    for i in range(self.config.eval_batches)]
+            for split in CharDataset.SPLITS}
+
+  def on_eval(self, params, step: int, writer) -> str:
+    """Writes one sample to `samples/step_N.txt` and TensorBoard; returns it."""
+    s = self.config.sample
+    prompt = self.vocab.encode(s.prompt)
+    decoding.check_prompt(self.model, len(prompt), s.max_new_tokens)
+    tokens = decoding.sample(self.model, params, jnp.asarray(prompt)[None], jax.random.PRNGKey(self.config.seed),
+                             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    text = self.vocab.decode(np.asarray(tokens[0]))
+    os.makedirs(os.path.join(writer.workdir, "samples"), exist_ok=True)
+    with open(os.path.join(writer.workdir, "samples", f"step_{step:06d}.txt"), "w", encoding="utf-8") as f:
+      f.write(text)
+    writer.write_text(step, "sample", text)
+    return text

@@ -1,0 +1,1 @@
+"""The training spine shared by every model family."""

@@ -1,0 +1,34 @@
+"""Data parallelism over every device: batch sharded on a `data` mesh axis, state replicated."""
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from aigc_jax.errors import UserError
+
+
+def data_mesh() -> jax.sharding.Mesh:
+  # Auto axes: XLA propagates the batch sharding through the model, which stays sharding-agnostic.
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P("data"))
+
+
+def check_batch_size(batch_size: int, mesh, grad_accum_steps: int = 1) -> None:
+  devices = mesh.devices.size
+  if batch_size % (devices * grad_accum_steps):
+    raise UserError(
+        f"batch_size {batch_size} does not split over {devices} devices x {grad_accum_steps} accumulation steps; "
+        f"use a multiple of {devices * grad_accum_steps}.")
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  """Places a host batch (this process's rows) on the mesh, split along the batch axis."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
