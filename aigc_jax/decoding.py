@@ -64,9 +64,17 @@ def check_prompt(model, prompt_len: int, max_new_tokens: int, beams: int = 1):
         f"is {prompt_len + max_new_tokens}; ask for at most {max(max_len + 1 - prompt_len, 0)} new tokens.")
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
 def sample(model, params, prompt, rng, *, max_new_tokens: int, temperature=1.0, top_k=0, top_p=1.0):
-  """Continues each row of prompt [B, P]; returns tokens [B, P + max_new_tokens]."""
+  """Continues each row of prompt [B, P]; returns tokens [B, P + max_new_tokens].
+
+  One compiled program per (model, shapes, max_new_tokens): the sampling settings are traced.
+  """
+  return _sample(model, params, jnp.asarray(prompt, jnp.int32), rng, max_new_tokens,
+                 jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _sample(model, params, prompt, rng, max_new_tokens, temperature, top_k, top_p):
   b, p = prompt.shape
   total = p + max_new_tokens
   max_len = context_length(model)

@@ -11,9 +11,8 @@ from aigc_jax import decoding
 from aigc_jax.errors import UserError
 from aigc_jax.tasks import make_task
 from aigc_jax.train import parallel
-from aigc_jax.train.checkpoint import Checkpointer, abstract_with_sharding
-from aigc_jax.train.loop import CONFIG_FILE, build_state
-from aigc_jax.train.optim import make_optimizer
+from aigc_jax.train.checkpoint import Checkpointer
+from aigc_jax.train.loop import CONFIG_FILE, compile_steps
 
 
 def load_trained(workdir: str):
@@ -24,9 +23,8 @@ def load_trained(workdir: str):
   with open(path) as f:
     config = config_lib.from_json(f.read())
   task = make_task(config, workdir)
-  mesh = parallel.data_mesh()
-  _, abstract, shardings = build_state(task, make_optimizer(config.optim, config.num_train_steps), config, mesh)
-  state, _ = Checkpointer(workdir).restore(abstract_with_sharding(abstract, shardings))
+  steps = compile_steps(task, config, parallel.data_mesh())
+  state, _ = Checkpointer(workdir).restore(steps.abstract)
   return task, state.params, int(state.step)
 
 

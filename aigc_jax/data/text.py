@@ -84,8 +84,10 @@ def _tfds_text(name: str) -> str:
     raise UserError(
         f"Could not download TFDS data set {name!r} ({type(e).__name__}: {str(e)[:120]}); "
         "check the network or use data.source=text_file:PATH or embedded:python_stdlib.") from None
+  known = list(builder.info.splits) or ["train"]
+  splits = [s for s in ("train", "validation", "test") if s in known] + sorted(set(known) - {"train", "validation", "test"})
   pieces = []
-  for split in builder.info.splits:
+  for split in splits:
     source = builder.as_data_source(split=split)
     for i in range(len(source)):
       example = source[i]

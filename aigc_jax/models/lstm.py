@@ -35,7 +35,8 @@ class LSTM(nn.Module):
       cell = nn.OptimizedLSTMCell(c.hidden_dim, dtype=c.dtype, param_dtype=c.param_dtype, name=f"lstm_{i}")
       rnn = nn.RNN(cell, return_carry=True, name=f"rnn_{i}")
       if decode:
-        carry = self.variable("cache", f"carry_{i}", cell.initialize_carry, None, (b, x.shape[-1]))
+        zeros = lambda: (jnp.zeros((b, c.hidden_dim), c.dtype), jnp.zeros((b, c.hidden_dim), c.dtype))  # (c, h)
+        carry = self.variable("cache", f"carry_{i}", zeros)
         new_carry, x = rnn(x, initial_carry=carry.value)
         if not self.is_initializing():
           carry.value = new_carry

@@ -4,6 +4,7 @@ import logging
 import math
 import os
 import time
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -40,39 +41,19 @@ def build_state(task, tx, config, mesh):
   return init, abstract, shardings
 
 
-def train_and_evaluate(config, workdir: str, *, show_progress: bool = True) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last evaluation."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config_lib.to_json(config))
-  task = make_task(config, workdir)
-  task.save_assets(workdir)
+class Steps(NamedTuple):
+  """Everything compiled for one task on one mesh."""
+  init: Callable  # rng -> TrainState, placed on the mesh
+  abstract: TrainState  # shapes and shardings, for restoring
+  train: Callable  # (state, batch) -> (state, metrics), state donated
+  eval: Callable  # (params, batch) -> metrics
 
-  mesh = parallel.data_mesh()
+
+def compile_steps(task, config, mesh) -> Steps:
   parallel.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
   schedule = learning_rate_schedule(config.optim, config.num_train_steps)
   tx = make_optimizer(config.optim, config.num_train_steps)
   init, abstract, state_sharding = build_state(task, tx, config, mesh)
-
-  checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  if checkpointer.latest_step() is not None:
-    state, meta = checkpointer.restore(abstract_with_sharding(abstract, state_sharding))
-    logging.info("resumed from step %d in %s", int(state.step), checkpointer.directory)
-    assert meta["data"]["next_batch"] == int(state.step), meta
-  else:
-    state = jax.jit(init, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
-  start = int(state.step)
-  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract.params))
-  logging.info("%s: %.2fM parameters, %d devices, steps %d..%d", config.model.name, n_params / 1e6,
-               mesh.devices.size, start, config.num_train_steps)
-
-  replicated = parallel.replicated(mesh)
-  batch_sharding = parallel.batch_sharding(mesh)
-  train_step = jax.jit(
-      make_train_step(task.loss, tx, grad_accum_steps=config.grad_accum_steps, schedule=schedule),
-      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(task.loss), in_shardings=(state_sharding.params, batch_sharding),
-                      out_shardings=replicated)
   eval_batches = {split: [parallel.shard_batch(b, mesh) for b in batches]
                   for split, batches in task.eval_batches().items()}
 
@@ -80,7 +61,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True) -> d
     results = {}
     for split, batches in eval_batches.items():
       results[f"{'val' if split == 'validation' else split}_loss"] = reduce_metrics(
-          jax.device_get([eval_step(params, b) for b in batches]))["loss"]
+          jax.device_get([steps.eval(params, b) for b in batches]))["loss"]
     writer.write_scalars(step, results)
     task.on_eval(params, step, writer)
     return results
@@ -91,7 +72,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True) -> d
   pending, window_start, window_first = [], None, start
   last_eval, last_saved = {}, checkpointer.latest_step()
   for step in range(start, config.num_train_steps):
-    state, metrics = train_step(state, parallel.shard_batch(task.train_batch(step), mesh))
+    state, metrics = steps.train(state, parallel.shard_batch(task.train_batch(step), mesh))
     pending.append(metrics)
     done = step + 1
     is_last = done == config.num_train_steps

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny text corpus and a shrunk GPT config that trains in seconds."""
+
+import os
+
+import pytest
+
+from aigc_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_CONFIG = os.path.join(ROOT, "configs", "gpt_shakespeare_char_cpu.py")
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 20
+
+
+@pytest.fixture
+def text_file(tmp_path):
+  path = tmp_path / "corpus.txt"
+  path.write_text(TEXT, encoding="utf-8")
+  return str(path)
+
+
+def tiny_overrides(text_path: str) -> list[str]:
+  return [
+      f"data.source=text_file:{text_path}", "data.seq_len=16", "batch_size=8", "num_train_steps=6",
+      "eval_every_steps=3", "checkpoint_every_steps=3", "log_every_steps=1", "eval_batches=2",
+      "model.num_layers=2", "model.num_heads=4", "model.emb_dim=32", "optim.warmup_steps=2",
+      "sample.max_new_tokens=20",
+  ]
+
+
+@pytest.fixture
+def tiny_config(text_file):
+  return config_lib.load_config(CPU_CONFIG, tiny_overrides(text_file))

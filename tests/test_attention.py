@@ -1,0 +1,63 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aigc_jax.errors import UserError
+from aigc_jax.nn.attention import dot_product_attention, resolve_implementation
+
+
+def naive_attention(q, k, v, keep):  # q [B, T, H, D], k/v [B, S, H, D], keep [T, S]
+  scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(keep, scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("bhts,bshd->bthd", probs, v)
+
+
+def qkv(b=2, t=5, h=4, k=4, d=8, s=None):
+  rng = np.random.default_rng(0)
+  s = s or t
+  return (rng.normal(size=(b, t, h, d)).astype(np.float32), rng.normal(size=(b, s, k, d)).astype(np.float32),
+          rng.normal(size=(b, s, k, d)).astype(np.float32))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_xla_matches_naive(causal):
+  q, k, v = qkv()
+  keep = np.tril(np.ones((5, 5), bool)) if causal else np.ones((5, 5), bool)
+  out = dot_product_attention(q, k, v, causal=causal, implementation="xla")
+  np.testing.assert_allclose(out, naive_attention(q, k, v, keep), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_query_heads_equal_repeated_kv_heads():
+  q, k, v = qkv(h=4, k=2)
+  out = dot_product_attention(q, k, v, causal=True)
+  # query heads 0,1 read kv head 0; heads 2,3 read kv head 1
+  expected = naive_attention(q, np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2), np.tril(np.ones((5, 5), bool)))
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_and_causal_offset_for_cached_queries():
+  q, k, v = qkv(t=2, s=6)
+  mask = np.array([True, True, False, True, True, True])  # a padded key
+  out = dot_product_attention(q, k, v, causal=True, mask=mask[None, None, None, :])
+  keep = (np.arange(6)[None, :] <= np.arange(2)[:, None] + 4) & mask  # the 2 queries are positions 4 and 5
+  np.testing.assert_allclose(out, naive_attention(q, k, v, keep), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_is_xla_on_cpu_and_cudnn_needs_a_gpu():
+  assert jax.default_backend() == "cpu"
+  assert resolve_implementation("auto", jnp.bfloat16, 64) == "xla"
+  with pytest.raises(UserError, match="'cudnn' needs a GPU.*use 'xla' or 'auto'"):
+    resolve_implementation("cudnn", jnp.bfloat16, 64)
+  with pytest.raises(UserError, match="Unknown attention implementation 'flashy'"):
+    resolve_implementation("flashy", jnp.float32, 64)
+
+
+def test_bf16_inputs_give_bf16_output_close_to_fp32():
+  q, k, v = qkv()
+  out = dot_product_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), causal=True)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), naive_attention(q, k, v, np.tril(np.ones((5, 5), bool))),
+                             atol=5e-2)

@@ -1,0 +1,57 @@
+import glob
+import os
+
+import jax
+import pytest
+
+from aigc_jax import config as config_lib
+from aigc_jax.errors import UserError
+from aigc_jax.tasks import make_task
+from conftest import CPU_CONFIG, ROOT
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_parses_and_builds(path, text_file):
+  config = config_lib.load_config(path, [f"data.source=text_file:{text_file}", "data.seq_len=16"])
+  assert config.num_train_steps > 0 and config.batch_size > 0
+  for key in ("seed", "eval_every_steps", "checkpoint_every_steps", "data.source"):
+    assert key.split(".")[-1] in (config.data if key.startswith("data.") else config)
+  task = make_task(config)
+  params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+  assert jax.tree.leaves(params)
+  assert config.__class__.__name__ == "ConfigDict" and config.is_locked
+
+
+def test_override_parses_value_by_field_type():
+  config = config_lib.load_config(CPU_CONFIG, ["batch_size=24", "optim.learning_rate=3e-4", "model.use_bias=True",
+                                               "data.source=text_file:/x y.txt", "optim.b2=1"])
+  assert config.batch_size == 24
+  assert config.optim.learning_rate == 3e-4
+  assert config.model.use_bias is True
+  assert config.data.source == "text_file:/x y.txt"
+  assert config.optim.b2 == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("num_train_stepz=3", "Unknown config key 'num_train_stepz'"),
+    ("model.widht=3", "Unknown config key 'model.widht'"),
+    ("optimizer.lr=3", "Unknown config key 'optimizer'"),
+    ("batch_size=big", "Config key 'batch_size' takes a int"),
+    ("model.use_bias=1", "Config key 'model.use_bias' takes a bool"),
+    ("batch_size", "has no '='"),
+])
+def test_bad_override_is_one_clear_sentence(override, message):
+  with pytest.raises(UserError, match=message):
+    config_lib.load_config(CPU_CONFIG, [override])
+
+
+def test_missing_config_file():
+  with pytest.raises(UserError, match="does not exist"):
+    config_lib.load_config("configs/nope.py")
+
+
+def test_config_round_trips_through_json():
+  config = config_lib.load_config(CPU_CONFIG)
+  assert config_lib.from_json(config_lib.to_json(config)).to_dict() == config.to_dict()

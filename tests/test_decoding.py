@@ -1,0 +1,135 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aigc_jax import decoding
+from aigc_jax.errors import UserError
+from aigc_jax.models import LSTM, LSTMConfig, Transformer, TransformerConfig
+
+VOCAB = 11
+
+
+def transformer(**kw):
+  config = TransformerConfig(vocab_size=VOCAB, max_len=8, num_layers=2, num_heads=4, emb_dim=16, attention="xla")
+  return Transformer(config.__class__(**{**config.__dict__, **kw}))
+
+
+MODELS = {
+    "transformer": transformer(),
+    "transformer_gqa_untied": transformer(num_kv_heads=2, tie_embeddings=False, use_bias=True),
+    "lstm": LSTM(LSTMConfig(vocab_size=VOCAB, emb_dim=8, hidden_dim=16, num_layers=2)),
+}
+
+
+decode_step = jax.jit(decoding.decode_step, static_argnums=0)
+apply = jax.jit(lambda model, params, tokens: model.apply({"params": params}, tokens), static_argnums=0)
+
+
+def params_of(model, seed=0):
+  return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cached_decoding_equals_full_recomputation(name):
+  model = MODELS[name]
+  params = params_of(model)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, VOCAB)
+  full = apply(model, params, tokens)
+  cache = decoding.init_cache(model, 2)
+  prefill, cache = decode_step(model, params, cache, tokens[:, :3])  # a 3-token prompt, then one at a time
+  pieces = [prefill]
+  for t in range(3, 8):
+    logits, cache = decode_step(model, params, cache, tokens[:, t:t + 1])
+    pieces.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def greedy_by_recomputation(model, params, prompt, n):
+  tokens = list(prompt)
+  max_len = decoding.context_length(model) or len(prompt) + n
+  for _ in range(n):
+    window = jnp.asarray(tokens[-max_len:])[None]
+    tokens.append(int(jnp.argmax(apply(model, params, window)[0, -1])))
+  return tokens
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_greedy_sampling_matches_recomputation_past_the_context(name):
+  model = MODELS[name]
+  params = params_of(model)
+  prompt = [1, 2, 3]
+  out = decoding.sample(model, params, jnp.asarray([prompt]), jax.random.PRNGKey(0), max_new_tokens=10,
+                        temperature=0.0)  # 13 tokens > max_len 8: the windowed phase runs too
+  assert out.shape == (1, 13)
+  assert out[0].tolist() == greedy_by_recomputation(model, params, prompt, 10)
+
+
+def test_prompt_longer_than_the_context():
+  model = MODELS["transformer"]
+  params = params_of(model)
+  prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+  out = decoding.sample(model, params, jnp.asarray([prompt]), jax.random.PRNGKey(0), max_new_tokens=3, temperature=0.0)
+  assert out[0].tolist() == greedy_by_recomputation(model, params, prompt, 3)
+
+
+def test_pick_tokens_filters():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  keys = jax.random.split(jax.random.PRNGKey(0), 400)
+
+  def support(temperature=1.0, top_k=0, top_p=1.0):
+    return set(np.asarray(jax.vmap(lambda key: decoding.pick_tokens(logits, key, temperature, top_k, top_p)[0])(keys)))
+
+  assert support(temperature=0.0) == {0}
+  assert support() == {0, 1, 2, 3}
+  assert support(top_k=2) == {0, 1}
+  assert support(top_p=0.5) == {0}  # 0.5 alone reaches the mass
+  assert support(top_p=0.7) == {0, 1}
+  assert support(top_p=0.81) == {0, 1, 2}
+  assert support(top_k=3, top_p=0.99) == {0, 1, 2}
+
+
+def test_sampling_is_seeded_and_settings_do_not_recompile():
+  model = MODELS["transformer"]
+  params = params_of(model)
+  prompt = jnp.asarray([[1, 2]])
+  run = lambda seed, **kw: decoding.sample(model, params, prompt, jax.random.PRNGKey(seed), max_new_tokens=6, **kw)
+  a = run(0, temperature=1.0)
+  np.testing.assert_array_equal(a, run(0, temperature=1.0))
+  assert not np.array_equal(a, run(1, temperature=1.0)) or not np.array_equal(a, run(2, temperature=1.0))
+  compiled = decoding._sample._cache_size()
+  run(3, temperature=0.5, top_k=3, top_p=0.9)
+  run(4, temperature=0.0)
+  assert decoding._sample._cache_size() == compiled
+
+
+def sequence_logprob(model, params, tokens, prompt_len):
+  logp = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray(tokens)[None, :-1])[0])
+  return float(sum(logp[t - 1, tokens[t]] for t in range(prompt_len, len(tokens))))
+
+
+@pytest.mark.parametrize("name", ["transformer", "lstm"])
+def test_beam_search_scores_are_sequence_logprobs_and_beat_greedy(name):
+  model = MODELS[name]
+  params = params_of(model, seed=3)
+  prompt = jnp.asarray([4, 5])
+  tokens, scores = decoding.beam_search(model, params, prompt, beams=4, max_new_tokens=5)
+  assert tokens.shape == (4, 7)
+  assert np.all(np.diff(np.asarray(scores)) <= 0)  # best first
+  assert len({tuple(row) for row in np.asarray(tokens).tolist()}) == 4  # distinct hypotheses
+  for row, score in zip(np.asarray(tokens).tolist(), np.asarray(scores)):
+    assert row[:2] == [4, 5]
+    np.testing.assert_allclose(score, sequence_logprob(model, params, row, 2), rtol=1e-4, atol=1e-4)
+  greedy = greedy_by_recomputation(model, params, [4, 5], 5)
+  assert scores[0] >= sequence_logprob(model, params, greedy, 2) - 1e-5
+  one, _ = decoding.beam_search(model, params, prompt, beams=1, max_new_tokens=5)
+  assert one[0].tolist() == greedy
+
+
+def test_bad_generation_requests():
+  model = MODELS["transformer"]
+  with pytest.raises(UserError, match="prompt is empty"):
+    decoding.check_prompt(model, 0, 5)
+  with pytest.raises(UserError, match="ask for at most 6 new tokens"):
+    decoding.check_prompt(model, 3, 7, beams=2)
+  decoding.check_prompt(model, 3, 7, beams=1)  # sampling slides past the context
