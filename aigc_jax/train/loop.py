@@ -54,6 +54,38 @@ def compile_steps(task, config, mesh) -> Steps:
   schedule = learning_rate_schedule(config.optim, config.num_train_steps)
   tx = make_optimizer(config.optim, config.num_train_steps)
   init, abstract, state_sharding = build_state(task, tx, config, mesh)
+  replicated = parallel.replicated(mesh)
+  batch_sharding = parallel.batch_sharding(mesh)
+  train_step = jax.jit(
+      make_train_step(task.loss, tx, grad_accum_steps=config.grad_accum_steps, schedule=schedule),
+      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(task.loss), in_shardings=(state_sharding.params, batch_sharding),
+                      out_shardings=replicated)
+  return Steps(jax.jit(init, out_shardings=state_sharding), abstract_with_sharding(abstract, state_sharding),
+               train_step, eval_step)
+
+
+def train_and_evaluate(config, workdir: str, *, show_progress: bool = True) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last evaluation."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    f.write(config_lib.to_json(config))
+  task = make_task(config, workdir)
+  task.save_assets(workdir)
+
+  mesh = parallel.data_mesh()
+  steps = compile_steps(task, config, mesh)
+  checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  if checkpointer.latest_step() is not None:
+    state, meta = checkpointer.restore(steps.abstract)
+    logging.info("resumed from step %d in %s", int(state.step), checkpointer.directory)
+    assert meta["data"]["next_batch"] == int(state.step), meta
+  else:
+    state = steps.init(jax.random.PRNGKey(config.seed))
+  start = int(state.step)
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(steps.abstract.params))
+  logging.info("%s: %.2fM parameters, %d devices, steps %d..%d", config.model.name, n_params / 1e6,
+               mesh.devices.size, start, config.num_train_steps)
   eval_batches = {split: [parallel.shard_batch(b, mesh) for b in batches]
                   for split, batches in task.eval_batches().items()}
 
@@ -71,44 +103,43 @@ def compile_steps(task, config, mesh) -> Steps:
                   dynamic_ncols=True)
   pending, window_start, window_first = [], None, start
   last_eval, last_saved = {}, checkpointer.latest_step()
-  for step in range(start, config.num_train_steps):
-    state, metrics = steps.train(state, parallel.shard_batch(task.train_batch(step), mesh))
-    pending.append(metrics)
-    done = step + 1
-    is_last = done == config.num_train_steps
-    saving = done % config.checkpoint_every_steps == 0 or is_last
-    # The first step is fetched at once: it carries the compilation, so throughput is timed after it.
-    evaluating = done % config.eval_every_steps == 0 or is_last
-    if done % config.log_every_steps == 0 or saving or evaluating or window_start is None:
-      summary = reduce_metrics(jax.device_get(pending))
-      if not all(math.isfinite(v) for v in summary.values()):
-        checkpointer.wait()
-        raise TrainingDiverged(
-            f"The loss became non-finite between steps {done - len(pending) + 1} and {done}; the last good "
-            f"checkpoint (step {last_saved}) is kept in {checkpointer.directory}: lower optim.learning_rate "
-            "and run again to resume from it.")
-      now = time.perf_counter()
-      if window_start is not None:
-        summary[f"{task.units}_per_sec"] = (done - window_first) * task.units_per_batch / (now - window_start)
-        summary["ms_per_step"] = 1000 * (now - window_start) / (done - window_first)
-        progress.set_postfix({"loss": f"{summary['loss']:.4f}",
-                              f"{task.units}/s": f"{summary[task.units + '_per_sec']:.0f}"})
-      writer.write_scalars(done, {f"train_{k}" if k == "loss" else k: v for k, v in summary.items()})
-      pending, window_start, window_first = [], now, done
-    if evaluating:
-      last_eval = evaluate(state.params, done)
-      progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-      window_start = time.perf_counter()  # evaluation time is not training throughput
-    if saving:
-      checkpointer.save(done, state, {"data": {"next_batch": done, "seed": config.seed}})
-      last_saved = done
-    progress.update(1)
-  progress.update(0)
-  progress.close()
-  if start >= config.num_train_steps and not last_eval:
-    logging.info("already trained to step %d; evaluating", start)
-    last_eval = evaluate(state.params, start)
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
+  try:
+    for step in range(start, config.num_train_steps):
+      state, metrics = steps.train(state, parallel.shard_batch(task.train_batch(step), mesh))
+      pending.append(metrics)
+      done = step + 1
+      is_last = done == config.num_train_steps
+      saving = done % config.checkpoint_every_steps == 0 or is_last
+      evaluating = done % config.eval_every_steps == 0 or is_last
+      # The first step is fetched at once: it carries the compilation, so throughput is timed after it.
+      if done % config.log_every_steps == 0 or saving or evaluating or window_start is None:
+        summary = reduce_metrics(jax.device_get(pending))
+        if not all(math.isfinite(v) for v in summary.values()):
+          raise TrainingDiverged(
+              f"The loss became non-finite between steps {done - len(pending) + 1} and {done}; the last good "
+              f"checkpoint (step {last_saved}) is kept in {checkpointer.directory}: lower optim.learning_rate "
+              "and run again to resume from it.")
+        now = time.perf_counter()
+        if window_start is not None:
+          summary[f"{task.units}_per_sec"] = (done - window_first) * task.units_per_batch / (now - window_start)
+          summary["ms_per_step"] = 1000 * (now - window_start) / (done - window_first)
+          progress.set_postfix({"loss": f"{summary['loss']:.4f}",
+                                f"{task.units}/s": f"{summary[task.units + '_per_sec']:.0f}"})
+        writer.write_scalars(done, summary)  # "loss": the running training loss; evaluations log train_/val_loss
+        pending, window_start, window_first = [], now, done
+      if evaluating:
+        last_eval = evaluate(state.params, done)
+        progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+        window_start = time.perf_counter()  # evaluation time is not training throughput
+      if saving:
+        checkpointer.save(done, state, {"data": {"next_batch": done, "seed": config.seed}})
+        last_saved = done
+      progress.update(1)
+    if start >= config.num_train_steps and not last_eval:
+      logging.info("already trained to step %d; evaluating", start)
+      last_eval = evaluate(state.params, start)
+  finally:  # an interrupted run keeps every checkpoint it started writing
+    progress.close()
+    checkpointer.close()
+    writer.close()
   return last_eval

@@ -1,0 +1,160 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from aigc_jax import config as config_lib
+from aigc_jax.errors import UserError
+from aigc_jax.tasks import make_task
+from aigc_jax.train import loop, parallel
+from aigc_jax.train.checkpoint import Checkpointer
+from conftest import CPU_CONFIG, ROOT, tiny_overrides
+
+
+def final_params(workdir, config):
+  steps = loop.compile_steps(make_task(config, workdir), config, parallel.data_mesh())
+  state, meta = Checkpointer(workdir).restore(steps.abstract)
+  return state, meta
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+class Interrupt(Exception):
+  pass
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  loop.train_and_evaluate(tiny_config, straight, show_progress=False)
+
+  real_make_task = loop.make_task
+
+  def make_task_that_stops(config, workdir):  # simulates a kill right after the step-3 checkpoint
+    task = real_make_task(config, workdir)
+    real_batch = task.train_batch
+    def train_batch(step):
+      if step == 4:
+        raise Interrupt()
+      return real_batch(step)
+    task.train_batch = train_batch
+    return task
+
+  monkeypatch.setattr(loop, "make_task", make_task_that_stops)
+  with pytest.raises(Interrupt):
+    loop.train_and_evaluate(tiny_config, resumed, show_progress=False)
+  monkeypatch.setattr(loop, "make_task", real_make_task)
+  assert Checkpointer(resumed).latest_step() == 3
+  loop.train_and_evaluate(tiny_config, resumed, show_progress=False)
+
+  a, meta_a = final_params(straight, tiny_config)
+  b, meta_b = final_params(resumed, tiny_config)
+  assert int(a.step) == int(b.step) == 6 and meta_a == meta_b == {"data": {"next_batch": 6, "seed": 0}}
+  for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  rows_a, rows_b = read_metrics(straight), read_metrics(resumed)
+  assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+  for key in ("loss", "val_loss"):
+    assert [r[key] for r in rows_a if key in r] == pytest.approx([r[key] for r in rows_b if key in r], rel=1e-6)
+  assert [r["step"] for r in rows_b if "val_loss" in r] == [3, 6]
+
+
+def test_workdir_outputs(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  result = loop.train_and_evaluate(tiny_config, workdir, show_progress=False)
+  assert set(result) == {"train_loss", "val_loss"}
+  rows = read_metrics(workdir)
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+  assert all({"grad_norm", "param_norm", "learning_rate"} <= set(r) for r in rows if "loss" in r)
+  assert all({"tokens_per_sec", "ms_per_step"} <= set(r) for r in rows if "loss" in r and r["step"] > 1)
+  assert rows[-1]["val_loss"] == pytest.approx(result["val_loss"])
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["step_000003.txt", "step_000006.txt"]
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert os.path.exists(os.path.join(workdir, "config.json")) and os.path.exists(os.path.join(workdir, "vocab.json"))
+  assert Checkpointer(workdir).manager.all_steps() == [3, 6]
+
+
+def test_gradient_accumulation_equals_the_full_batch(tiny_config):
+  task = make_task(tiny_config)
+  mesh = parallel.data_mesh()
+  batch = parallel.shard_batch(task.train_batch(0), mesh)
+  results = []
+  for accum in (1, 4):
+    with tiny_config.unlocked():
+      tiny_config.grad_accum_steps = accum
+    steps = loop.compile_steps(task, tiny_config, mesh)
+    state, metrics = steps.train(steps.init(jax.random.PRNGKey(0)), batch)
+    results.append((state.params, metrics["loss"]))
+  for x, y in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(tiny_config, workdir, show_progress=False)  # good checkpoints at 3 and 6
+  with tiny_config.unlocked():
+    tiny_config.num_train_steps = 12
+    tiny_config.optim.learning_rate = float("nan")
+  with pytest.raises(loop.TrainingDiverged, match=r"non-finite between steps 7 and 7; the last good checkpoint \(step 6\)"):
+    loop.train_and_evaluate(tiny_config, workdir, show_progress=False)
+  assert Checkpointer(workdir).latest_step() == 6
+
+
+def test_corrupt_checkpoint_is_one_clear_sentence(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(tiny_config, workdir, show_progress=False)
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "6", "state")):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  with pytest.raises(UserError, match=r"checkpoint at step 6 .* could not be read .*delete .*6 to resume"):
+    final_params(workdir, tiny_config)
+
+
+def test_batch_must_split_over_devices(tiny_config):
+  with tiny_config.unlocked():
+    tiny_config.grad_accum_steps = 3
+  with pytest.raises(UserError, match="batch_size 8 does not split over 1 devices x 3"):
+    loop.compile_steps(make_task(tiny_config), tiny_config, parallel.data_mesh())
+
+
+SHARDED_SCRIPT = r"""
+import sys
+import jax, numpy as np
+from jax.sharding import Mesh
+sys.path.insert(0, {tests!r})
+from aigc_jax import config as config_lib
+from aigc_jax.tasks import make_task
+from aigc_jax.train import loop, parallel
+from conftest import tiny_overrides
+assert jax.device_count() == 8, jax.devices()
+config = config_lib.load_config({config!r}, tiny_overrides({text!r}) + ["batch_size=16"])
+task = make_task(config)
+final = []
+for mesh in (parallel.data_mesh(), jax.make_mesh((1,), ("data",), devices=jax.devices()[:1],
+                                                 axis_types=(jax.sharding.AxisType.Auto,))):
+  steps = loop.compile_steps(task, config, mesh)
+  state = steps.init(jax.random.PRNGKey(0))
+  for step in range(3):
+    state, metrics = steps.train(state, parallel.shard_batch(task.train_batch(step), mesh))
+  if mesh.devices.size == 8:
+    assert len(state.params["embed"]["position"].sharding.device_set) == 8  # replicated on all
+  final.append((jax.device_get(state.params), float(metrics["loss"][0])))
+for x, y in zip(jax.tree.leaves(final[0]), jax.tree.leaves(final[1])):
+  np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
+print("sharded == single", final[0][1], final[1][1])
+"""
+
+
+def test_sharded_step_on_8_devices_matches_one_device(text_file):
+  script = SHARDED_SCRIPT.format(tests=os.path.join(ROOT, "tests"), config=CPU_CONFIG, text=text_file)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "sharded == single" in out.stdout
