@@ -20,13 +20,18 @@ def text_file(tmp_path):
   return str(path)
 
 
-def tiny_overrides(text_path: str) -> list[str]:
+TINY_MODELS = {
+    "transformer": ["model.num_layers=2", "model.num_heads=4", "model.emb_dim=32"],
+    "lstm": ["model.num_layers=2", "model.emb_dim=16", "model.hidden_dim=32"],
+}
+
+
+def tiny_overrides(text_path: str, model: str = "transformer") -> list[str]:
   return [
       f"data.source=text_file:{text_path}", "data.seq_len=16", "batch_size=8", "num_train_steps=6",
       "eval_every_steps=3", "checkpoint_every_steps=3", "log_every_steps=1", "eval_batches=2",
-      "model.num_layers=2", "model.num_heads=4", "model.emb_dim=32", "optim.warmup_steps=2",
-      "sample.max_new_tokens=20",
-  ]
+      "optim.warmup_steps=2", "sample.max_new_tokens=20",
+  ] + TINY_MODELS[model]
 
 
 @pytest.fixture

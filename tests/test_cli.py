@@ -1,0 +1,74 @@
+"""The command line end to end, on shrunk configs: train, resume, sample, and bad input."""
+
+import os
+
+import pytest
+
+from aigc_jax import cli
+from conftest import CPU_CONFIG, ROOT, tiny_overrides
+
+
+def run(argv, capsys):
+  code = cli.main(argv)
+  out = capsys.readouterr()
+  return code, out.out, out.err
+
+
+CONFIGS = {"transformer": CPU_CONFIG, "lstm": os.path.join(ROOT, "configs", "lstm_shakespeare_char.py")}
+
+
+def train_args(workdir, text_file, model="transformer", extra=()):
+  overrides = [f"--config.{o}" for o in tiny_overrides(text_file, model)]
+  return ["train", "--config", CONFIGS[model], "--workdir", workdir] + overrides + list(extra)
+
+
+@pytest.mark.parametrize("model", CONFIGS)
+def test_train_resume_and_sample(model, tmp_path, text_file, capsys):
+  workdir = str(tmp_path / "run")
+  code, out, err = run(train_args(workdir, text_file, model, ["--config.num_train_steps=3"]), capsys)
+  assert code == 0, err
+  assert "val_loss" in out and "--- sample (step_000003.txt) ---" in out
+  code, out, err = run(train_args(workdir, text_file, model), capsys)  # resumes at 3, trains to 6
+  assert code == 0, err
+  assert "step 6: train_loss" in out and "step 3: " not in out
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["step_000003.txt", "step_000006.txt"]
+
+  code, out, err = run(["sample", "--workdir", workdir, "--prompt", "First", "--num-samples", "2",
+                        "--max-new-tokens", "12", "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9"], capsys)
+  assert code == 0, err
+  samples = out.split("--- sample ")[1:]
+  assert len(samples) == 2 and all(s.split("---\n", 1)[1].startswith("First") for s in samples)
+  assert all(len(s.split("---\n", 1)[1].rstrip("\n")) == 5 + 12 for s in samples)
+
+  code, out, err = run(["sample", "--workdir", workdir, "--prompt", "Fir", "--beams", "3", "--num-samples", "3",
+                        "--max-new-tokens", "4"], capsys)
+  assert code == 0, err
+  assert out.count("--- sample ") == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config.num_train_stepz=5"], "aigc-jax: Unknown config key 'num_train_stepz'"),
+    (["--config.data.source=text_file:/no/such.txt"], "aigc-jax: Text file '/no/such.txt' does not exist"),
+    (["--config.data.source=s3://bucket"], "aigc-jax: Unknown data.source 's3://bucket'"),
+    (["--config.model.name=mamba"], "aigc-jax: Unknown model.name 'mamba'"),
+    (["--config.model.attention=flashy"], "aigc-jax: Unknown attention implementation 'flashy'"),
+    (["--steps=5"], "aigc-jax: unknown argument '--steps=5'"),
+])
+def test_bad_train_input_is_one_sentence(argv, message, tmp_path, text_file, capsys):
+  code, _, err = run(train_args(str(tmp_path / "run"), text_file) + argv, capsys)
+  assert code == 2
+  assert message in err and "Traceback" not in err
+  assert len(err.strip().splitlines()[-1]) > 0 and err.strip().splitlines()[-1].startswith("aigc-jax: ")
+
+
+def test_bad_sample_input_is_one_sentence(tmp_path, text_file, capsys):
+  code, _, err = run(["sample", "--workdir", str(tmp_path / "nothing")], capsys)
+  assert code == 2 and "holds no trained run" in err
+  workdir = str(tmp_path / "run")
+  assert run(train_args(workdir, text_file, extra=["--config.num_train_steps=3"]), capsys)[0] == 0
+  code, _, err = run(["sample", "--workdir", workdir, "--prompt", "Zebra~"], capsys)
+  assert code == 2 and "outside the model's vocabulary ('Zb~')" in err
+  code, _, err = run(["sample", "--workdir", workdir, "--prompt", ""], capsys)
+  assert code == 2 and "prompt is empty" in err
+  code, _, err = run(["sample", "--workdir", workdir, "--beams", "2", "--max-new-tokens", "40"], capsys)
+  assert code == 2 and "ask for at most 16 new tokens" in err
