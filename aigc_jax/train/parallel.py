@@ -29,6 +29,16 @@ def check_batch_size(batch_size: int, mesh, grad_accum_steps: int = 1) -> None:
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """Places a host batch (this process's rows) on the mesh, split along the batch axis."""
+  """Places a global host batch on the mesh, split along the batch axis.
+
+  Every process computes the same global batch (batches are pure functions of the
+  step) and contributes its own contiguous slice of rows.
+  """
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  index, count = jax.process_index(), jax.process_count()
+
+  def local(x):
+    rows = x.shape[0] // count
+    return x[index * rows:(index + 1) * rows]
+
+  return {k: jax.make_array_from_process_local_data(sharding, local(v), v.shape) for k, v in batch.items()}
