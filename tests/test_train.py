@@ -76,6 +76,8 @@ def test_workdir_outputs(tiny_config, tmp_path):
   assert rows[-1]["val_loss"] == pytest.approx(result["val_loss"])
   assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["step_000003.txt", "step_000006.txt"]
   assert os.listdir(os.path.join(workdir, "tensorboard"))
+  with open(os.path.join(workdir, "curves.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.path.exists(os.path.join(workdir, "config.json")) and os.path.exists(os.path.join(workdir, "vocab.json"))
   assert Checkpointer(workdir).manager.all_steps() == [3, 6]
 

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from aigc_jax import config as config_lib
 from aigc_jax.errors import UserError
+from aigc_jax.plots import plot_training_curves
 from aigc_jax.tasks import make_task
 from aigc_jax.train import parallel
 from aigc_jax.train.checkpoint import Checkpointer, abstract_with_sharding
@@ -138,6 +139,8 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True) -> d
     if start >= config.num_train_steps and not last_eval:
       logging.info("already trained to step %d; evaluating", start)
       last_eval = evaluate(state.params, start)
+    curves = plot_training_curves(writer.path, os.path.join(workdir, "curves.png"))
+    writer.write_image(config.num_train_steps, "curves", curves)
   finally:  # an interrupted run keeps every checkpoint it started writing
     progress.close()
     checkpointer.close()
