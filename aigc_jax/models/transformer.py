@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from aigc_jax import nn as ann
+from aigc_jax.nn import layers as ann_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,14 +39,14 @@ class Block(nn.Module):
   def __call__(self, x, *, deterministic, decode, decode_index):
     c = self.config
     residual_scale = (2 * c.num_layers) ** -0.5  # GPT-2: residual projections scaled by depth
-    y = nn.LayerNorm(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_attn")(x)
+    y = ann_layers.LayerNorm(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_attn")(x)
     y = ann.MultiHeadAttention(
         num_heads=c.num_heads, num_kv_heads=c.num_kv_heads or c.num_heads, head_dim=c.head_dim, max_len=c.max_len,
         dtype=c.dtype, param_dtype=c.param_dtype, use_bias=c.use_bias, dropout_rate=c.dropout_rate,
         out_init_scale=residual_scale, implementation=c.attention, name="attn",
     )(y, deterministic=deterministic, decode=decode, decode_index=decode_index)
     x = x + y
-    y = nn.LayerNorm(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_mlp")(x)
+    y = ann_layers.LayerNorm(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_mlp")(x)
     y = ann.MLP(c.mlp_ratio * c.emb_dim, dtype=c.dtype, param_dtype=c.param_dtype, use_bias=c.use_bias,
                 dropout_rate=c.dropout_rate, out_init_scale=residual_scale, name="mlp")(y, deterministic=deterministic)
     return x + y
@@ -79,10 +80,11 @@ class Transformer(nn.Module):
     x = nn.Dropout(c.dropout_rate)(x, deterministic=not train)
     for i in range(c.num_layers):
       x = Block(c, name=f"block_{i}")(x, deterministic=not train, decode=decode, decode_index=decode_index)
-    x = nn.LayerNorm(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_final")(x)
+    x = ann_layers.LayerNorm(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_final")(x)
     if c.tie_embeddings:
       logits = embed.attend(x)
     else:
       logits = nn.Dense(c.vocab_size, use_bias=False, kernel_init=ann.dense_init(), dtype=c.dtype,
-                        param_dtype=c.param_dtype, name="head")(x)
+                        param_dtype=c.param_dtype, name="head")(x.reshape(-1, c.emb_dim))  # 2-D matmul: [B*T, F]
+      logits = logits.reshape(*x.shape[:-1], c.vocab_size)
     return logits.astype(jnp.float32)

@@ -54,17 +54,57 @@ def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, implement
 
 def _xla_attention(q, k, v, *, causal, mask):
   b, t, h, d = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # group query heads by the kv head they read
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (d ** -0.5)
-  s = k.shape[1]
+  s, kv_heads = k.shape[1], k.shape[2]
+  g = h // kv_heads
+  # Heads into the batch once, with the query heads that share a kv head stacked along
+  # time, so every attention matmul is a plain batched [M, D] x [D, S] product on XLA:CPU
+  # (no transposes around each dot, no k/v broadcast over the group).
+  q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)  # [B, K, G*T, D]
+  k = k.transpose(0, 2, 1, 3)  # [B, K, S, D]
+  v = v.transpose(0, 2, 1, 3)
+  neg = jnp.finfo(jnp.float32).min
+  bias = jnp.zeros((1, 1, 1, t, s), jnp.float32)  # additive mask, [B|1, K|1, G|1, T, S]
   if causal:
     keep = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)  # queries are the last t positions
-    scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+    bias = jnp.where(keep, bias, neg)
   if mask is not None:
-    mask = jnp.broadcast_to(mask, (b, h, t, s)).reshape(b, kv_heads, h // kv_heads, t, s)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, h, d)
+    mask = jnp.asarray(mask)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [B|1, H|1, T|1, S|1]
+    mask = jnp.broadcast_to(mask, (*mask.shape[:2], t, s))
+    if mask.shape[1] == h:  # per query head: group the heads by the kv head they read
+      mask = mask.reshape(mask.shape[0], kv_heads, g, t, s)
+    else:
+      mask = mask[:, :, None]
+    bias = jnp.where(mask, bias, neg)
+  bias = jnp.broadcast_to(bias, (*bias.shape[:2], g, t, s)).reshape(bias.shape[0], bias.shape[1], g * t, s)
+  out = _softmax_attention(q, k, v, bias, d ** -0.5)  # [B, K, G*T, D]
+  return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _softmax_attention(q, k, v, bias, scale):
+  """softmax(scale q k^T + bias) v for q [B, K, M, D], k/v [B, K, S, D], bias broadcastable to [B, K, M, S]."""
+  return _softmax_attention_fwd(q, k, v, bias, scale)[0]
+
+
+def _softmax_attention_fwd(q, k, v, bias, scale):
+  scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32) * scale + bias
+  probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+  probs = probs * (1 / jnp.sum(probs, axis=-1, keepdims=True))  # [B, K, M, S] fp32
+  out = jnp.einsum("bkms,bksd->bkmd", probs.astype(v.dtype), v)
+  return out, (q, k, v, probs)  # the bias is a constant mask: not saved, no gradient
+
+
+def _softmax_attention_bwd(scale, residuals, d_out):
+  q, k, v, probs = residuals
+  d_v = jnp.einsum("bkms,bkmd->bksd", probs.astype(d_out.dtype), d_out)
+  d_probs = jnp.einsum("bkmd,bksd->bkms", d_out, v, preferred_element_type=jnp.float32)
+  # Softmax backward over the saved probabilities only: keeping `out` for FlashAttention's
+  # row term sum_d(out * d_out) would cost more memory than the reduction over S saves.
+  d_scores = (probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True)) * scale).astype(q.dtype)
+  d_q = jnp.einsum("bkms,bksd->bkmd", d_scores, k)
+  d_k = jnp.einsum("bkms,bkmd->bksd", d_scores, q)
+  return d_q, d_k, d_v, None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)

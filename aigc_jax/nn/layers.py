@@ -1,5 +1,13 @@
-"""Transformer building blocks: embeddings, multi-head attention with a KV cache, MLP."""
+"""Transformer building blocks: embeddings, multi-head attention with a KV cache, MLP, LayerNorm.
 
+XLA:CPU notes, from profiling the small GPT step: dense layers run as 2-D matmuls on
+[B*T, features] (a 3-D `dot_general` makes XLA transpose activations, and the GELU
+gradient, before the weight-gradient matmuls), and LayerNorm and GELU have hand-written
+gradients, fewer and fused passes than autodiff of their forward gives.
+"""
+
+import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -14,6 +22,124 @@ Dtype = Any
 def dense_init(scale: float = 1.0):
   """GPT-2 style init: normal(0.02), scaled down for residual projections."""
   return nn.initializers.normal(stddev=0.02 * scale)
+
+
+class LayerNorm(nn.Module):
+  """`nn.LayerNorm` over the last axis (same parameters, fast variance, fp32 statistics), with a fused gradient."""
+  epsilon: float = 1e-6
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [..., F] -> [..., F]
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype) if self.use_bias else None
+    return _layer_norm(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x, scale, bias, epsilon, dtype):
+  return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
+
+
+def _layer_norm_stats(x, epsilon):
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.maximum(jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean, 0.0)  # one pass, as flax's default
+  return x, mean, jax.lax.rsqrt(var + epsilon)
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
+  xf, mean, rstd = _layer_norm_stats(x, epsilon)
+  y = (xf - mean) * rstd * scale.astype(jnp.float32)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(dtype), (x, scale, bias, mean, rstd)
+
+
+def _layer_norm_bwd(epsilon, dtype, residuals, d_y):
+  x, scale, bias, mean, rstd = residuals
+  normed = (_in_backward(x, d_y).astype(jnp.float32) - mean) * rstd  # recomputed, fused into its users
+  d_y = d_y.astype(jnp.float32)
+  rows = tuple(range(x.ndim - 1))
+  d_scale = jnp.sum(d_y * normed, axis=rows).astype(scale.dtype)
+  d_bias = None if bias is None else jnp.sum(d_y, axis=rows).astype(bias.dtype)
+  g = d_y * scale.astype(jnp.float32)
+  d_x = rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - normed * jnp.mean(g * normed, axis=-1, keepdims=True))
+  return d_x.astype(x.dtype), d_scale, d_bias
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def _in_backward(x, cotangent):
+  """`x`, tied by a data dependency to `cotangent`, for recomputing from `x` in a backward pass.
+
+  Activations saved for the backward pass make XLA:CPU's per-step temp buffer; over
+  glibc's 32 MiB mmap threshold it is mapped afresh and page-faulted on every step
+  (~10k faults, ~25 ms of system time per step for the small GPT), under it the heap
+  reuses it. Recomputing cheap activations in the backward keeps it under, but XLA:CPU
+  drops `optimization_barrier`, so a recomputation is merged with the forward's copy
+  (CSE) or hoisted into the forward pass. Adding 0 * (one cotangent element) makes it
+  wait for the backward; the value is unchanged unless that element is inf or NaN,
+  when the gradient is not finite anyway.
+  """
+  return x + jnp.zeros((), x.dtype) * cotangent.reshape(-1)[0].astype(x.dtype)
+
+
+_GELU_C = math.sqrt(2 / math.pi)
+
+
+def _gelu(x):
+  return 0.5 * x * (1 + jnp.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
+
+
+def _gelu_grad(x):
+  th = jnp.tanh(_GELU_C * (x + 0.044715 * x * x * x))
+  return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _GELU_C * (1 + 3 * 0.044715 * x * x)
+
+
+@jax.custom_vjp
+def _gelu_matmul(u, kernel):
+  """gelu(u) @ kernel (`nn.gelu(approximate=True)`) for u [N, H], kernel [H, F]."""
+  return jnp.dot(_gelu(u), kernel)
+
+
+def _gelu_matmul_fwd(u, kernel):
+  # Keeps u, not gelu(u) as well: the backward recomputes it (see `_in_backward`).
+  return _gelu_matmul(u, kernel), (u, kernel)
+
+
+def _gelu_matmul_bwd(residuals, d_y):
+  u, kernel = residuals
+  d_h = jnp.dot(d_y, kernel.T)  # [N, H]
+  # gelu and its derivative each in their own pass, tied to different cotangents so XLA
+  # neither merges their tanh (which would write it out as a third [N, H] array) nor
+  # moves them into the forward pass.
+  d_u = d_h * _gelu_grad(_in_backward(u, d_h))
+  return d_u, jnp.dot(_gelu(_in_backward(u, d_y)).T, d_y)  # [N, H], [H, F]
+
+
+_gelu_matmul.defvjp(_gelu_matmul_fwd, _gelu_matmul_bwd)
+
+
+class _GeluDense(nn.Module):
+  """`nn.Dense(gelu(u))`, same parameters, with a gradient that recomputes gelu(u)."""
+  features: int
+  use_bias: bool
+  kernel_init: Any
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, u):  # [N, H] -> [N, F]
+    kernel = self.param("kernel", self.kernel_init, (u.shape[-1], self.features), self.param_dtype)
+    y = _gelu_matmul(u.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+    return y
 
 
 class TokenAndPositionEmbed(nn.Module):
@@ -33,7 +159,7 @@ class TokenAndPositionEmbed(nn.Module):
     return self.token(tokens) + jnp.take(self.position, positions, axis=0).astype(self.dtype)[None]
 
   def attend(self, x):  # [B, T, F] -> [B, T, vocab]: the output head tied to the embedding
-    return self.token.attend(x)
+    return self.token.attend(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.vocab_size)  # 2-D matmul
 
 
 class MultiHeadAttention(nn.Module):
@@ -60,7 +186,7 @@ class MultiHeadAttention(nn.Module):
     b, t, features = x.shape
     h, k, d = self.num_heads, self.num_kv_heads, self.head_dim
     qkv = nn.Dense((h + 2 * k) * d, use_bias=self.use_bias, kernel_init=dense_init(), dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="qkv")(x)
+                   param_dtype=self.param_dtype, name="qkv")(x.reshape(b * t, features))
     q, key, value = jnp.split(qkv, [h * d, (h + k) * d], axis=-1)
     q = q.reshape(b, t, h, d)
     key = key.reshape(b, t, k, d)
@@ -77,8 +203,8 @@ class MultiHeadAttention(nn.Module):
     else:
       out = dot_product_attention(q, key, value, causal=True, implementation=self.implementation)
     out = nn.Dense(features, use_bias=self.use_bias, kernel_init=dense_init(self.out_init_scale), dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="out")(out.reshape(b, t, h * d))
-    return nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
+                   param_dtype=self.param_dtype, name="out")(out.reshape(b * t, h * d))
+    return nn.Dropout(self.dropout_rate)(out.reshape(b, t, features), deterministic=deterministic)
 
 
 class MLP(nn.Module):
@@ -92,10 +218,11 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True):
-    features = x.shape[-1]
+    shape = x.shape
+    features = shape[-1]
+    x = x.reshape(-1, features)
     x = nn.Dense(self.hidden_dim, use_bias=self.use_bias, kernel_init=dense_init(), dtype=self.dtype,
                  param_dtype=self.param_dtype, name="fc")(x)
-    x = nn.gelu(x, approximate=True)
-    x = nn.Dense(features, use_bias=self.use_bias, kernel_init=dense_init(self.out_init_scale), dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="proj")(x)
+    x = _GeluDense(features, use_bias=self.use_bias, kernel_init=dense_init(self.out_init_scale), dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="proj")(x).reshape(shape)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)

@@ -1,0 +1,258 @@
+"""Times one training step of a GPT config, ours against a straightforward Flax step.
+
+  python benchmarks/train_step.py [--config configs/gpt_shakespeare_char_cpu.py] [--steps 50] [--reps 7]
+
+Both steps run in the same process on the same batches, jitted with the state
+donated, and their timed repetitions alternate so machine noise hits both alike.
+Each repetition times `--steps` steps and ends in `block_until_ready`; compilation
+and a few warm-up steps come first and are not timed. The reference is the plain way
+to write this recipe in Flax (separate q/k/v `nn.Dense`, einsum attention, `optax`
+clip + adamw chain), so the table says what the zoo's model and step buy.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from aigc_jax import config as config_lib  # noqa: E402
+from aigc_jax.tasks import make_task  # noqa: E402
+from aigc_jax.train.optim import decay_mask, learning_rate_schedule, make_optimizer  # noqa: E402
+from aigc_jax.train.state import TrainState  # noqa: E402
+from aigc_jax.train.steps import make_train_step  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- the reference: GPT written the straightforward Flax way ------------------------------------------------
+
+class RefBlock(nn.Module):
+  heads: int
+  dim: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x):  # [B, T, C]
+    b, t, c = x.shape
+    d = c // self.heads
+    init = nn.initializers.normal(0.02)
+    y = nn.LayerNorm(use_bias=False)(x)
+    q, k, v = (nn.Dense(c, use_bias=False, kernel_init=init)(y).reshape(b, t, self.heads, d) for _ in range(3))
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d)  # [B, H, T, T]
+    scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -1e30)
+    att = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v).reshape(b, t, c)
+    x = x + nn.Dense(c, use_bias=False, kernel_init=init)(att)
+    y = nn.LayerNorm(use_bias=False)(x)
+    y = nn.Dense(c, use_bias=False, kernel_init=init)(nn.gelu(nn.Dense(self.mlp_dim, use_bias=False,
+                                                                          kernel_init=init)(y)))
+    return x + y
+
+
+class RefGPT(nn.Module):
+  vocab: int
+  max_len: int
+  layers: int
+  heads: int
+  dim: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, tokens):  # [B, T] -> [B, T, vocab]
+    embed = nn.Embed(self.vocab, self.dim, embedding_init=nn.initializers.normal(0.02))
+    pos = self.param("position", nn.initializers.normal(0.02), (self.max_len, self.dim))
+    x = embed(tokens) + pos[: tokens.shape[1]]
+    for _ in range(self.layers):
+      x = RefBlock(self.heads, self.dim, self.mlp_dim)(x)
+    return embed.attend(nn.LayerNorm(use_bias=False)(x))
+
+
+def reference_step(config, vocab_size):
+  """(init(rng) -> state, step(state, batch) -> (state, loss)) for the straightforward Flax GPT."""
+  m, o = config.model, config.optim
+  model = RefGPT(vocab_size, config.data.seq_len, m.num_layers, m.num_heads, m.emb_dim, m.mlp_ratio * m.emb_dim)
+  tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                   optax.adamw(learning_rate_schedule(o, config.num_train_steps), b1=o.b1, b2=o.b2, eps=o.eps,
+                               weight_decay=o.weight_decay, mask=decay_mask))
+
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1, config.data.seq_len), jnp.int32))["params"]
+    return params, tx.init(params)
+
+  def step(state, batch):
+    params, opt_state = state
+
+    def loss_fn(p):
+      logits = model.apply({"params": p}, batch["inputs"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  return init, step
+
+
+# --- the machine and the model's arithmetic ------------------------------------------------------------------
+
+def cpu_description():
+  """(model name, cores, clock GHz) from /proc/cpuinfo or lscpu; the clock is the nominal one."""
+  name, mhz = platform.processor() or platform.machine(), None
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          name = value.strip()
+        elif key.strip() == "cpu MHz" and mhz is None:
+          mhz = float(value)
+  except OSError:
+    pass
+  try:  # lscpu's max clock, where the VM reports one, beats the current one
+    import subprocess
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    for line in out.splitlines():
+      if line.startswith("CPU max MHz:"):
+        mhz = float(line.split(":")[1])
+  except OSError:
+    pass
+  return name, os.cpu_count(), (mhz or 0.0) / 1000
+
+
+def step_flops(config, params) -> float:
+  """Model FLOPs of one training step (forward + backward), nanoGPT's count.
+
+  flops = 6 * N * tokens + 12 * L * T * C * tokens, where N counts the matmul weights
+  (every parameter except the token and position tables, plus vocab * C for the
+  output head, which is the tied token table used as a matmul), tokens = B * T, and
+  the second term is QK^T and PV over all T keys (forward 4 * T * C per token per
+  layer, backward twice that). Causal masking is not subtracted.
+  """
+  m = config.model
+  b, t, c = config.batch_size, config.data.seq_len, m.emb_dim
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  tables = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["embed"]))
+  vocab = params["embed"]["token"]["embedding"].shape[0]
+  n = total - tables + vocab * c
+  tokens = b * t
+  return 6 * n * tokens + 12 * m.num_layers * t * c * tokens
+
+
+# --- timing --------------------------------------------------------------------------------------------------
+
+def time_steps(step, state, batches, steps):
+  """Runs `steps` steps (cycling through `batches`); returns (state, ms per step)."""
+  start = time.perf_counter()
+  out = None
+  for i in range(steps):
+    state, out = step(state, batches[i % len(batches)])
+  jax.block_until_ready((state, out))
+  return state, (time.perf_counter() - start) / steps * 1000
+
+
+def summarize(ms, tokens, flops, peak):
+  ms = np.asarray(ms)
+  med = float(np.median(ms))
+  return {"ms_per_step_median": med, "ms_per_step_min": float(ms.min()), "ms_per_step_max": float(ms.max()),
+          "ms_per_step_iqr": float(np.percentile(ms, 75) - np.percentile(ms, 25)), "ms_per_step_all": ms.tolist(),
+          "tokens_per_s": tokens / med * 1000, "gflops_per_s": flops / med / 1e6,
+          "fraction_of_peak": flops / med / 1e6 / peak if peak else None}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default=os.path.join(ROOT, "configs", "gpt_shakespeare_char_cpu.py"))
+  parser.add_argument("--steps", type=int, default=50, help="steps per timed repetition")
+  parser.add_argument("--reps", type=int, default=7, help="timed repetitions of each step")
+  parser.add_argument("--warmup", type=int, default=5, help="untimed steps after compiling")
+  parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "train_step_cpu.json"))
+  parser.add_argument("--config-override", action="append", default=[], metavar="KEY=VALUE")
+  args = parser.parse_args()
+
+  config = config_lib.load_config(args.config, args.config_override)
+  task = make_task(config)
+  batches = [jax.device_put(task.train_batch(i)) for i in range(min(args.steps, 50))]
+  tokens = config.batch_size * config.data.seq_len
+
+  # Ours: the zoo's model, loss, optimizer and step, as the training loop builds them.
+  tx = make_optimizer(config.optim, config.num_train_steps)
+  schedule = learning_rate_schedule(config.optim, config.num_train_steps)
+
+  def ours_init(rng):
+    init_rng, step_rng = jax.random.split(rng)
+    params = task.init_params(init_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=step_rng)
+
+  ref_init, ref_step = reference_step(config, task.vocab.size)
+  rng = jax.random.PRNGKey(config.seed)
+  runs = {
+      "ours": [jax.jit(make_train_step(task.loss, tx, schedule=schedule), donate_argnums=0), jax.jit(ours_init)(rng)],
+      "reference": [jax.jit(ref_step, donate_argnums=0), jax.jit(ref_init)(rng)],
+  }
+  flops = step_flops(config, runs["ours"][1].params)
+  cpu, cores, ghz = cpu_description()
+  backend = jax.default_backend()
+  # fp32 peak: AVX2 with two FMA units does 2 x 8 lanes x 2 FLOP = 32 FLOP per cycle per core
+  peak = cores * ghz * 32 if backend == "cpu" else None
+
+  for name, run in runs.items():  # compile, then warm up
+    start = time.perf_counter()
+    run[1], _ = time_steps(run[0], run[1], batches, 1)
+    run.append((time.perf_counter() - start))
+    run[1], _ = time_steps(run[0], run[1], batches, args.warmup)
+  times = {name: [] for name in runs}
+  for _ in range(args.reps):  # alternate, so slow phases of a noisy machine hit both
+    for name, run in runs.items():
+      run[1], ms = time_steps(run[0], run[1], batches, args.steps)
+      times[name].append(ms)
+
+  results = {name: dict(summarize(times[name], tokens, flops, peak), compile_and_first_step_s=runs[name][2])
+             for name in runs}
+  ratio = results["reference"]["ms_per_step_median"] / results["ours"]["ms_per_step_median"]
+  device = jax.devices()[0]
+  report = {
+      "config": os.path.relpath(os.path.abspath(args.config), ROOT), "overrides": args.config_override,
+      "batch_size": config.batch_size, "seq_len": config.data.seq_len, "tokens_per_step": tokens,
+      "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(runs["ours"][1].params)),
+      "model_gflop_per_step": flops / 1e9, "steps_per_rep": args.steps, "reps": args.reps,
+      "device": {"backend": backend, "kind": device.device_kind, "count": jax.device_count(), "cpu": cpu,
+                 "cores": cores, "clock_ghz": ghz, "peak_gflops_fp32": peak, "platform": platform.platform(),
+                 "xla_flags": os.environ.get("XLA_FLAGS", "")},
+      "versions": {"jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+                   "flax": flax.__version__, "optax": optax.__version__, "python": platform.python_version()},
+      "results": results, "speedup_vs_reference": ratio,
+  }
+
+  print(f"{report['config']}: batch {config.batch_size} x {config.data.seq_len} tokens, "
+        f"{report['params'] / 1e6:.2f}M params, {flops / 1e9:.2f} GFLOP/step")
+  print(f"device: {backend} ({cpu}, {cores} cores, {ghz:.2f} GHz"
+        + (f", peak {peak:.0f} GFLOP/s fp32)" if peak else ")"))
+  print(f"{args.reps} reps x {args.steps} steps each, after {args.warmup} warm-up steps\n")
+  header = f"{'':10s} {'ms/step med':>11s} {'min':>7s} {'max':>7s} {'IQR':>6s} {'tokens/s':>9s} {'GFLOP/s':>8s} " \
+           f"{'% peak':>7s} {'compile s':>9s}"
+  print(header)
+  for name, r in results.items():
+    frac = f"{100 * r['fraction_of_peak']:6.1f}%" if r["fraction_of_peak"] is not None else f"{'-':>7s}"
+    print(f"{name:10s} {r['ms_per_step_median']:11.1f} {r['ms_per_step_min']:7.1f} {r['ms_per_step_max']:7.1f} "
+          f"{r['ms_per_step_iqr']:6.1f} {r['tokens_per_s']:9.0f} {r['gflops_per_s']:8.1f} {frac} "
+          f"{r['compile_and_first_step_s']:9.1f}")
+  print(f"\nreference / ours (median ms/step): {ratio:.2f}x")
+
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(report, f, indent=2)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
