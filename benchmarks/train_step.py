@@ -21,6 +21,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import optax
 
@@ -228,7 +229,7 @@ def main():
       "device": {"backend": backend, "kind": device.device_kind, "count": jax.device_count(), "cpu": cpu,
                  "cores": cores, "clock_ghz": ghz, "peak_gflops_fp32": peak, "platform": platform.platform(),
                  "xla_flags": os.environ.get("XLA_FLAGS", "")},
-      "versions": {"jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
                    "flax": flax.__version__, "optax": optax.__version__, "python": platform.python_version()},
       "results": results, "speedup_vs_reference": ratio,
   }
