@@ -7,6 +7,7 @@ errors that name the key, because the config is locked.
 """
 
 import ast
+import contextlib
 import importlib.util
 import json
 import os
@@ -60,7 +61,7 @@ def set_key(config: ml_collections.ConfigDict, key: str, value: str) -> None:
   if old is not None and not _type_fits(old, new):
     raise UserError(
         f"Config key {key!r} takes a {type(old).__name__}, not {value!r}; pass a value like {old!r}.")
-  with node.unlocked() if old is None else _nullcontext():
+  with node.unlocked() if old is None else contextlib.nullcontext():
     node[leaf] = new
 
 
@@ -81,15 +82,6 @@ def _type_fits(old, new) -> bool:
   if isinstance(old, (tuple, list)):
     return isinstance(new, (tuple, list))
   return isinstance(new, type(old))
-
-
-class _nullcontext:
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
