@@ -2,9 +2,17 @@
 
 Shapes follow `jax.nn.dot_product_attention`: q is [B, T, H, D], k and v are
 [B, S, K, D] with H a multiple of K (grouped-query heads). Implementations:
-  * `xla`: the einsum-softmax reference, any backend; scores and softmax in fp32.
+  * `xla`: the einsum-softmax reference, any backend; scores and softmax in fp32. Holds
+    the [T, S] score matrix per batch-head (twice, with gradients).
   * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only.
-  * `auto`: `cudnn` on a GPU for fp16/bf16 inputs it supports, otherwise `xla`.
+  * `chunked`: FlashAttention's blockwise online softmax in pure JAX
+    (`aigc_jax.nn.chunked_attention`), any backend, any mask; O(T + S) memory.
+  * `flash`: Pallas kernels (`aigc_jax.nn.flash_attention`), Triton on a GPU and
+    interpret mode (slow, for checking numerics) elsewhere; key padding masks only.
+  * `auto`: on a GPU, `cudnn` for fp16/bf16 with head_dim <= 128, else `flash` where it
+    supports the call, else `xla`; elsewhere `chunked` once the score matrix reaches
+    `CHUNKED_MIN_SCORES` entries (T * S), else `xla`.
+`chunked` and `flash` give zeros for a query row that can see no key (`xla` gives the mean of v).
 """
 
 import functools
@@ -14,30 +22,61 @@ import jax
 import jax.numpy as jnp
 
 from aigc_jax.errors import UserError
+from aigc_jax.nn import chunked_attention as chunked_lib
+from aigc_jax.nn import flash_attention as flash_lib
 
-IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "flash", "auto")
+# Off GPU, `auto` switches from `xla` to `chunked` at T * S >= 1024 * 1024 (a 4 MiB fp32 score
+# matrix per batch-head): on the 2-core EPYC chunked was faster from length 1024 up, forward and
+# backward, causal or not, and even at 512 it was close (benchmarks/results/attention_cpu_quick.json).
+CHUNKED_MIN_SCORES = 1024 * 1024
 
 
-def resolve_implementation(implementation: str, dtype, head_dim: int) -> str:
-  """Turns `auto` into a concrete implementation; checks the others can run here."""
+def resolve_implementation(implementation: str, dtype, head_dim: int, *, q_len: int | None = None,
+                           kv_len: int | None = None, mask_shape=None) -> str:
+  """Turns `auto` into a concrete implementation; checks the others can run here.
+
+  The lengths and mask shape are optional: without them `auto` treats the call as short
+  and `flash` support is judged on dtype and head_dim alone.
+  """
   if implementation not in IMPLEMENTATIONS:
     raise UserError(f"Unknown attention implementation {implementation!r}; use one of {', '.join(IMPLEMENTATIONS)}.")
-  on_gpu = jax.default_backend() == "gpu"
+  backend = jax.default_backend()
+  on_gpu = backend == "gpu"
   cudnn_ok = on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
+  q_len, kv_len = q_len or 1, kv_len or 1
+  flash_why_not = flash_lib.unsupported_reason((1, q_len, 1, head_dim), (1, kv_len, 1, head_dim), dtype, mask_shape)
   if implementation == "auto":
-    chosen = "cudnn" if cudnn_ok else "xla"
-    _log_choice(chosen, jax.default_backend(), jnp.dtype(dtype).name, head_dim)
+    long = q_len * kv_len >= CHUNKED_MIN_SCORES
+    if on_gpu:
+      chosen = "cudnn" if cudnn_ok else "flash" if flash_why_not is None else "xla"
+    else:
+      chosen = "chunked" if long else "xla"
+    _log_choice(chosen, backend, jnp.dtype(dtype).name, head_dim, "long" if long else "short")
     return chosen
   if implementation == "cudnn" and not cudnn_ok:
     raise UserError(
         f"Attention implementation 'cudnn' needs a GPU and fp16/bf16 with head_dim <= 128 (have "
-        f"{jax.default_backend()}, {jnp.dtype(dtype).name}, head_dim {head_dim}); use 'xla' or 'auto'.")
+        f"{backend}, {jnp.dtype(dtype).name}, head_dim {head_dim}); use 'xla' or 'auto' (or 'chunked' for "
+        f"long sequences).")
+  if implementation == "flash":
+    if flash_why_not is not None:
+      raise UserError(f"{flash_why_not}; use implementation 'chunked' or 'xla' for this call.")
+    if not on_gpu:
+      _log_interpreted(backend)
   return implementation
 
 
 @functools.lru_cache(maxsize=None)
-def _log_choice(chosen, backend, dtype, head_dim):
-  logging.info("attention implementation 'auto' chose %r (backend %s, %s, head_dim %d)", chosen, backend, dtype, head_dim)
+def _log_choice(chosen, backend, dtype, head_dim, length_class):
+  logging.info("attention implementation 'auto' chose %r (backend %s, %s, head_dim %d, %s sequences)", chosen,
+               backend, dtype, head_dim, length_class)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_interpreted(backend):
+  logging.warning("attention implementation 'flash' runs its Pallas kernels in interpret mode on %s: correct "
+                  "but slow, meant for checking numerics; use 'chunked' for speed off GPU", backend)
 
 
 def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, implementation: str = "xla"):
@@ -46,9 +85,14 @@ def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, implement
     raise ValueError(f"attention wants q [B, T, H, D] and k, v [B, S, K, D]; got {q.shape}, {k.shape}, {v.shape}")
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
-  implementation = resolve_implementation(implementation, q.dtype, q.shape[-1])
+  implementation = resolve_implementation(implementation, q.dtype, q.shape[-1], q_len=q.shape[1], kv_len=k.shape[1],
+                                          mask_shape=None if mask is None else jnp.shape(mask))
   if implementation == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+  if implementation == "chunked":
+    return chunked_lib.chunked_attention(q, k, v, causal=causal, mask=mask)
+  if implementation == "flash":
+    return flash_lib.flash_attention(q, k, v, causal=causal, mask=mask)
   return _xla_attention(q, k, v, causal=causal, mask=mask)
 
 

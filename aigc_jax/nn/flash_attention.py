@@ -1,0 +1,319 @@
+"""FlashAttention as Pallas kernels: a forward, a dK/dV and a dQ kernel behind one `jax.custom_vjp`.
+
+On a GPU the kernels lower through Triton; elsewhere they run in Pallas interpret mode
+(slow, meant for checking numerics on CPU). Adapted from JAX's reference kernels in
+`jax/experimental/pallas/ops/gpu/attention.py` (Copyright 2023 The JAX Authors,
+Apache-2.0), with these changes for `aigc_jax.nn.attention`'s API:
+  * grouped-query heads: the k/v BlockSpecs map query head h to kv head h // G, and the
+    dK/dV kernel writes one slice per query head that the wrapper sums over the group;
+  * any lengths: q is padded to the query block, k/v to the key block, D to a power of 2,
+    and padded keys are masked;
+  * causal with the T queries as the last T of S positions (cached decoding), skipping
+    key blocks above the diagonal in the forward and dQ loops and query blocks below it
+    in the dK/dV loop;
+  * key padding masks (broadcastable to [B, 1, 1, S]) as one int32 keep-vector per batch row;
+  * separate dK/dV and dQ kernels, so T and S may have different block counts;
+  * a query row that can see no key gives zeros (the `xla` path gives the mean of v there).
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from aigc_jax.errors import UserError
+
+_LOG2E = math.log2(math.e)  # the kernels work in base 2: e^x = 2^(x log2 e), and exp2 is the cheap one
+_M_START = -1e30  # running max starts finite, so a fully masked tile gives exp2(-inf - _M_START) = 0, never NaN
+MAX_HEAD_DIM = 256  # above this a [block, D] fp32 accumulator no longer fits a Triton program's registers
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes (powers of 2, at least 16 for Triton's dot); the reference kernel's defaults."""
+  block_q: int = 128  # forward: queries per program
+  block_k: int = 128  # forward: keys per loop step
+  block_q_bwd: int = 32  # backward: queries per dQ program and per dK/dV loop step
+  block_k_bwd: int = 32  # backward: keys per dK/dV program and per dQ loop step
+
+
+def unsupported_reason(q_shape, k_shape, dtype, mask_shape=None) -> str | None:
+  """Why `flash` cannot run this call (a sentence fragment), or None if it can."""
+  d = q_shape[-1]
+  if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    return f"'flash' supports float32, bfloat16 and float16 inputs (got {jnp.dtype(dtype).name})"
+  if d > MAX_HEAD_DIM:
+    return f"'flash' supports head_dim <= {MAX_HEAD_DIM} (got {d})"
+  if mask_shape is not None:
+    shape = (1,) * (4 - len(mask_shape)) + tuple(mask_shape)
+    if len(mask_shape) > 4 or shape[1] != 1 or shape[2] != 1:
+      return (f"'flash' supports only key padding masks, broadcastable to [B, 1, 1, S] "
+              f"(got mask shape {tuple(mask_shape)})")
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Trace-time facts of a call (hashable, for `nondiff_argnums` and the kernels' partials)."""
+  causal: bool
+  has_mask: bool
+  t: int  # true lengths; arrays arrive padded
+  s: int
+  scale: float  # 1 / sqrt(true head_dim)
+  blocks: BlockSizes
+  interpret: bool
+
+
+def flash_attention(q, k, v, *, causal: bool = False, mask=None, block_sizes: BlockSizes = BlockSizes(),
+                    interpret: bool | None = None):
+  """Attention of q [B, T, H, D] over k, v [B, S, K, D]; `mask` is a key padding mask, boolean [B|1, 1, 1, S]."""
+  b, t, h, d = q.shape
+  s = k.shape[1]
+  reason = unsupported_reason(q.shape, k.shape, q.dtype, None if mask is None else jnp.shape(mask))
+  if reason:
+    raise UserError(f"{reason}; use implementation 'chunked' or 'xla' for this call.")
+  for name, size in dataclasses.asdict(block_sizes).items():
+    if size < 16 or size & (size - 1):
+      raise UserError(f"Flash attention {name} must be a power of 2 and at least 16 (got {size}).")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  # Blocks no longer than the (power-of-2 rounded) sequence, and one padded length that
+  # every forward and backward block divides.
+  fit = lambda block, n: max(16, min(block, pl.next_power_of_2(n)))
+  blocks = BlockSizes(fit(block_sizes.block_q, t), fit(block_sizes.block_k, s), fit(block_sizes.block_q_bwd, t),
+                      fit(block_sizes.block_k_bwd, s))
+  tp = _round_up(t, max(blocks.block_q, blocks.block_q_bwd))
+  sp = _round_up(s, max(blocks.block_k, blocks.block_k_bwd))
+  dp = max(16, pl.next_power_of_2(d))
+  q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, dp - d)))
+  k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, dp - d)))
+  v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, dp - d)))
+  keep = None
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    keep = jnp.broadcast_to(mask.reshape(mask.shape[0] if mask.ndim == 4 else 1, mask.shape[-1]), (b, s))
+    keep = jnp.pad(keep.astype(jnp.int32), ((0, 0), (0, sp - s)))  # [B, Sp], 1 = attend
+  st = _Static(causal, keep is not None, t, s, d ** -0.5, blocks, interpret)
+  return _flash(q, k, v, keep, st)[:, :t, :, :d]
+
+
+def _round_up(n, multiple):
+  return -(-n // multiple) * multiple
+
+
+def _keep(q_pos, k_start, block_k, keep_ref, st: _Static):
+  """Kept scores of a [len(q_pos), block_k] tile: bool array broadcastable to it, or None."""
+  k_pos = k_start + jnp.arange(block_k)
+  keep = None
+  if st.causal:  # also drops the padded keys for every real query
+    keep = k_pos[None, :] <= q_pos[:, None]
+  elif _padded_kv_len(st) > st.s:
+    keep = (k_pos < st.s)[None, :]
+  if keep_ref is not None:
+    row = keep_ref[pl.ds(k_start, block_k)][None, :] != 0
+    keep = row if keep is None else jnp.logical_and(keep, row)
+  return keep
+
+
+def _key_blocks_seen(q_start, block_q, block_k, nk, st: _Static):
+  """Causal: key blocks [0, n) hold every key visible from the queries starting at q_start."""
+  last_q = jnp.minimum(q_start + block_q, st.t) - 1 + (st.s - st.t)
+  return jnp.minimum(jnp.where(last_q < 0, 0, lax.div(jnp.maximum(last_q, 0), block_k) + 1), nk)
+
+
+def _forward_kernel(*refs, st: _Static):
+  if st.has_mask:
+    q_ref, k_ref, v_ref, keep_ref, o_ref, lse_ref = refs
+  else:
+    (q_ref, k_ref, v_ref, o_ref, lse_ref), keep_ref = refs, None
+  block_q, block_k = st.blocks.block_q, st.blocks.block_k
+  sp, dp = k_ref.shape
+  q_start = pl.program_id(0) * block_q
+  q = q_ref[...]  # [bq, Dp]
+  q_pos = q_start + jnp.arange(block_q) + (st.s - st.t)
+
+  def body(j, carry):
+    acc, m, l = carry  # [bq, Dp], [bq], [bq] fp32
+    k_start = j * block_k
+    k = k_ref[pl.ds(k_start, block_k), :]  # [bk, Dp]
+    scores = plgpu.dot(q, k, trans_b=True) * (st.scale * _LOG2E)  # [bq, bk] base-2 logits
+    keep = _keep(q_pos, k_start, block_k, keep_ref, st)
+    if keep is not None:
+      scores = jnp.where(keep, scores, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+    probs = jnp.exp2(scores - m_new[:, None])
+    rescale = jnp.exp2(m - m_new)
+    v = v_ref[pl.ds(k_start, block_k), :]
+    acc = acc * rescale[:, None] + plgpu.dot(probs.astype(v.dtype), v)
+    return acc, m_new, l * rescale + jnp.sum(probs, axis=-1)
+
+  nk = sp // block_k
+  stop = _key_blocks_seen(q_start, block_q, block_k, nk, st) if st.causal else nk
+  init = (jnp.zeros((block_q, dp), jnp.float32), jnp.full((block_q,), _M_START, jnp.float32),
+          jnp.zeros((block_q,), jnp.float32))
+  acc, m, l = lax.fori_loop(0, stop, body, init)
+  seen = l > 0
+  l = jnp.where(seen, l, 1.0)
+  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, m + jnp.log2(l), jnp.inf)  # inf: rows that see nothing get p = 0 backward
+
+
+def _probs_and_dscores(q, k, v, do, lse, delta, keep, st: _Static):
+  """Recomputed probabilities [bq, bk] and d(scores) [bq, bk] (natural-log scale, times the softmax scale)."""
+  scores = plgpu.dot(q, k, trans_b=True) * (st.scale * _LOG2E)
+  if keep is not None:
+    scores = jnp.where(keep, scores, -jnp.inf)
+  probs = jnp.exp2(scores - lse[:, None])
+  d_probs = plgpu.dot(do, v, trans_b=True)
+  return probs, probs * (d_probs - delta[:, None]) * st.scale
+
+
+def _dkv_kernel(*refs, st: _Static):
+  """One key block of one query head: loops over the query blocks that can see it."""
+  if st.has_mask:
+    q_ref, k_ref, v_ref, keep_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+  else:
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref), keep_ref = refs, None
+  block_q, block_k = st.blocks.block_q_bwd, st.blocks.block_k_bwd
+  tp, dp = q_ref.shape
+  k_start = pl.program_id(2) * block_k
+  k, v = k_ref[...], v_ref[...]  # [bk, Dp]
+
+  def body(i, carry):
+    dk, dv = carry
+    q_start = i * block_q
+    q = q_ref[pl.ds(q_start, block_q), :]
+    do = do_ref[pl.ds(q_start, block_q), :]
+    q_pos = q_start + jnp.arange(block_q) + (st.s - st.t)
+    keep = _keep(q_pos, k_start, block_k, keep_ref, st)
+    probs, d_scores = _probs_and_dscores(q, k, v, do, lse_ref[pl.ds(q_start, block_q)],
+                                         delta_ref[pl.ds(q_start, block_q)], keep, st)
+    dv = dv + plgpu.dot(probs.astype(do.dtype), do, trans_a=True)
+    dk = dk + plgpu.dot(d_scores.astype(q.dtype), q, trans_a=True)
+    return dk, dv
+
+  nq = tp // block_q
+  start = 0
+  if st.causal:
+    first = k_start - (st.s - st.t)
+    start = jnp.minimum(jnp.where(first < 0, 0, lax.div(jnp.maximum(first, 0), block_q)), nq)
+  zeros = jnp.zeros((block_k, dp), jnp.float32)
+  dk, dv = lax.fori_loop(start, nq, body, (zeros, zeros))
+  dk_ref[...] = dk
+  dv_ref[...] = dv
+
+
+def _padded_kv_len(st: _Static) -> int:
+  return _round_up(st.s, max(st.blocks.block_k, st.blocks.block_k_bwd))
+
+
+def _dq_kernel(*refs, st: _Static):
+  """One query block of one query head: loops over the key blocks it can see."""
+  if st.has_mask:
+    q_ref, k_ref, v_ref, keep_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+  else:
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref), keep_ref = refs, None
+  block_q, block_k = st.blocks.block_q_bwd, st.blocks.block_k_bwd
+  sp, dp = k_ref.shape
+  q_start = pl.program_id(2) * block_q
+  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  q_pos = q_start + jnp.arange(block_q) + (st.s - st.t)
+
+  def body(j, dq):
+    k_start = j * block_k
+    k = k_ref[pl.ds(k_start, block_k), :]
+    v = v_ref[pl.ds(k_start, block_k), :]
+    keep = _keep(q_pos, k_start, block_k, keep_ref, st)
+    _, d_scores = _probs_and_dscores(q, k, v, do, lse, delta, keep, st)
+    return dq + plgpu.dot(d_scores.astype(k.dtype), k)
+
+  nk = sp // block_k
+  stop = _key_blocks_seen(q_start, block_q, block_k, nk, st) if st.causal else nk
+  dq_ref[...] = lax.fori_loop(0, stop, body, jnp.zeros((block_q, dp), jnp.float32)).astype(dq_ref.dtype)
+
+
+def _compiler_params(block_a, block_b, dp):
+  return plgpu.CompilerParams(num_warps=4 if block_a * block_b < 128 * 128 and dp <= 64 else 8, num_stages=2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, keep, st: _Static):
+  """q [B, Tp, H, Dp], k/v [B, Sp, K, Dp], keep [B, Sp] int32 or None -> out [B, Tp, H, Dp]."""
+  return _forward(q, k, v, keep, st)[0]
+
+
+def _forward(q, k, v, keep, st: _Static):
+  b, tp, h, dp = q.shape
+  sp, g = k.shape[1], h // k.shape[2]
+  bq = st.blocks.block_q
+  in_specs = [pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, i, hi, 0)),  # q tile
+              pl.BlockSpec((None, sp, None, dp), lambda i, bi, hi: (bi, 0, hi // g, 0)),  # all of k for its kv head
+              pl.BlockSpec((None, sp, None, dp), lambda i, bi, hi: (bi, 0, hi // g, 0))]
+  args = [q, k, v]
+  if keep is not None:
+    in_specs.append(pl.BlockSpec((None, sp), lambda i, bi, hi: (bi, 0)))
+    args.append(keep)
+  out, lse = pl.pallas_call(
+      functools.partial(_forward_kernel, st=st),
+      grid=(tp // bq, b, h),
+      in_specs=in_specs,
+      out_specs=[pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, i, hi, 0)),
+                 pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
+      compiler_params=_compiler_params(bq, st.blocks.block_k, dp),
+      interpret=st.interpret,
+      name="flash_attention_forward",
+  )(*args)
+  return out, (q, k, v, keep, out, lse)
+
+
+def _backward(st: _Static, residuals, d_out):
+  q, k, v, keep, out, lse = residuals
+  b, tp, h, dp = q.shape
+  sp, kv_heads = k.shape[1], k.shape[2]
+  g = h // kv_heads
+  bq, bk = st.blocks.block_q_bwd, st.blocks.block_k_bwd
+  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))  # [B, H, Tp]
+  whole_q = pl.BlockSpec((None, tp, None, dp), lambda bi, hi, n: (bi, 0, hi, 0))
+  whole_kv = pl.BlockSpec((None, sp, None, dp), lambda bi, hi, n: (bi, 0, hi // g, 0))
+  whole_rows = pl.BlockSpec((None, None, tp), lambda bi, hi, n: (bi, hi, 0))
+  q_tile = pl.BlockSpec((None, bq, None, dp), lambda bi, hi, n: (bi, n, hi, 0))
+  kv_tile = pl.BlockSpec((None, bk, None, dp), lambda bi, hi, n: (bi, n, hi // g, 0))
+  rows_tile = pl.BlockSpec((None, None, bq), lambda bi, hi, n: (bi, hi, n))
+  keep_specs, keep_args = [], []
+  if keep is not None:
+    keep_specs, keep_args = [pl.BlockSpec((None, sp), lambda bi, hi, n: (bi, 0))], [keep]
+
+  dk_per_head = pl.BlockSpec((None, bk, None, dp), lambda bi, hi, n: (bi, n, hi, 0))
+  d_k, d_v = pl.pallas_call(
+      functools.partial(_dkv_kernel, st=st),
+      grid=(b, h, sp // bk),
+      in_specs=[whole_q, kv_tile, kv_tile, *keep_specs, whole_q, whole_rows, whole_rows],
+      out_specs=[dk_per_head, dk_per_head],
+      out_shape=[jax.ShapeDtypeStruct((b, sp, h, dp), jnp.float32)] * 2,  # per query head, summed below
+      compiler_params=_compiler_params(bq, bk, dp),
+      interpret=st.interpret,
+      name="flash_attention_dkv",
+  )(q, k, v, *keep_args, d_out, lse, delta)
+  d_k = d_k.reshape(b, sp, kv_heads, g, dp).sum(3).astype(k.dtype)
+  d_v = d_v.reshape(b, sp, kv_heads, g, dp).sum(3).astype(v.dtype)
+
+  d_q = pl.pallas_call(
+      functools.partial(_dq_kernel, st=st),
+      grid=(b, h, tp // bq),
+      in_specs=[q_tile, whole_kv, whole_kv, *keep_specs, q_tile, rows_tile, rows_tile],
+      out_specs=q_tile,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_compiler_params(bq, bk, dp),
+      interpret=st.interpret,
+      name="flash_attention_dq",
+  )(q, k, v, *keep_args, d_out, lse, delta)
+  return d_q, d_k, d_v, None
+
+
+_flash.defvjp(_forward, _backward)

@@ -1,0 +1,134 @@
+"""`chunked` and `flash` (Pallas, interpret mode on CPU) against the `xla` reference: outputs and gradients.
+
+Blocks of 16 with lengths 24 and 40 make every case run several tiles, a padded last
+tile and (causal) skipped tiles. Gradients are of a fixed random linear functional
+sum(out * w) with respect to q, k and v.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aigc_jax.errors import UserError
+from aigc_jax.nn.attention import CHUNKED_MIN_SCORES, dot_product_attention, resolve_implementation
+from aigc_jax.nn.chunked_attention import chunked_attention
+from aigc_jax.nn.flash_attention import BlockSizes, flash_attention
+
+TINY_FLASH = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
+IMPLS = {
+    "chunked": lambda q, k, v, **kw: chunked_attention(q, k, v, block_q=16, block_k=16, **kw),
+    "flash": lambda q, k, v, **kw: flash_attention(q, k, v, block_sizes=TINY_FLASH, **kw),
+}
+
+
+def qkv(b=2, t=40, s=40, h=4, kv_heads=2, d=64, dtype=jnp.float32):
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=shape).astype(np.float32) for shape in ((b, t, h, d), (b, s, kv_heads, d),
+                                                                      (b, s, kv_heads, d)))
+  w = rng.normal(size=(b, t, h, d)).astype(np.float32)
+  return jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), w
+
+
+def out_and_grads(fn, q, k, v, w):
+  """fn's output and d sum(out * w) / d(q, k, v), in one compiled function, as fp32 numpy arrays."""
+  @jax.jit
+  def run(q, k, v):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return (out, *vjp(jnp.asarray(w, out.dtype)))
+  return [np.asarray(x, np.float32) for x in run(q, k, v)]
+
+
+def assert_matches_xla(impl, q, k, v, w, *, causal, mask=None, tol=None):
+  got = out_and_grads(lambda q, k, v: IMPLS[impl](q, k, v, causal=causal, mask=mask), q, k, v, w)
+  if tol is None:  # fp32: the same sums in another order
+    want = out_and_grads(lambda q, k, v: dot_product_attention(q, k, v, causal=causal, mask=mask), q, k, v, w)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+  else:  # bf16: against xla in fp32 on the same rounded inputs, relative to the largest entry
+    as32 = (x.astype(jnp.float32) for x in (q, k, v))
+    want = out_and_grads(lambda q, k, v: dot_product_attention(q, k, v, causal=causal, mask=mask), *as32, w)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+      assert np.abs(a - b).max() <= tol * np.abs(b).max(), name
+
+
+# Every pair of (causal, head_dim, dtype) values once: the full product compiles twice as long.
+@pytest.mark.parametrize("causal,head_dim,dtype", [(False, 64, jnp.float32), (True, 128, jnp.float32),
+                                                   (True, 64, jnp.bfloat16), (False, 128, jnp.bfloat16)])
+def test_chunked_matches_xla(causal, head_dim, dtype):
+  q, k, v, w = qkv(b=2 if head_dim == 64 else 1, d=head_dim, dtype=dtype)  # 4 query heads on 2 kv heads
+  assert_matches_xla("chunked", q, k, v, w, causal=causal, tol=None if dtype == jnp.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_chunked_cross_attention_and_cached_queries(causal):
+  q, k, v, w = qkv(b=1, t=24, s=40, h=2, kv_heads=1)  # causal: the 24 queries are the last 24 of 40 positions
+  assert_matches_xla("chunked", q, k, v, w, causal=causal)
+
+
+@pytest.mark.parametrize("mask_shape,causal", [((2, 1, 1, 40), True), ((2, 4, 40, 40), False), ((40, 40), True)])
+def test_chunked_masks(mask_shape, causal):
+  q, k, v, w = qkv()
+  mask = np.random.default_rng(1).random(mask_shape) > 0.3
+  mask[..., 0] = True  # every query row sees at least one key
+  assert_matches_xla("chunked", q, k, v, w, causal=causal, mask=mask)
+
+
+def test_chunked_rows_that_see_no_key_give_zeros_and_no_nans():
+  q, k, v, w = qkv(b=1, t=24, s=40, h=2, kv_heads=1)
+  mask = np.ones((1, 1, 24, 40), bool)
+  mask[0, 0, 3] = False
+  out, dq, dk, dv = out_and_grads(lambda q, k, v: IMPLS["chunked"](q, k, v, mask=mask), q, k, v, w)
+  assert np.all(out[0, 3] == 0) and np.all(dq[0, 3] == 0)
+  assert np.isfinite(dk).all() and np.isfinite(dv).all()
+
+
+def test_chunked_rejects_a_mask_that_does_not_broadcast():
+  q, k, v, _ = qkv()
+  with pytest.raises(UserError, match=r"does not broadcast to \[B, H, T, S\]"):
+    chunked_attention(q, k, v, mask=np.ones((3, 1, 1, 40), bool))
+
+
+# flash runs interpreted here, and each case compiles for seconds: a few cases that cover the features.
+@pytest.mark.parametrize("case", ["causal_gqa_key_padding", "cross_head_dim_128", "causal_bf16"])
+def test_flash_matches_xla(case):
+  if case == "causal_gqa_key_padding":
+    q, k, v, w = qkv(h=4, kv_heads=2)
+    mask = np.random.default_rng(1).random((2, 1, 1, 40)) > 0.3
+    mask[..., 0] = True
+    assert_matches_xla("flash", q, k, v, w, causal=True, mask=mask)
+  elif case == "cross_head_dim_128":
+    q, k, v, w = qkv(b=1, t=24, s=40, h=2, kv_heads=1, d=128)
+    assert_matches_xla("flash", q, k, v, w, causal=False)
+  else:
+    q, k, v, w = qkv(b=1, h=4, kv_heads=2, dtype=jnp.bfloat16)
+    assert_matches_xla("flash", q, k, v, w, causal=True, tol=3e-2)
+
+
+def test_flash_rejects_full_masks_and_names_what_works():
+  q, k, v, _ = qkv()
+  with pytest.raises(UserError, match="only key padding masks.*use implementation 'chunked' or 'xla'"):
+    flash_attention(q, k, v, mask=np.ones((2, 4, 40, 40), bool))
+  with pytest.raises(UserError, match="only key padding masks.*'chunked' or 'xla'"):
+    dot_product_attention(q, k, v, mask=np.ones((40, 40), bool), implementation="flash")
+  with pytest.raises(UserError, match="power of 2"):
+    flash_attention(q, k, v, block_sizes=BlockSizes(block_q=24))
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "flash"])
+def test_public_function_dispatches(implementation):
+  q, k, v, _ = qkv(b=1, t=8, s=8, h=2, kv_heads=1, d=16)
+  out = dot_product_attention(q, k, v, causal=True, implementation=implementation)
+  np.testing.assert_allclose(out, dot_product_attention(q, k, v, causal=True), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_picks_chunked_for_long_sequences_off_gpu():
+  assert jax.default_backend() == "cpu"
+  assert CHUNKED_MIN_SCORES == 1024 * 1024
+  assert resolve_implementation("auto", jnp.float32, 64, q_len=2048, kv_len=2048) == "chunked"
+  assert resolve_implementation("auto", jnp.bfloat16, 128, q_len=1024, kv_len=1024) == "chunked"
+  assert resolve_implementation("auto", jnp.float32, 64, q_len=1023, kv_len=1024) == "xla"
+  assert resolve_implementation("auto", jnp.float32, 64, q_len=1, kv_len=4096) == "xla"  # one cached query
+  assert resolve_implementation("auto", jnp.float32, 64) == "xla"
+  with pytest.raises(UserError, match="'cudnn' needs a GPU.*'chunked'"):
+    resolve_implementation("cudnn", jnp.bfloat16, 64, q_len=4096, kv_len=4096)
