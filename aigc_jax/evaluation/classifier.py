@@ -1,0 +1,200 @@
+"""The feature network behind the image metrics: a small CNN the project trains itself, once per data set.
+
+Inception features (FID) need downloaded weights and are meaningless on 28x28 digits, so the
+metrics use a classifier trained on the data's `train` split: deterministic (fixed seed, fixed
+steps) and cached under `$AIGC_JAX_CACHE`, else `$XDG_CACHE_HOME/aigc_jax`, else
+`~/.cache/aigc_jax`, as `classifiers/<key>.msgpack`. The key hashes the data set's name and
+train images, the architecture version and the training hyperparameters, so any change trains
+a new one. On the 9,000 MNIST training images it reaches ~99% held-out accuracy in about a minute
+on a 2-core CPU (see `get_classifier`).
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+from typing import Callable
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from aigc_jax.data.images import ImageData, to_float
+
+ARCH_VERSION = 1  # bump when ConvNet changes, so old caches are not loaded into a new network
+FEATURE_DIM = 128
+
+
+class ConvNet(nn.Module):
+  """conv32-pool-conv64-pool-dense128-dense(classes); the 128-d penultimate layer is the feature."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, images):  # [B, H, W, C] in [-1, 1]
+    x = _max_pool_2x2(nn.relu(nn.Conv(32, (3, 3))(images)))  # [B, H/2, W/2, 32]
+    x = _max_pool_2x2(nn.relu(nn.Conv(64, (3, 3))(x)))  # [B, H/4, W/4, 64]
+    features = nn.relu(nn.Dense(FEATURE_DIM)(x.reshape(x.shape[0], -1)))  # [B, 128]
+    return features, nn.Dense(self.num_classes)(features)  # [B, 128], [B, classes]
+
+
+def _max_pool_2x2(x):  # [B, H, W, C] -> [B, H//2, W//2, C]
+  """`nn.max_pool(x, (2, 2), (2, 2))` as a reshape and max: its gradient is a cheap mask where
+  XLA:CPU's select-and-scatter for the pooling gradient made the whole step ~1.7x slower."""
+  b, h, w, c = x.shape
+  return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainHParams:
+  """How the classifier is trained; part of the cache key."""
+  num_steps: int = 600  # ~8.5 epochs of the 9,000 MNIST training images
+  batch_size: int = 128
+  learning_rate: float = 2e-3  # Adam, cosine-decayed to 0
+  max_shift: int = 2  # augmentation: random translations of up to this many pixels
+  seed: int = 0
+
+
+def cache_dir() -> str:
+  if os.environ.get("AIGC_JAX_CACHE"):
+    return os.environ["AIGC_JAX_CACHE"]
+  xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(xdg, "aigc_jax")
+
+
+def cache_key(data: ImageData, hparams: TrainHParams) -> str:
+  images, labels = data.splits["train"]
+  digest = hashlib.sha256(images.tobytes())
+  digest.update(labels.astype(np.int32).tobytes())
+  blob = json.dumps({"data": data.name, "shape": images.shape, "train": digest.hexdigest(),
+                     "classes": data.num_classes, "arch": ARCH_VERSION, "hparams": dataclasses.asdict(hparams)},
+                    sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class Classifier:
+  """A trained ConvNet: features and predictions for images in [-1, 1]."""
+
+  EVAL_CHUNK = 500  # images per compiled call; the last chunk is padded so there is one compile
+
+  def __init__(self, params, num_classes: int, accuracy: float):
+    self.params = params
+    self.num_classes = num_classes
+    self.accuracy = accuracy  # on the data's held-out `test` split
+
+  def _outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    images = np.asarray(images, np.float32)
+    features, logits = [], []
+    for start in range(0, len(images), self.EVAL_CHUNK):
+      chunk = images[start:start + self.EVAL_CHUNK]
+      padded = np.pad(chunk, ((0, self.EVAL_CHUNK - len(chunk)),) + ((0, 0),) * (chunk.ndim - 1))
+      f, l = _apply(self.num_classes)({"params": self.params}, padded)
+      features.append(np.asarray(f)[:len(chunk)])
+      logits.append(np.asarray(l)[:len(chunk)])
+    return np.concatenate(features), np.concatenate(logits)
+
+  def features(self, images: np.ndarray) -> np.ndarray:
+    """[N, H, W, C] in [-1, 1] -> penultimate features float32 [N, 128]."""
+    return self._outputs(images)[0]
+
+  def predict(self, images: np.ndarray) -> np.ndarray:
+    """[N, H, W, C] in [-1, 1] -> labels int32 [N]."""
+    return self._outputs(images)[1].argmax(-1).astype(np.int32)
+
+
+def get_classifier(data: ImageData, *, log: Callable[[str], None] = print,
+                   hparams: TrainHParams = TrainHParams()) -> Classifier:
+  """The cached classifier for `data`, trained on its `train` split (and cached) on first use."""
+  path = os.path.join(cache_dir(), "classifiers", f"{cache_key(data, hparams)}.msgpack")
+  if os.path.isfile(path):
+    with open(path, "rb") as f:
+      saved = flax.serialization.msgpack_restore(f.read())
+    log(f"Loaded the {data.name} classifier from {path} (held-out accuracy {saved['accuracy']:.4f}).")
+    return Classifier(saved["params"], data.num_classes, float(saved["accuracy"]))
+  log(f"Training the {data.name} evaluation classifier ({hparams.num_steps} steps); it is cached afterwards.")
+  start = time.perf_counter()
+  params = train_classifier(data, hparams, log=log)
+  classifier = Classifier(params, data.num_classes, 0.0)
+  test_images, test_labels = data.splits["test"]
+  classifier.accuracy = float(np.mean(classifier.predict(to_float(test_images)) == test_labels))
+  log(f"Trained in {time.perf_counter() - start:.1f} s: held-out accuracy {classifier.accuracy:.4f} "
+      f"on {len(test_labels)} {data.name} test images; saved to {path}.")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(flax.serialization.msgpack_serialize(
+        {"params": jax.tree.map(np.asarray, params), "accuracy": classifier.accuracy, "data": data.name}))
+  os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
+  return classifier
+
+
+def _shifted(padded: np.ndarray, index: np.ndarray, rng: np.random.Generator, shift: int) -> np.ndarray:
+  """Crops of `padded` [N, H + 2s, W + 2s, C] at random offsets: float32 [B, H, W, C]."""
+  size_h, size_w = padded.shape[1] - 2 * shift, padded.shape[2] - 2 * shift
+  dy, dx = rng.integers(0, 2 * shift + 1, size=(2, len(index)))
+  rows = (dy[:, None] + np.arange(size_h))[:, :, None]  # [B, H, 1]
+  cols = (dx[:, None] + np.arange(size_w))[:, None, :]  # [B, 1, W]
+  return padded[index[:, None, None], rows, cols]
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(num_classes: int, learning_rate: float, num_steps: int):
+  """The optimizer and the compiled step, built once per setting so retraining skips compilation."""
+  model = ConvNet(num_classes)
+  tx = optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps))
+
+  def train_step(params, opt_state, images, labels):  # images [B, H, W, C], labels [B]
+    def loss_fn(p):
+      logits = model.apply({"params": p}, images)[1]
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return tx, jax.jit(train_step, donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _init(num_classes: int):
+  return jax.jit(ConvNet(num_classes).init)  # one compile: op-by-op initialisation takes seconds
+
+
+@functools.lru_cache(maxsize=8)
+def _apply(num_classes: int):
+  return jax.jit(ConvNet(num_classes).apply)
+
+
+def train_classifier(data: ImageData, hparams: TrainHParams, *, log: Callable[[str], None] = print):
+  """Adam on softmax cross-entropy; a pure function of (data, hparams) on a given backend."""
+  images, labels = data.splits["train"]
+  s = hparams.max_shift
+  padded = np.pad(to_float(images), ((0, 0), (s, s), (s, s), (0, 0)), constant_values=-1.0)  # background is -1
+  params = _init(data.num_classes)(jax.random.key(hparams.seed), jnp.zeros((1,) + images.shape[1:]))["params"]
+  tx, step_fn = _train_step(data.num_classes, hparams.learning_rate, hparams.num_steps)
+  opt_state = tx.init(params)
+  log_every = max(1, hparams.num_steps // 5)
+  for step in range(hparams.num_steps):
+    rng = np.random.default_rng([hparams.seed, step])
+    index = rng.integers(0, len(images), size=hparams.batch_size)
+    params, opt_state, loss = step_fn(params, opt_state, _shifted(padded, index, rng, s), labels[index])
+    if (step + 1) % log_every == 0:
+      log(f"  classifier step {step + 1}/{hparams.num_steps}: loss {float(loss):.4f}")
+  return jax.tree.map(np.asarray, params)
+
+
+def main(argv: list[str]) -> None:
+  """`python -m aigc_jax.evaluation.classifier [SOURCE]`: trains (or loads) and reports the classifier."""
+  from aigc_jax.data.images import load_images  # pylint: disable=g-import-not-at-top
+
+  get_classifier(load_images(argv[0] if argv else "embedded:digits"))
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+
+  main(sys.argv[1:])

@@ -1,0 +1,146 @@
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from aigc_jax.data.images import ImageData, load_images, to_float
+from aigc_jax.errors import UserError
+from aigc_jax.evaluation import TrainHParams, frechet_distance, get_classifier, image_metrics
+from aigc_jax.evaluation import classifier as classifier_lib
+
+MNIST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "mnist")
+
+TINY = TrainHParams(num_steps=3, batch_size=8, learning_rate=1e-3, max_shift=1)
+
+
+def with_moments(n: int, mean: np.ndarray, cov: np.ndarray, seed: int) -> np.ndarray:
+  """[n, F] points whose sample mean and (ddof=1) covariance are exactly `mean` and `cov`."""
+  x = np.random.default_rng(seed).standard_normal((n, len(mean)))
+  x -= x.mean(0)
+  x = x @ np.linalg.inv(np.linalg.cholesky(np.cov(x, rowvar=False))).T  # sample covariance I
+  return x @ np.linalg.cholesky(cov).T + mean
+
+
+def test_frechet_of_a_set_with_itself_is_zero():
+  a = np.random.default_rng(0).standard_normal((50, 6))
+  assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_of_diagonal_gaussians_is_the_closed_form():
+  mean_a, mean_b = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+  var_a, var_b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
+  a = with_moments(40, mean_a, np.diag(var_a), seed=1)
+  b = with_moments(30, mean_b, np.diag(var_b), seed=2)
+  expected = np.sum((mean_a - mean_b) ** 2) + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2)  # 5 + 2
+  assert expected == 7.0
+  assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+  assert frechet_distance(b, a) == pytest.approx(expected, rel=1e-9)  # symmetric
+
+
+def test_frechet_matches_scipy_sqrtm_for_full_covariances():
+  scipy_linalg = pytest.importorskip("scipy.linalg")  # scipy comes with scikit-learn
+  rng = np.random.default_rng(3)
+  a = rng.standard_normal((60, 5)) @ rng.standard_normal((5, 5))
+  b = rng.standard_normal((70, 5)) @ rng.standard_normal((5, 5)) + 0.5
+  cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  expected = (np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(cov_a + cov_b)
+              - 2 * np.trace(scipy_linalg.sqrtm(cov_a @ cov_b)).real)
+  assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+  assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-9)
+
+
+def test_frechet_needs_two_points_per_set():
+  with pytest.raises(UserError, match="at least 2 images per set, got 1 and 3"):
+    frechet_distance(np.zeros((1, 4)), np.zeros((3, 4)))
+
+
+def tiny_data() -> ImageData:
+  """60 8x8 images of three classes (a bright row, column or diagonal) with noise."""
+  rng = np.random.default_rng(0)
+  labels = np.arange(60, dtype=np.int32) % 3
+  images = rng.integers(0, 40, size=(60, 8, 8, 1)).astype(np.uint8)
+  for i, label in enumerate(labels):
+    mask = [np.eye(8)[3][:, None], np.eye(8)[3][None, :], np.eye(8)][label].astype(bool)
+    images[i, ..., 0][np.broadcast_to(mask, (8, 8))] = 255
+  return ImageData("tiny", {"train": (images[:48], labels[:48]), "test": (images[48:], labels[48:])}, num_classes=3)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("AIGC_JAX_CACHE", str(tmp_path))
+  return tmp_path
+
+
+def test_training_is_deterministic():
+  a = classifier_lib.train_classifier(tiny_data(), TINY, log=lambda _: None)
+  b = classifier_lib.train_classifier(tiny_data(), TINY, log=lambda _: None)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_classifier_is_cached_and_loaded_without_training(cache, monkeypatch):
+  data, lines = tiny_data(), []
+  trained = get_classifier(data, hparams=TINY, log=lines.append)
+  assert "Training the tiny evaluation classifier (3 steps)" in lines[0] and "held-out accuracy" in lines[-1]
+  assert os.listdir(cache / "classifiers") == [f"{classifier_lib.cache_key(data, TINY)}.msgpack"]
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("the cached classifier should have been loaded")
+
+  monkeypatch.setattr(classifier_lib, "train_classifier", no_training)
+  loaded = get_classifier(data, hparams=TINY, log=lines.append)
+  assert lines[-1].startswith("Loaded the tiny classifier")
+  assert loaded.accuracy == trained.accuracy
+  images = to_float(data.splits["test"][0])  # [12, 8, 8, 1]
+  np.testing.assert_array_equal(loaded.features(images), trained.features(images))
+  assert loaded.features(images).shape == (12, 128) and loaded.predict(images).dtype == np.int32
+
+
+def test_cache_key_changes_with_data_and_hyperparameters():
+  data = tiny_data()
+  key = classifier_lib.cache_key(data, TINY)
+  assert key == classifier_lib.cache_key(tiny_data(), TINY)
+  assert key != classifier_lib.cache_key(data, TrainHParams(num_steps=4, batch_size=8, max_shift=1))
+  images, labels = data.splits["train"]
+  changed = ImageData("tiny", {**data.splits, "train": (images[::-1], labels[::-1])}, num_classes=3)
+  assert key != classifier_lib.cache_key(changed, TINY)
+
+
+def test_cache_folder(monkeypatch):
+  monkeypatch.setenv("AIGC_JAX_CACHE", "/a")
+  monkeypatch.setenv("XDG_CACHE_HOME", "/b")
+  assert classifier_lib.cache_dir() == "/a"
+  monkeypatch.delenv("AIGC_JAX_CACHE")
+  assert classifier_lib.cache_dir() == "/b/aigc_jax"
+  monkeypatch.delenv("XDG_CACHE_HOME")
+  monkeypatch.setenv("HOME", "/home/u")
+  assert classifier_lib.cache_dir() == "/home/u/.cache/aigc_jax"
+
+
+def test_image_metrics_compare_equal_sized_sets(cache):
+  data = tiny_data()
+  classifier = get_classifier(data, hparams=TINY, log=lambda _: None)
+  real = to_float(data.splits["test"][0])  # [12, 8, 8, 1]: halves A = real[:5], B = real[5:10] for 5 samples
+  metrics = image_metrics(classifier, real, real[:5], classifier.predict(real[:5]))
+  assert metrics["frechet_num_images"] == 5 and metrics["frechet_distance"] == pytest.approx(0.0, abs=1e-6)
+  features = classifier.features(real)
+  assert metrics["frechet_distance_real"] == pytest.approx(frechet_distance(features[5:10], features[:5]))
+  assert metrics["label_accuracy"] == 1.0 and metrics["classifier_accuracy"] == classifier.accuracy
+  assert "label_accuracy" not in image_metrics(classifier, real, -real)
+  with pytest.raises(UserError, match=r"Samples of shape \(4, 4, 1\) cannot be compared"):
+    image_metrics(classifier, real, np.zeros((5, 4, 4, 1)))
+  with pytest.raises(UserError, match="at least 2 samples and 4 real images, got 1 and 12"):
+    image_metrics(classifier, real, real[:1])
+
+
+def test_real_mnist_classifier_if_cached():
+  """The full classifier (~1 min of training) is not built in CI; check it where a user has built it."""
+  data = load_images(f"mnist_idx:{MNIST_DIR}")
+  path = os.path.join(classifier_lib.cache_dir(), "classifiers",
+                      f"{classifier_lib.cache_key(data, TrainHParams())}.msgpack")
+  if not os.path.isfile(path):
+    pytest.skip("no cached MNIST classifier; build it with python -m aigc_jax.evaluation.classifier")
+  classifier = get_classifier(data, log=lambda _: None)
+  assert classifier.accuracy >= 0.985
+  test_images, test_labels = data.splits["test"]
+  assert np.mean(classifier.predict(to_float(test_images)) == test_labels) == classifier.accuracy
