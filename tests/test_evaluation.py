@@ -96,6 +96,17 @@ def test_classifier_is_cached_and_loaded_without_training(cache, monkeypatch):
   assert loaded.features(images).shape == (12, 128) and loaded.predict(images).dtype == np.int32
 
 
+def test_damaged_cache_file_is_rebuilt(cache):
+  data, lines = tiny_data(), []
+  path = cache / "classifiers" / f"{classifier_lib.cache_key(data, TINY)}.msgpack"
+  path.parent.mkdir()
+  path.write_bytes(b"not msgpack")
+  classifier = get_classifier(data, hparams=TINY, log=lines.append)
+  assert lines[0].startswith("Could not read the cached classifier") and 0 <= classifier.accuracy <= 1
+  assert get_classifier(data, hparams=TINY, log=lines.append).accuracy == classifier.accuracy
+  assert lines[-1].startswith("Loaded")
+
+
 def test_cache_key_changes_with_data_and_hyperparameters():
   data = tiny_data()
   key = classifier_lib.cache_key(data, TINY)

@@ -31,7 +31,7 @@ MNIST_T10K_TRAIN = 9_000  # with only the t10k files: images [0, 9000) train, [9
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: compared by identity, never array by array
 class ImageData:
   """Images and labels per split: `splits[name] = (images uint8 [N, H, W, C], labels int32 [N])`."""
   name: str
@@ -83,7 +83,8 @@ def _embedded_images(name: str) -> ImageData:
 
 
 def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] weights of bilinear resampling with half-pixel centres (as PIL and jax.image)."""
+  """[n_out, n_in] weights of bilinear resampling with half-pixel centres: `jax.image.resize(x, ..., "linear")`
+  to 3e-7, in NumPy so the embedded data set is the same bytes on every backend."""
   x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
   lo = np.floor(x).astype(int)
   hi = np.minimum(lo + 1, n_in - 1)

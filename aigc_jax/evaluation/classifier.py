@@ -111,10 +111,14 @@ def get_classifier(data: ImageData, *, log: Callable[[str], None] = print,
   """The cached classifier for `data`, trained on its `train` split (and cached) on first use."""
   path = os.path.join(cache_dir(), "classifiers", f"{cache_key(data, hparams)}.msgpack")
   if os.path.isfile(path):
-    with open(path, "rb") as f:
-      saved = flax.serialization.msgpack_restore(f.read())
-    log(f"Loaded the {data.name} classifier from {path} (held-out accuracy {saved['accuracy']:.4f}).")
-    return Classifier(saved["params"], data.num_classes, float(saved["accuracy"]))
+    try:
+      with open(path, "rb") as f:
+        saved = flax.serialization.msgpack_restore(f.read())
+      classifier = Classifier(saved["params"], data.num_classes, float(saved["accuracy"]))
+      log(f"Loaded the {data.name} classifier from {path} (held-out accuracy {classifier.accuracy:.4f}).")
+      return classifier
+    except Exception as e:  # pylint: disable=broad-except  # a damaged cache file is rebuilt, not fatal
+      log(f"Could not read the cached classifier {path} ({type(e).__name__}); training it again.")
   log(f"Training the {data.name} evaluation classifier ({hparams.num_steps} steps); it is cached afterwards.")
   start = time.perf_counter()
   params = train_classifier(data, hparams, log=log)
