@@ -1,0 +1,242 @@
+"""Times the attention implementations side by side on FlashAttention's benchmark grid.
+
+  python -m benchmarks.attention [--quick] [--out benchmarks/results/attention.json]
+  (wired as `aigc-jax bench attention`: `add_arguments(parser)` and `run(args)`)
+
+The full grid is the FlashAttention papers': batch x length = 16k tokens, heads x head_dim
+= 2048, lengths 512 ... 16k, head_dim 64 and 128, causal or not, forward ("fwd") and
+forward + backward ("fwd_bwd"). `--quick` is what a 2-core CPU finishes in about two
+minutes: 2k tokens (batch 1 at 4096), 4 heads x head_dim 64, lengths 512 ... 4096 (xla's
+fwd_bwd holds ~1 GiB of scores there), both modes, both causal settings.
+
+FLOPs are 4 B H S^2 D for the forward (half of it when causal) and 3.5x that for
+fwd_bwd (the backward does 2.5x the forward's matmul work). Every implementation of a
+cell runs in this process on the same arrays, compiled first, then warmed up, then timed
+in alternating repetitions, each ending in `block_until_ready`; a row's `ms` is the
+median. `ratio_to_reference` is the reference's ms over this row's ms (above 1: faster
+than the reference; cudnn on a GPU, xla elsewhere). A cell whose compiled memory
+(XLA's memory analysis) would exceed `--memory-limit-gb`, or that is unsupported or runs
+out of memory, is recorded with `ms` null and the reason in `meta.not_run`.
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from aigc_jax.errors import UserError
+from aigc_jax.nn import attention as attention_lib
+from benchmarks.peak import peak_flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FULL = dict(tokens=16384, width=2048, lengths=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128))
+QUICK = dict(tokens=2048, width=256, lengths=(512, 1024, 2048, 4096), head_dims=(64,))
+MODES = ("fwd", "fwd_bwd")
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+  parser.add_argument("--quick", action="store_true", help="the small grid a CPU finishes in about two minutes")
+  parser.add_argument("--out", default=None, help="JSON path (a PNG plot is written next to it); default "
+                      "benchmarks/results/attention_<backend>[_quick].json")
+  parser.add_argument("--implementations", default=None,
+                      help="comma-separated; default: cudnn,xla,chunked,flash on a GPU, xla,chunked elsewhere")
+  parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                      help="default bfloat16 on a GPU, float32 elsewhere")
+  parser.add_argument("--reps", type=int, default=3, help="timed repetitions per implementation and cell")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling")
+  parser.add_argument("--memory-limit-gb", type=float, default=None,
+                      help="skip a cell whose compiled memory exceeds this; default: half the free device memory "
+                      "on a GPU, a quarter of the available RAM on a CPU (others share it)")
+
+
+def grid(quick: bool):
+  """(seq_len, head_dim, causal, mode, batch, heads) cells in run order."""
+  g = QUICK if quick else FULL
+  for d in g["head_dims"]:
+    for causal in (False, True):
+      for mode in MODES:
+        for s in g["lengths"]:
+          yield s, d, causal, mode, max(1, g["tokens"] // s), g["width"] // d
+
+
+def attention_flops(batch, heads, seq_len, head_dim, causal, mode) -> float:
+  fwd = 4 * batch * heads * seq_len ** 2 * head_dim * (0.5 if causal else 1.0)
+  return fwd * (3.5 if mode == "fwd_bwd" else 1.0)
+
+
+def default_memory_limit() -> float:
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    with open("/proc/meminfo") as f:
+      available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    return available / 4
+  stats = device.memory_stats() or {}
+  return (stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)) / 2 or float("inf")
+
+
+def build(implementation, causal, mode, args):
+  """A compiled function of `args` for one implementation and mode, and its memory footprint in bytes."""
+  def attend(q, k, v):
+    return attention_lib.dot_product_attention(q, k, v, causal=causal, implementation=implementation)
+
+  if mode == "fwd":
+    fn = attend
+  else:
+    def fn(q, k, v, d_out):  # forward and the backward of sum(out * d_out)
+      out, vjp = jax.vjp(attend, q, k, v)
+      return out, vjp(d_out)
+  compiled = jax.jit(fn).lower(*args).compile()
+  memory = compiled.memory_analysis()
+  footprint = None if memory is None else (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                                           + memory.output_size_in_bytes)
+  return compiled, footprint
+
+
+def time_once(compiled, args) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(*args))
+  return (time.perf_counter() - start) * 1000
+
+
+def run(args) -> int:
+  backend = jax.default_backend()
+  on_gpu = backend == "gpu"
+  dtype = jnp.dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
+  implementations = (args.implementations.split(",") if args.implementations
+                     else ["cudnn", "xla", "chunked", "flash"] if on_gpu else ["xla", "chunked"])
+  for name in implementations:
+    if name not in attention_lib.IMPLEMENTATIONS or name == "auto":
+      raise UserError(f"Unknown implementation {name!r} for the attention benchmark; use some of "
+                      f"{', '.join(i for i in attention_lib.IMPLEMENTATIONS if i != 'auto')}.")
+  reference = "cudnn" if on_gpu else "xla"
+  if reference not in implementations:
+    implementations.insert(0, reference)
+  peak, peak_note = peak_flops(dtype)
+  limit = args.memory_limit_gb * 2 ** 30 if args.memory_limit_gb else default_memory_limit()
+  out_path = args.out or os.path.join(ROOT, "benchmarks", "results",
+                                      f"attention_{backend}{'_quick' if args.quick else ''}.json")
+  device = jax.devices()[0]
+  print(f"device: {device.device_kind} ({backend}); peak: {peak_note}; dtype {dtype.name}; "
+        f"memory limit {limit / 2 ** 30:.1f} GiB; {args.warmup} warm-up + {args.reps} timed reps per cell")
+
+  rows, not_run, spreads = [], [], []
+  header = (f"{'implementation':>14s} {'seq_len':>7s} {'head_dim':>8s} {'causal':>6s} {'mode':>7s} {'ms':>9s} "
+            f"{'IQR ms':>7s} {'TFLOP/s':>8s} {'% peak':>7s} {'vs ref':>7s}")
+  print(header)
+  rng = np.random.default_rng(0)
+  for seq_len, head_dim, causal, mode, batch, heads in grid(args.quick):
+    shape = (batch, seq_len, heads, head_dim)
+    arrays = [jnp.asarray(rng.normal(size=shape), dtype) for _ in range(4 if mode == "fwd_bwd" else 3)]
+    compiled, times = {}, {}
+    for name in implementations:
+      reason = None
+      if name == "flash" and not on_gpu:
+        reason = "Pallas interpret mode off GPU: correct but not meant for timing"
+      else:
+        try:
+          fn, footprint = build(name, causal, mode, arrays)
+          if footprint is not None and footprint > limit:
+            reason = f"needs {footprint / 2 ** 30:.1f} GiB (XLA memory analysis) > limit {limit / 2 ** 30:.1f} GiB"
+          else:
+            for _ in range(max(1, args.warmup)):  # the first run also allocates
+              time_once(fn, arrays)
+            compiled[name], times[name] = fn, []
+        except UserError as e:
+          reason = f"unsupported: {e}"
+        except Exception as e:  # noqa: BLE001 - XlaRuntimeError and friends: out of memory, lowering failures
+          reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+      if reason:
+        not_run.append(dict(implementation=name, seq_len=seq_len, head_dim=head_dim, causal=causal, mode=mode,
+                            reason=reason))
+    for _ in range(args.reps):  # alternate, so slow phases of a shared machine hit every implementation
+      for name, fn in compiled.items():
+        times[name].append(time_once(fn, arrays))
+    flops = attention_flops(batch, heads, seq_len, head_dim, causal, mode)
+    ref_ms = float(np.median(times[reference])) if reference in times else None
+    for name in implementations:
+      ms = float(np.median(times[name])) if name in times else None
+      tflops = flops / ms / 1e9 if ms else None
+      row = dict(implementation=name, seq_len=seq_len, head_dim=head_dim, causal=causal, mode=mode, ms=ms,
+                 tflops=tflops, peak_fraction=tflops * 1e12 / peak if tflops and peak else None,
+                 ratio_to_reference=ref_ms / ms if ms and ref_ms else None)
+      rows.append(row)
+      iqr = float(np.percentile(times[name], 75) - np.percentile(times[name], 25)) if ms else None
+      spreads.append(dict(implementation=name, seq_len=seq_len, head_dim=head_dim, causal=causal, mode=mode,
+                          all_ms=times.get(name), iqr_ms=iqr))
+      fmt = lambda x, f: format(x, f) if x is not None else "-"
+      print(f"{name:>14s} {seq_len:7d} {head_dim:8d} {str(causal):>6s} {mode:>7s} {fmt(ms, '9.1f'):>9s} "
+            f"{fmt(iqr, '7.1f'):>7s} {fmt(tflops, '8.4f'):>8s} "
+            f"{fmt(row['peak_fraction'] and 100 * row['peak_fraction'], '6.1f'):>7s} "
+            f"{fmt(row['ratio_to_reference'], '7.2f'):>7s}", flush=True)
+    del arrays, compiled
+
+  for item in not_run:
+    print(f"not run: {item['implementation']} seq_len {item['seq_len']} head_dim {item['head_dim']} "
+          f"causal {item['causal']} {item['mode']}: {item['reason']}")
+  g = QUICK if args.quick else FULL
+  meta = dict(
+      device=dict(backend=backend, kind=device.device_kind, platform=platform.platform(),
+                  cpu_affinity_cores=len(os.sched_getaffinity(0))),
+      versions=dict(jax=jax.__version__, jaxlib=jaxlib.__version__, python=platform.python_version()),
+      peak_flops=peak, peak_note=peak_note, dtype=dtype.name, reference=reference, quick=args.quick,
+      grid=dict(tokens_per_batch=g["tokens"], heads_times_head_dim=g["width"], lengths=list(g["lengths"]),
+                head_dims=list(g["head_dims"]), modes=list(MODES)),
+      flops="fwd 4*B*H*S^2*D (x0.5 causal); fwd_bwd 3.5x fwd", warmup=args.warmup, reps=args.reps,
+      ms="median of reps", ratio_to_reference="reference ms / ms", memory_limit_bytes=limit,
+      not_run=not_run, spread=spreads)
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  with open(out_path, "w") as f:
+    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  png = os.path.splitext(out_path)[0] + ".png"
+  plot(rows, png, f"{device.device_kind}, {dtype.name}, peak {peak_note.split(': ')[-1]}")
+  print(f"wrote {out_path} and {png}")
+  return 0
+
+
+def plot(rows, path, title):
+  """TFLOP/s against seq_len per implementation, one panel per (head_dim, causal, mode)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  panels = sorted({(r["head_dim"], r["causal"], r["mode"]) for r in rows})
+  cols = 4
+  nrows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
+  for ax, (d, causal, mode) in zip(axes.flat, panels):
+    for name in dict.fromkeys(r["implementation"] for r in rows):
+      pts = [(r["seq_len"], r["tflops"]) for r in rows if (r["implementation"], r["head_dim"], r["causal"],
+                                                           r["mode"]) == (name, d, causal, mode) and r["tflops"]]
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"d={d} {'causal' if causal else 'full'} {mode}", fontsize=9)
+    ax.set_xlabel("seq_len")
+    ax.set_ylabel("TFLOP/s")
+    ax.legend(fontsize=8)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis("off")
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_arguments(parser)
+  try:
+    return run(parser.parse_args())
+  except UserError as e:
+    print(f"error: {e}")
+    return 2
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
