@@ -68,7 +68,8 @@ class ResBlock(nn.Module):
       h = norm2(h)
     else:
       out = 2 * self.features if self.scale_shift else self.features
-      e = nn.Dense(out, kernel_init=default_init, name="emb_proj", **kw)(nn.swish(emb))[:, None, None, :]  # [B, 1, 1, F|2F]
+      e = nn.Dense(out, kernel_init=default_init, name="emb_proj", **kw)(nn.swish(emb))
+      e = e[:, None, None, :]  # [B, 1, 1, F or 2F]
       if self.scale_shift:
         scale, shift = jnp.split(e, 2, axis=-1)
         h = norm2(h) * (1 + scale) + shift

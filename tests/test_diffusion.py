@@ -1,0 +1,352 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aigc_jax.diffusion import losses, samplers, schedules
+from aigc_jax.diffusion import bits_per_dim_bound, check_labels, ddim_sample, ddpm_sample, diffusion_loss, make_schedule
+from aigc_jax.errors import UserError
+from aigc_jax.models.unet import UNet, UNetConfig
+
+
+def rbg_key(seed):
+  return jax.random.key(seed, impl="rbg")  # threefry takes XLA:CPU tens of seconds to compile; rbg a few
+
+
+# --- Schedules and the forward process ---------------------------------------------------------
+
+
+def test_schedule_endpoints():
+  lin = make_schedule("linear", 1000)
+  np.testing.assert_allclose([lin.betas[0], lin.betas[-1]], [1e-4, 0.02], rtol=1e-6)  # Ho et al.
+  assert lin.num_steps == 1000 and np.all(np.diff(lin.betas) > 0)
+  np.testing.assert_allclose(lin.alphas_cumprod[-1], np.prod(1 - np.linspace(1e-4, 0.02, 1000)), rtol=1e-4)
+  short = np.asarray(make_schedule("linear", 50).betas)
+  np.testing.assert_allclose(short[[0, -1]], [2e-3, 0.4], rtol=1e-6)  # both ends scaled by 1000/T
+  cos = make_schedule("cosine", 1000)
+  f = lambda u: np.cos((u / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2
+  np.testing.assert_allclose(np.asarray(cos.alphas_cumprod)[[0, 499]], [f(1) / f(0), f(500) / f(0)], rtol=1e-5)
+  assert cos.betas[-1] == np.float32(0.999) and cos.alphas_cumprod[-1] < 1e-8  # clipped last step, ~pure noise
+  assert np.all(np.diff(cos.alphas_cumprod) < 0) and cos.alphas_cumprod_prev[0] == 1.0
+  with pytest.raises(UserError, match="linear, cosine"):
+    make_schedule("quadratic", 10)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_q_sample_matches_closed_form_moments(name):
+  schedule = make_schedule(name, 1000)
+  n = 100_000
+  ts = np.array([0, 250, 600, 999])
+  x0 = np.array([0.7, -0.3], np.float32)
+  noise = np.random.default_rng(0).normal(size=(len(ts), n, 2)).astype(np.float32)
+  t = np.repeat(ts, n)
+  xt = np.asarray(schedules.q_sample(schedule, np.tile(x0, (len(ts) * n, 1)), t, noise.reshape(-1, 2)))
+  xt = xt.reshape(len(ts), n, 2)
+  abar = np.asarray(schedule.alphas_cumprod, np.float64)[ts][:, None]  # [4, 1]
+  var = np.broadcast_to(1 - abar, (len(ts), 2))
+  # 5 standard errors: of the mean sqrt(var / n), of the variance var sqrt(2 / n) (Gaussian).
+  np.testing.assert_array_less(np.abs(xt.mean(1) - np.sqrt(abar) * x0), 5 * np.sqrt(var / n))
+  np.testing.assert_array_less(np.abs(xt.var(1) - var), 5 * var * np.sqrt(2 / n))
+
+
+def test_q_posterior_is_bayes_rule():
+  schedule = make_schedule("cosine", 20)
+  x0, xt, t = np.array([[0.3], [-0.8]], np.float32), np.array([[1.1], [0.2]], np.float32), np.array([1, 13])
+  mean, var, log_var = schedules.q_posterior_mean_variance(schedule, x0, xt, t)
+  abar, beta = np.asarray(schedule.alphas_cumprod, np.float64), np.asarray(schedule.betas, np.float64)
+  # q(x_{t-1} | x0) = N(sqrt(abar_{t-1}) x0, 1 - abar_{t-1}) times
+  # q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t), as a density in x_{t-1}.
+  precision = 1 / (1 - abar[t - 1]) + (1 - beta[t]) / beta[t]
+  expected_mean = (np.sqrt(abar[t - 1]) * x0[:, 0] / (1 - abar[t - 1]) + np.sqrt(1 - beta[t]) * xt[:, 0] / beta[t])
+  np.testing.assert_allclose(mean[:, 0], expected_mean / precision, rtol=1e-5)
+  np.testing.assert_allclose(var[:, 0], 1 / precision, rtol=1e-5)
+  np.testing.assert_allclose(log_var, np.log(var), rtol=1e-5)
+
+
+def test_v_prediction_round_trips():
+  schedule = make_schedule("cosine", 100)
+  rng = np.random.default_rng(0)
+  x0, eps = rng.normal(size=(2, 5, 3)).astype(np.float32)
+  t = np.array([0, 10, 50, 90, 99])
+  xt = schedules.q_sample(schedule, x0, t, eps)
+  v = schedules.v_target(schedule, x0, eps, t)
+  np.testing.assert_allclose(schedules.eps_from_v(schedule, xt, t, v), eps, atol=2e-5)
+  x0_v, eps_v = schedules.to_x0_and_eps(schedule, xt, t, v, "v")
+  x0_e, eps_e = schedules.to_x0_and_eps(schedule, xt, t, eps, "epsilon")
+  np.testing.assert_allclose(x0_v, x0, atol=2e-5)
+  np.testing.assert_allclose(eps_v, eps, atol=2e-5)
+  np.testing.assert_allclose(x0_e[:4], x0[:4], atol=2e-3)  # x0 from eps divides by sqrt(abar), ~0 at t = T - 1
+  np.testing.assert_array_equal(eps_e, eps)
+
+
+# --- The training loss ---------------------------------------------------------------------------
+
+
+def test_diffusion_loss_targets_and_label_dropout():
+  schedule = make_schedule("cosine", 100)
+  b = 4096
+  x0 = np.zeros((b, 2, 2), np.float32)
+  zero = lambda params, x, t, y, rng: jnp.zeros_like(x)
+  total, count = diffusion_loss(zero, None, schedule, x0, None, rbg_key(0))
+  assert count == b
+  # E|eps|^2 = 1; each example's loss is a mean of 4 squares (variance 2/4), so the batch mean has sd 1/sqrt(2b).
+  assert abs(total / count - 1.0) < 5 / math.sqrt(2 * b)
+  # With x0 = 0, v = sqrt(abar_t) eps: E|v|^2 = mean over t of abar_t.
+  total, _ = diffusion_loss(zero, None, schedule, x0, None, rbg_key(1), prediction="v")
+  assert abs(total / b - float(np.mean(schedule.alphas_cumprod))) < 5 / math.sqrt(2 * b)
+
+  seen = []
+
+  def record(params, x, t, y, rng):
+    seen.append(np.asarray(y))
+    return jnp.zeros_like(x)
+
+  labels = np.arange(b) % 10
+  diffusion_loss(record, None, schedule, x0, labels, rbg_key(2), cond_drop_prob=0.0, num_classes=10)
+  diffusion_loss(record, None, schedule, x0, labels, rbg_key(3), cond_drop_prob=1.0, num_classes=10)
+  diffusion_loss(record, None, schedule, x0, labels, rbg_key(4), cond_drop_prob=0.25, num_classes=10)
+  np.testing.assert_array_equal(seen[0], labels)
+  np.testing.assert_array_equal(seen[1], 10)  # all dropped to the null class
+  dropped = seen[2] == 10
+  assert abs(dropped.mean() - 0.25) < 5 * math.sqrt(0.25 * 0.75 / b)
+  np.testing.assert_array_equal(seen[2][~dropped], labels[~dropped])
+  with pytest.raises(UserError, match="class-conditional"):
+    diffusion_loss(record, None, schedule, x0, labels, rbg_key(2), cond_drop_prob=0.1, num_classes=0)
+  with pytest.raises(UserError, match="epsilon, v"):
+    diffusion_loss(record, None, schedule, x0, None, rbg_key(2), prediction="x0")
+
+
+# --- Samplers on a toy where the optimal predictor is exact ---------------------------------------
+# Data x0 ~ N(MU, S^2) independently per dimension. Then x_t ~ N(a MU, V) with a = sqrt(abar_t),
+# b = sqrt(1 - abar_t), V = a^2 S^2 + b^2, and the MSE-optimal predictor is E[eps | x_t] = b (x_t - a MU) / V.
+# Every sampler step is then affine in x plus Gaussian noise, so the exact mean and variance of
+# what a sampler produces follow from a float64 recursion (`sampler_moments`): sample moments are
+# compared to that with standard-error tolerances, and to the data distribution with the recursion's
+# own discretisation error (at most 1.3% of the variance for cosine T=1000) as extra slack.
+
+MU = np.array([0.5, -1.0])
+S = np.array([0.3, 0.8])
+N = 20_000  # samples per run: standard errors 0.7% of sd for means, 1% of the variance for variances
+
+
+def exact_eps(schedule, mu=MU):
+  def apply_fn(x, t, labels):
+    abar = schedule.alphas_cumprod[t][:, None]
+    a, b = jnp.sqrt(abar), jnp.sqrt(1 - abar)
+    return b * (x - a * mu) / (a * a * S * S + b * b)
+  return apply_fn
+
+
+def sampler_moments(schedule, num_steps, *, eta=None, ddpm_variance=None):
+  """Exact (mean, variance) [2] of a sampler's output under the exact predictor, from x_T ~ N(0, 1)."""
+  ts = samplers.sampling_timesteps(schedule.num_steps, num_steps)
+  abar = np.asarray(schedule.alphas_cumprod, np.float64)[ts]
+  abar_prev = np.append(1.0, abar[:-1])
+  m, v = np.zeros(2), np.ones(2)
+  for i in reversed(range(len(ts))):
+    a, b, ap = np.sqrt(abar[i]), np.sqrt(1 - abar[i]), abar_prev[i]
+    big_v = a * a * S * S + b * b
+    beta = 1 - abar[i] / ap
+    post = beta * (1 - ap) / (1 - abar[i])
+    if ddpm_variance is not None:
+      sig2 = 0.0 if i == 0 else (post if ddpm_variance == "posterior" else beta)
+      gain_x0, gain_x = np.sqrt(ap) * beta / (1 - abar[i]), np.sqrt(1 - beta) * (1 - ap) / (1 - abar[i])
+    else:  # DDIM: sqrt(ap) x0_hat + c eps_hat + sigma z, written as gain_x0 x0_hat + gain_x x
+      sig2 = eta ** 2 * post
+      c = np.sqrt(max(1 - ap - sig2, 0.0))
+      gain_x0, gain_x = np.sqrt(ap) - c * a / b, c / b
+    # x0_hat = MU + a S^2 (x - a MU) / V is affine in x.
+    gain = gain_x0 * a * S * S / big_v + gain_x
+    m = gain_x0 * (MU - a * a * S * S * MU / big_v) + gain * m
+    v = gain * gain * v + sig2
+  return m, v
+
+
+def assert_moments(x, mean, var, slack_mean=0.0, slack_var=0.0):
+  n = x.shape[0]
+  np.testing.assert_array_less(np.abs(x.mean(0) - mean), 5 * np.sqrt(var / n) + slack_mean)
+  np.testing.assert_array_less(np.abs(x.var(0) - var), 5 * var * np.sqrt(2 / n) + slack_var * var)
+
+
+@pytest.fixture(scope="module")
+def toy():
+  schedule = make_schedule("cosine", 1000)
+  return schedule, exact_eps(schedule)
+
+
+def test_ddim_eta1_matches_ddpm_ancestral_and_the_data(toy):
+  schedule, eps = toy
+  kw = dict(clip_x0=False)
+  ddpm = np.asarray(ddpm_sample(eps, schedule, rbg_key(0), (N, 2), variance="posterior", **kw))
+  ddim = np.asarray(ddim_sample(eps, schedule, rbg_key(1), (N, 2), num_steps=1000, eta=1.0, **kw))
+  mean, var = sampler_moments(schedule, 1000, ddpm_variance="posterior")
+  np.testing.assert_allclose((mean, var), sampler_moments(schedule, 1000, eta=1.0), rtol=1e-12)
+  np.testing.assert_allclose(mean, MU, atol=1e-3)
+  np.testing.assert_allclose(var, S ** 2, rtol=0.013)  # T=1000 discretisation error
+  for x in (ddpm, ddim):
+    assert_moments(x, mean, var)
+    assert_moments(x, MU, S ** 2, slack_mean=1e-3, slack_var=0.013)
+  # Two independent runs: their means differ by at most 5 sd of a difference of two means.
+  np.testing.assert_array_less(np.abs(ddpm.mean(0) - ddim.mean(0)), 5 * np.sqrt(2 * var / N))
+  np.testing.assert_array_less(np.abs(ddpm.var(0) - ddim.var(0)), 5 * var * np.sqrt(4 / N))
+  # With the same randomness the two are the same map, sample for sample (up to fp32 rounding).
+  x_init = np.random.default_rng(0).normal(size=(512, 2)).astype(np.float32)
+  kw.update(x_init=x_init)
+  np.testing.assert_allclose(ddim_sample(eps, schedule, rbg_key(2), (512, 2), num_steps=1000, eta=1.0, **kw),
+                             ddpm_sample(eps, schedule, rbg_key(2), (512, 2), **kw), atol=1e-4)
+
+
+def test_ddim_eta0_is_deterministic_and_reaches_the_data(toy):
+  schedule, eps = toy
+  x_init = np.random.default_rng(0).normal(size=(N, 2)).astype(np.float32)
+  run = lambda rng, x: np.asarray(ddim_sample(eps, schedule, rng, x.shape, num_steps=1000, eta=0.0, clip_x0=False,
+                                              x_init=x))
+  a = run(rbg_key(0), x_init)
+  np.testing.assert_array_equal(run(rbg_key(1), x_init[:512]), a[:512])  # other rng, same x_T: same samples
+  mean, var = sampler_moments(schedule, 1000, eta=0.0)
+  np.testing.assert_allclose(var, S ** 2, rtol=0.01)
+  assert_moments(a, mean, var)
+  assert_moments(a, MU, S ** 2, slack_mean=1e-3, slack_var=0.01)
+
+
+def test_respaced_samplers_and_beta_variance_follow_their_exact_moments(toy):
+  schedule, eps = toy
+  x = np.asarray(ddim_sample(eps, schedule, rbg_key(2), (N, 2), num_steps=50, eta=0.5, clip_x0=False))
+  assert_moments(x, *sampler_moments(schedule, 50, eta=0.5))
+  x = np.asarray(ddpm_sample(eps, schedule, rbg_key(3), (N, 2), num_steps=100, variance="beta", clip_x0=False))
+  assert_moments(x, *sampler_moments(schedule, 100, ddpm_variance="beta"))
+
+
+def test_v_prediction_sampling_equals_epsilon_sampling():
+  schedule = make_schedule("cosine", 50)
+  eps = exact_eps(schedule)
+
+  def v_fn(x, t, labels):  # v = a eps - b x0, with x0 from the exact eps
+    abar = schedule.alphas_cumprod[t][:, None]
+    e = eps(x, t, labels)
+    return jnp.sqrt(abar) * e - jnp.sqrt(1 - abar) * (x - jnp.sqrt(1 - abar) * e) / jnp.sqrt(abar)
+
+  kw = dict(num_steps=20, eta=0.0, clip_x0=False)
+  np.testing.assert_allclose(ddim_sample(v_fn, schedule, rbg_key(0), (64, 2), prediction="v", **kw),
+                             ddim_sample(eps, schedule, rbg_key(0), (64, 2), **kw), atol=1e-4)
+
+
+# --- Classifier-free guidance and user errors ------------------------------------------------------
+
+CLASS_MU = jnp.array([[1.0, 0.0], [0.0, -1.0], [0.0, 0.0]])  # classes 0 and 1, then the null class
+
+
+def class_eps(schedule, fixed_label=None):
+  def apply_fn(x, t, labels):
+    if fixed_label is not None:
+      labels = jnp.full((x.shape[0],), fixed_label)
+    mu = CLASS_MU[2] if labels is None else CLASS_MU[labels]
+    return exact_eps(schedule, mu)(x, t, None)
+  return apply_fn
+
+
+def test_guidance_scales():
+  schedule = make_schedule("linear", 50)
+  labels = np.array([0, 1, 1, 0])
+  kw = dict(num_steps=10, eta=0.0, clip_x0=False)
+  run = lambda fn, **a: np.asarray(ddim_sample(fn, schedule, rbg_key(0), (4, 2), **kw, **a))
+  guided = class_eps(schedule)
+  uncond = run(guided)
+  cond = run(lambda x, t, y: guided(x, t, jnp.asarray(labels)))
+  np.testing.assert_array_equal(run(guided, labels=labels, num_classes=2, guidance=0.0), uncond)
+  np.testing.assert_array_equal(run(guided, labels=labels, num_classes=2, guidance=1.0), cond)
+  assert not np.allclose(cond, uncond)
+
+  def mixed(x, t, y):  # what guidance 3 should use
+    return guided(x, t, None) + 3.0 * (guided(x, t, jnp.asarray(labels)) - guided(x, t, None))
+
+  np.testing.assert_allclose(run(guided, labels=labels, num_classes=2, guidance=3.0), run(mixed), atol=1e-5)
+
+
+def test_user_errors():
+  schedule = make_schedule("linear", 50)
+  fn = exact_eps(schedule)
+  with pytest.raises(UserError, match="has only 50 training steps; use --steps <= 50"):
+    ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=51)
+  with pytest.raises(UserError, match="has only 50 training steps"):
+    ddpm_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=100)
+  with pytest.raises(UserError, match="positive"):
+    ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=0)
+  for bad in ([0, 10], [-1, 3]):
+    with pytest.raises(UserError, match="outside \\[0, 10\\)"):
+      ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=5, labels=np.array(bad), num_classes=10)
+  with pytest.raises(UserError, match="unconditional"):
+    check_labels(np.array([0, 1]), 0)
+  with pytest.raises(UserError, match="one class label per sample"):
+    check_labels(np.array([0, 1, 2]), 10, batch_size=2)
+  with pytest.raises(UserError, match="integers"):
+    check_labels(np.array([0.5]), 10)
+  check_labels(np.array([0, 9]), 10, batch_size=2)
+  with pytest.raises(UserError, match="posterior, beta"):
+    ddpm_sample(fn, schedule, rbg_key(0), (2, 2), variance="large")
+
+
+# --- The variational bound in bits per dimension ---------------------------------------------------
+
+
+def test_discretized_gaussian_is_a_distribution_over_256_levels():
+  levels = jnp.asarray(2 * np.arange(256) / 255 - 1, jnp.float32)
+  for mean, log_scale in [(0.1, np.log(0.05)), (-0.95, np.log(0.002)), (0.999, np.log(0.3))]:
+    p = jnp.exp(losses.discretized_gaussian_log_likelihood(levels, mean, log_scale))
+    np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-4)
+
+
+def grid_images(shape, seed):
+  return (2 * np.random.default_rng(seed).integers(0, 256, size=shape) / 255 - 1).astype(np.float32)
+
+
+def test_bits_per_dim_with_an_oracle_is_prior_plus_decoder():
+  """A predictor that knows x0 makes every KL term 0 and the decoder mean exactly x0."""
+  schedule = make_schedule("linear", 20)
+  x0 = grid_images((3, 4, 4, 1), 0)
+  oracle = lambda x, t, y: schedules.eps_from_x0(schedule, x, t, jnp.asarray(x0))
+  out = bits_per_dim_bound(oracle, schedule, x0, None, rbg_key(0))
+  np.testing.assert_allclose(out["diffusion"], 0.0, atol=2e-4)
+  sd = math.sqrt(float(schedule.posterior_variance[1]))  # the variance L_0 uses
+  bin_mass = math.erf(1 / 255 / sd / math.sqrt(2))  # N(0, sd^2) mass within half a bin (1/255) of its mean
+  edge_mass = 0.5 * (1 + math.erf(1 / 255 / sd / math.sqrt(2)))  # the edge bins extend to +-inf
+  per_dim = np.where(np.abs(x0) > 0.999, -np.log2(edge_mass), -np.log2(bin_mass)).reshape(3, -1).mean(1)
+  np.testing.assert_allclose(out["decoder"], per_dim, rtol=1e-3)
+  abar_T = float(np.prod(1 - np.asarray(schedule.betas, np.float64)))
+  prior = 0.5 * (-1 - np.log(1 - abar_T) + (1 - abar_T) + abar_T * x0 ** 2) / np.log(2)
+  np.testing.assert_allclose(out["prior"], prior.reshape(3, -1).mean(1), rtol=1e-3, atol=1e-7)
+  np.testing.assert_allclose(out["total"], out["prior"] + out["decoder"] + out["diffusion"], rtol=1e-6)
+
+
+def test_bits_per_dim_on_a_tiny_unet_and_the_strided_estimate():
+  config = UNetConfig(image_size=8, channels=1, base_features=8, channel_mults=(1, 2), num_res_blocks=1,
+                      attention_resolutions=(4,), num_heads=1, dropout=0.0, norm_groups=4)
+  model = UNet(config)
+  x0 = grid_images((2, 8, 8, 1), 1)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x0, jnp.zeros((2,)), train=False))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: jnp.asarray(0.05 * rng.normal(size=s.shape), jnp.float32), shapes)
+  schedule = make_schedule("linear", 20)
+
+  @jax.jit
+  def bound(params, offset):
+    apply_fn = lambda x, t, y: model.apply(params, x, t, y, train=False)
+    full = bits_per_dim_bound(apply_fn, schedule, x0, None, rbg_key(5))
+    strided = bits_per_dim_bound(apply_fn, schedule, x0, None, rbg_key(5), stride=3, offset=offset)
+    return full, strided
+
+  estimates = [bound(params, jnp.int32(o)) for o in range(3)]
+  full = estimates[0][0]
+  for key in ("total", "prior", "decoder", "diffusion"):
+    assert np.all(np.isfinite(full[key])) and np.all(full[key] >= 0), key
+  assert np.all(full["total"] > 0)
+  np.testing.assert_allclose(full["total"], full["prior"] + full["decoder"] + full["diffusion"], rtol=1e-6)
+  # Each timestep's noise depends only on (rng, t): the mean over the 3 offsets is the full sum.
+  # T - 1 = 19 terms is not a multiple of 3, so this also checks the padding of the last group.
+  mean = {k: np.mean([s[k] for _, s in estimates], axis=0) for k in full}
+  for key in ("total", "diffusion"):
+    np.testing.assert_allclose(mean[key], full[key], rtol=1e-5)
+  np.testing.assert_allclose(estimates[1][1]["decoder"], full["decoder"], rtol=1e-6)
+  assert not np.allclose(estimates[1][1]["diffusion"], full["diffusion"])
