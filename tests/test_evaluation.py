@@ -115,6 +115,8 @@ def test_cache_key_changes_with_data_and_hyperparameters():
   images, labels = data.splits["train"]
   changed = ImageData("tiny", {**data.splits, "train": (images[::-1], labels[::-1])}, num_classes=3)
   assert key != classifier_lib.cache_key(changed, TINY)
+  renamed = ImageData("mnist_idx:./tiny/", data.splits, num_classes=3)  # the same data named another way
+  assert key == classifier_lib.cache_key(renamed, TINY)
 
 
 def test_cache_folder(monkeypatch):
@@ -145,12 +147,12 @@ def test_image_metrics_compare_equal_sized_sets(cache):
 
 
 def test_real_mnist_classifier_if_cached():
-  """The full classifier (~1 min of training) is not built in CI; check it where a user has built it."""
+  """The full classifier (80 CPU-s of training) is not built in CI; check it where a user has built it."""
   data = load_images(f"mnist_idx:{MNIST_DIR}")
   path = os.path.join(classifier_lib.cache_dir(), "classifiers",
                       f"{classifier_lib.cache_key(data, TrainHParams())}.msgpack")
   if not os.path.isfile(path):
-    pytest.skip("no cached MNIST classifier; build it with python -m aigc_jax.evaluation.classifier")
+    pytest.skip("no cached MNIST classifier; build it with python -m aigc_jax.evaluation mnist_idx:DIR")
   classifier = get_classifier(data, log=lambda _: None)
   assert classifier.accuracy >= 0.985
   test_images, test_labels = data.splits["test"]

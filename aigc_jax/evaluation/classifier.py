@@ -3,10 +3,10 @@
 Inception features (FID) need downloaded weights and are meaningless on 28x28 digits, so the
 metrics use a classifier trained on the data's `train` split: deterministic (fixed seed, fixed
 steps) and cached under `$AIGC_JAX_CACHE`, else `$XDG_CACHE_HOME/aigc_jax`, else
-`~/.cache/aigc_jax`, as `classifiers/<key>.msgpack`. The key hashes the data set's name and
-train images, the architecture version and the training hyperparameters, so any change trains
-a new one. On the 9,000 MNIST training images it reaches ~99% held-out accuracy in about a minute
-on a 2-core CPU (see `get_classifier`).
+`~/.cache/aigc_jax`, as `classifiers/<key>.msgpack`. The key hashes the data (train and test
+images and labels), the architecture version and the training hyperparameters, so any change trains
+a new one. Trained on MNIST images 0-8,999 it scores 99.1% on 9,000-9,999 in 80 CPU-seconds
+(116 s wall on a busy 2-core CPU): `python -m aigc_jax.evaluation mnist_idx:DIR`.
 """
 
 import dataclasses
@@ -26,18 +26,23 @@ import optax
 
 from aigc_jax.data.images import ImageData, to_float
 
-ARCH_VERSION = 1  # bump when ConvNet changes, so old caches are not loaded into a new network
+ARCH_VERSION = 2  # bump when ConvNet changes, so old caches are not loaded into a new network
 FEATURE_DIM = 128
 
 
 class ConvNet(nn.Module):
-  """conv32-pool-conv64-pool-dense128-dense(classes); the 128-d penultimate layer is the feature."""
+  """conv16-pool-conv32-pool-dense128-dense(classes); the 128-d penultimate layer is the feature.
+
+  Narrow convolutions because they dominate the CPU step: conv32-conv64 costs 3x the CPU time per
+  step and, trained 1,000 steps (145 CPU-s), scored 98.9% on MNIST where this net scores 99.1%
+  with 1,500 steps (73 CPU-s).
+  """
   num_classes: int
 
   @nn.compact
   def __call__(self, images):  # [B, H, W, C] in [-1, 1]
-    x = _max_pool_2x2(nn.relu(nn.Conv(32, (3, 3))(images)))  # [B, H/2, W/2, 32]
-    x = _max_pool_2x2(nn.relu(nn.Conv(64, (3, 3))(x)))  # [B, H/4, W/4, 64]
+    x = _max_pool_2x2(nn.relu(nn.Conv(16, (3, 3))(images)))  # [B, H/2, W/2, 16]
+    x = _max_pool_2x2(nn.relu(nn.Conv(32, (3, 3))(x)))  # [B, H/4, W/4, 32]
     features = nn.relu(nn.Dense(FEATURE_DIM)(x.reshape(x.shape[0], -1)))  # [B, 128]
     return features, nn.Dense(self.num_classes)(features)  # [B, 128], [B, classes]
 
@@ -52,9 +57,9 @@ def _max_pool_2x2(x):  # [B, H, W, C] -> [B, H//2, W//2, C]
 @dataclasses.dataclass(frozen=True)
 class TrainHParams:
   """How the classifier is trained; part of the cache key."""
-  num_steps: int = 600  # ~8.5 epochs of the 9,000 MNIST training images
+  num_steps: int = 1500  # ~21 epochs of the 9,000 MNIST training images
   batch_size: int = 128
-  learning_rate: float = 2e-3  # Adam, cosine-decayed to 0
+  learning_rate: float = 3e-3  # Adam, cosine-decayed to 0
   max_shift: int = 2  # augmentation: random translations of up to this many pixels
   seed: int = 0
 
@@ -67,12 +72,18 @@ def cache_dir() -> str:
 
 
 def cache_key(data: ImageData, hparams: TrainHParams) -> str:
-  images, labels = data.splits["train"]
-  digest = hashlib.sha256(images.tobytes())
-  digest.update(labels.astype(np.int32).tobytes())
-  blob = json.dumps({"data": data.name, "shape": images.shape, "train": digest.hexdigest(),
-                     "classes": data.num_classes, "arch": ARCH_VERSION, "hparams": dataclasses.asdict(hparams)},
-                    sort_keys=True)
+  """Hashes the content of the splits (not `data.name`, so `mnist_idx:DIR` spelt two ways shares a
+  cache), the architecture version and the hyperparameters. The `test` split is in it because
+  the cache stores the accuracy measured on it."""
+  digests = {}
+  for split in ("train", "test"):
+    images, labels = data.splits[split]
+    digest = hashlib.sha256(str(images.shape).encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    digest.update(labels.astype(np.int32).tobytes())
+    digests[split] = digest.hexdigest()
+  blob = json.dumps({"splits": digests, "classes": data.num_classes, "arch": ARCH_VERSION,
+                     "hparams": dataclasses.asdict(hparams)}, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -190,15 +201,3 @@ def train_classifier(data: ImageData, hparams: TrainHParams, *, log: Callable[[s
       log(f"  classifier step {step + 1}/{hparams.num_steps}: loss {float(loss):.4f}")
   return jax.tree.map(np.asarray, params)
 
-
-def main(argv: list[str]) -> None:
-  """`python -m aigc_jax.evaluation.classifier [SOURCE]`: trains (or loads) and reports the classifier."""
-  from aigc_jax.data.images import load_images  # pylint: disable=g-import-not-at-top
-
-  get_classifier(load_images(argv[0] if argv else "embedded:digits"))
-
-
-if __name__ == "__main__":
-  import sys  # pylint: disable=g-import-not-at-top
-
-  main(sys.argv[1:])
