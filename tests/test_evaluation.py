@@ -133,11 +133,12 @@ def test_cache_folder(monkeypatch):
 def test_image_metrics_compare_equal_sized_sets(cache):
   data = tiny_data()
   classifier = get_classifier(data, hparams=TINY, log=lambda _: None)
-  real = to_float(data.splits["test"][0])  # [12, 8, 8, 1]: halves A = real[:5], B = real[5:10] for 5 samples
-  metrics = image_metrics(classifier, real, real[:5], classifier.predict(real[:5]))
+  real = to_float(data.splits["test"][0])  # [12, 8, 8, 1]: for 5 samples, halves A = real[0:10:2], B = real[1:10:2]
+  samples = real[0:10:2][::-1]  # A in another order
+  metrics = image_metrics(classifier, real, samples, classifier.predict(samples))
   assert metrics["frechet_num_images"] == 5 and metrics["frechet_distance"] == pytest.approx(0.0, abs=1e-6)
   features = classifier.features(real)
-  assert metrics["frechet_distance_real"] == pytest.approx(frechet_distance(features[5:10], features[:5]))
+  assert metrics["frechet_distance_real"] == pytest.approx(frechet_distance(features[1:10:2], features[0:10:2]))
   assert metrics["label_accuracy"] == 1.0 and metrics["classifier_accuracy"] == classifier.accuracy
   assert "label_accuracy" not in image_metrics(classifier, real, -real)
   with pytest.raises(UserError, match=r"Samples of shape \(4, 4, 1\) cannot be compared"):
