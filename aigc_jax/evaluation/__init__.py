@@ -1,6 +1,6 @@
 """Offline sample quality for image models: a Fréchet distance in the features of our own classifier.
 
-  classifier = get_classifier(data)  # trains once per data set (~1 min on CPU), then cached
+  classifier = get_classifier(data)  # trains once per data set (80 CPU-s for MNIST), then cached
   metrics = image_metrics(classifier, to_float(data.splits["test"][0]), samples, sample_labels)
 
 The Fréchet distance is biased upwards for small sets, by an amount that depends on the set
