@@ -279,6 +279,8 @@ def test_user_errors():
       ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=5, labels=np.array(bad), num_classes=10)
   with pytest.raises(UserError, match="unconditional"):
     check_labels(np.array([0, 1]), 0)
+  with pytest.raises(UserError, match="unconditional"):  # traced labels: num_classes is still checked
+    jax.jit(lambda y: ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=5, labels=y))(jnp.array([0, 1]))
   with pytest.raises(UserError, match="one class label per sample"):
     check_labels(np.array([0, 1, 2]), 10, batch_size=2)
   with pytest.raises(UserError, match="integers"):

@@ -88,7 +88,9 @@ def _sample(apply_fn, schedule, rng, shape, *, num_steps, labels, num_classes, g
             update, stochastic=True):
   """The loop both samplers share: x_T ~ N(0, I), then num_steps updates x <- update(...) from t = T - 1 down to 0."""
   sched.check_prediction(prediction)
-  if labels is not None and not isinstance(labels, jax.core.Tracer):
+  if labels is not None and isinstance(labels, jax.core.Tracer):
+    check_labels(np.zeros(labels.shape, np.int32), num_classes, shape[0])  # the checks that need no values
+  elif labels is not None:
     check_labels(labels, num_classes, shape[0])
   num_steps = schedule.num_steps if num_steps is None else num_steps
   ts = jnp.asarray(sampling_timesteps(schedule.num_steps, num_steps))  # [S] ascending
