@@ -1,8 +1,11 @@
 """The `aigc-jax` command line: a thin layer over the library.
 
   aigc-jax train --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]
-  aigc-jax sample --workdir DIR [--prompt TEXT] [--num-samples N] [--max-new-tokens N]
-                  [--temperature T] [--top-k K] [--top-p P] [--beams B] [--seed S]
+  aigc-jax sample --workdir DIR [--num-samples N] [--seed S]
+      language models: [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--beams B]
+      image models:    [--out PNG] [--label K] [--steps N] [--eta E] [--guidance W]
+  aigc-jax eval --workdir DIR [--num-samples N]
+  aigc-jax bench attention|denoise|train [...]
 """
 
 import argparse
@@ -10,7 +13,10 @@ import logging
 import os
 import sys
 
+from benchmarks import attention as attention_bench
 from aigc_jax.errors import UserError
+
+BENCHMARKS = {"attention": attention_bench}  # `aigc-jax bench NAME`: module with add_arguments(parser), run(args)
 
 
 def _train(args, overrides):
@@ -22,21 +28,57 @@ def _train(args, overrides):
   print(", ".join(f"{k} {v:.4f}" for k, v in result.items()))
   sample = os.path.join(args.workdir, "samples")
   latest = max(os.listdir(sample)) if os.path.isdir(sample) and os.listdir(sample) else None
-  if latest:
+  if latest and latest.endswith(".txt"):
     with open(os.path.join(sample, latest), encoding="utf-8") as f:
       print(f"--- sample ({latest}) ---\n{f.read()}")
+  elif latest:
+    print(f"samples: {os.path.join(sample, latest)}")
+
+
+TEXT_OPTIONS = {"prompt": "\n", "max_new_tokens": 500, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "beams": 1}
+IMAGE_OPTIONS = ("out", "label", "steps", "eta", "guidance")
+
+
+def _no_overrides(command, overrides):
+  if overrides:
+    raise UserError(f"`aigc-jax {command}` takes no config overrides (got {overrides[0]}); it reads DIR/config.json.")
 
 
 def _sample(args, overrides):
-  if overrides:
-    raise UserError(f"`aigc-jax sample` takes no config overrides (got {overrides[0]}); it reads DIR/config.json.")
-  from aigc_jax.sample import generate_text  # pylint: disable=g-import-not-at-top
+  _no_overrides("sample", overrides)
+  from aigc_jax import sample  # pylint: disable=g-import-not-at-top
+  from aigc_jax.tasks.image import ImageTask  # pylint: disable=g-import-not-at-top
 
-  texts = generate_text(args.workdir, prompt=args.prompt, num_samples=args.num_samples,
-                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, beams=args.beams, seed=args.seed)
+  task, params, step = sample.load_trained(args.workdir)
+  is_image = isinstance(task, ImageTask)
+  misplaced = [name for name in (TEXT_OPTIONS if is_image else IMAGE_OPTIONS) if getattr(args, name) is not None]
+  if misplaced:
+    kind = "language" if is_image else "image"
+    raise UserError(f"--{misplaced[0].replace('_', '-')} applies to {kind} models only; leave it out for this one.")
+  if is_image:
+    path = sample.generate_images(task, params, step, args.workdir, num_samples=64 if args.num_samples is None else args.num_samples,
+                                  label=args.label, seed=args.seed, out=args.out, steps=args.steps, eta=args.eta,
+                                  guidance=args.guidance)
+    print(f"wrote {path}")
+    return
+  options = {name: default if getattr(args, name) is None else getattr(args, name)
+             for name, default in TEXT_OPTIONS.items()}
+  texts = sample.generate_text(task, params, num_samples=1 if args.num_samples is None else args.num_samples, seed=args.seed, **options)
   for i, text in enumerate(texts):
     print(f"--- sample {i} ---\n{text}")
+
+
+def _eval(args, overrides):
+  _no_overrides("eval", overrides)
+  from aigc_jax.evaluate import evaluate_workdir  # pylint: disable=g-import-not-at-top
+
+  results = evaluate_workdir(args.workdir, num_samples=args.num_samples)
+  print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
+
+
+def _bench(args, overrides):
+  _no_overrides("bench", overrides)
+  sys.exit(args.bench_run(args))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,15 +90,33 @@ def parser() -> argparse.ArgumentParser:
   train.set_defaults(run=_train)
   sample = sub.add_parser("sample", help="generate from the latest checkpoint in a workdir")
   sample.add_argument("--workdir", required=True)
-  sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-  sample.add_argument("--num-samples", type=int, default=1)
-  sample.add_argument("--max-new-tokens", type=int, default=500)
-  sample.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-  sample.add_argument("--top-k", type=int, default=0, help="0: off")
-  sample.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
-  sample.add_argument("--beams", type=int, default=1, help="beam search with this many beams when > 1")
+  sample.add_argument("--num-samples", type=int, default=None, help="default: 1 text, a grid of 64 images")
   sample.add_argument("--seed", type=int, default=0)
+  text = sample.add_argument_group("language models")
+  text.add_argument("--prompt", default=None, help="text to continue (default: a newline)")
+  text.add_argument("--max-new-tokens", type=int, default=None, help="default 500")
+  text.add_argument("--temperature", type=float, default=None, help="default 0.8; 0 is greedy")
+  text.add_argument("--top-k", type=int, default=None, help="default 0: off")
+  text.add_argument("--top-p", type=float, default=None, help="default 1.0: off")
+  text.add_argument("--beams", type=int, default=None, help="beam search with this many beams when > 1")
+  image = sample.add_argument_group("image models")
+  image.add_argument("--out", default=None, help="PNG path (default: DIR/samples/sample_step_N_seed_S.png)")
+  image.add_argument("--label", type=int, default=None, help="class-conditional: all samples of this class")
+  image.add_argument("--steps", type=int, default=None, help="diffusion: sampler steps (default: the config's)")
+  image.add_argument("--eta", type=float, default=None, help="diffusion: DDIM eta (0 deterministic, 1 DDPM-like)")
+  image.add_argument("--guidance", type=float, default=None,
+                     help="diffusion: classifier-free guidance scale (0 unconditional, 1 conditional)")
   sample.set_defaults(run=_sample)
+  evaluate = sub.add_parser("eval", help="measure a trained image model's samples and held-out bound; writes eval.json")
+  evaluate.add_argument("--workdir", required=True)
+  evaluate.add_argument("--num-samples", type=int, default=None, help="default: the config's eval.num_samples")
+  evaluate.set_defaults(run=_eval)
+  bench = sub.add_parser("bench", help="kernel and training benchmarks against a side-by-side reference")
+  suites = bench.add_subparsers(dest="suite", required=True)
+  for name, module in BENCHMARKS.items():
+    suite = suites.add_parser(name, help=module.__doc__.splitlines()[0] if module.__doc__ else None)
+    module.add_arguments(suite)
+    suite.set_defaults(run=_bench, bench_run=module.run)
   return p
 
 

@@ -1,4 +1,4 @@
-"""Figures people would rather see than read, as PNG: training curves from `metrics.jsonl`."""
+"""Figures people would rather see than read, as PNG: training curves and sample grids."""
 
 import json
 
@@ -9,10 +9,10 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-CURVES = ("loss", "train_loss", "val_loss")
+CURVES = ("loss", "train_loss", "val_loss", "g_loss")
 
 
-def plot_training_curves(metrics_path: str, png_path: str) -> np.ndarray:
+def plot_training_curves(metrics_path: str, png_path: str, ylabel: str = "loss") -> np.ndarray:
   """Plots the loss curves of a run to `png_path`; returns the image as [H, W, 3] uint8."""
   with open(metrics_path) as f:
     rows = [json.loads(line) for line in f if line.strip()]
@@ -22,10 +22,37 @@ def plot_training_curves(metrics_path: str, png_path: str) -> np.ndarray:
     if points:
       ax.plot(*zip(*points), label={"loss": "training (running)"}.get(key, key), marker="o" if key != "loss" else None)
   ax.set_xlabel("step")
-  ax.set_ylabel("cross-entropy (nats/token)")
+  ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
   fig.savefig(png_path)
   plt.close(fig)
   return np.asarray(Image.open(png_path).convert("RGB"))
+
+
+def to_uint8(images) -> np.ndarray:
+  """float images in [-1, 1] -> uint8 in [0, 255]."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+  """uint8 [N, H, W, C] -> one [rows*(H+pad)+pad, cols*(W+pad)+pad, 3] uint8 picture, row-major."""
+  n, h, w, c = images.shape
+  columns = columns or int(np.ceil(np.sqrt(n)))
+  rows = -(-n // columns)
+  if c == 1:
+    images = np.repeat(images, 3, axis=-1)
+  grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 64, np.uint8)
+  for i, image in enumerate(images[..., :3]):
+    r, col = divmod(i, columns)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
+  return grid
+
+
+def save_png(image: np.ndarray, path: str, scale: int = 1) -> None:
+  """Writes an [H, W, 3] uint8 picture, enlarged `scale` times with nearest neighbours."""
+  picture = Image.fromarray(image)
+  if scale > 1:
+    picture = picture.resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
+  picture.save(path)

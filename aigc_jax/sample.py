@@ -1,4 +1,4 @@
-"""Text generation from a trained workdir: what `aigc-jax sample` runs."""
+"""Generation from a trained workdir: what `aigc-jax sample` runs (text or an image grid)."""
 
 import os
 
@@ -8,15 +8,17 @@ import numpy as np
 
 from aigc_jax import config as config_lib
 from aigc_jax import decoding
+from aigc_jax import plots
 from aigc_jax.errors import UserError
 from aigc_jax.tasks import make_task
+from aigc_jax.tasks.image import SAMPLES_DIR
 from aigc_jax.train import parallel
 from aigc_jax.train.checkpoint import Checkpointer
 from aigc_jax.train.loop import CONFIG_FILE, compile_steps
 
 
 def load_trained(workdir: str):
-  """(task, params, step) from the latest checkpoint in `workdir`."""
+  """(task, params, step) from the latest checkpoint in `workdir`; params are the EMA where one is kept."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise UserError(f"{workdir!r} holds no trained run ({CONFIG_FILE} is missing); train with `aigc-jax train` first.")
@@ -25,17 +27,17 @@ def load_trained(workdir: str):
   task = make_task(config, workdir)
   steps = compile_steps(task, config, parallel.data_mesh())
   state, _ = Checkpointer(workdir).restore(steps.abstract)
-  return task, state.params, int(state.step)
+  return task, state.eval_params, int(state.step)
 
 
-def generate_text(workdir: str, *, prompt: str = "\n", num_samples: int = 1, max_new_tokens: int = 500,
+def generate_text(task, params, *, prompt: str = "\n", num_samples: int = 1, max_new_tokens: int = 500,
                   temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, beams: int = 1,
                   seed: int = 0) -> list[str]:
+  """Samples (or beam-searches) continuations of `prompt` from a language-model task."""
   if num_samples < 1:
     raise UserError(f"--num-samples is {num_samples}; ask for at least one.")
   if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
     raise UserError("Use --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1.")
-  task, params, _ = load_trained(workdir)
   ids = task.vocab.encode(prompt)
   decoding.check_prompt(task.model, len(ids), max_new_tokens, beams)
   if beams > 1:
@@ -48,3 +50,19 @@ def generate_text(workdir: str, *, prompt: str = "\n", num_samples: int = 1, max
     tokens = decoding.sample(task.model, params, prompts, jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, top_p=top_p)
   return [task.vocab.decode(row) for row in np.asarray(tokens)]
+
+
+def generate_images(task, params, step: int, workdir: str, *, num_samples: int = 64, label: int | None = None,
+                    seed: int = 0, out: str | None = None, **options) -> str:
+  """Samples `num_samples` images (all of class `label`, or every class in turn) and writes a PNG grid."""
+  labels = task.default_labels(num_samples) if label is None else np.full((num_samples,), label)
+  task.check_sample_request(num_samples, None if label is None else labels, **options)
+  images = task.sample(params, jax.random.PRNGKey(seed), num_samples, labels,
+                       **{k: v for k, v in options.items() if v is not None})
+  columns = task.num_classes if task.conditional and label is None else None
+  grid = plots.image_grid(plots.to_uint8(images), columns=columns)
+  if out is None:
+    os.makedirs(os.path.join(workdir, SAMPLES_DIR), exist_ok=True)
+    out = os.path.join(workdir, SAMPLES_DIR, f"sample_step_{step:06d}_seed_{seed}.png")
+  plots.save_png(grid, out, scale=2)
+  return out

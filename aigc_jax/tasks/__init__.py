@@ -1,19 +1,18 @@
-"""What each model family contributes to the spine: its data, loss, samples.
-
-A task has `units` (what throughput counts, e.g. "tokens"), `units_per_batch`,
-`init_params(rng)`, `loss(params, batch, rng, train) -> (sum, count)`,
-`train_batch(step)`, `eval_batches() -> {split: [batch, ...]}`,
-`on_eval(params, step, writer) -> str` (writes samples; returns a summary to print)
-and `save_assets(workdir)`.
-"""
+"""What each model family contributes to the spine (see `tasks.base.Task`), by `model.name`."""
 
 from aigc_jax.errors import UserError
+from aigc_jax.tasks.diffusion import DiffusionTask
+from aigc_jax.tasks.gan import GANTask
 from aigc_jax.tasks.language_model import LanguageModelTask
+from aigc_jax.tasks.vae import VAETask
 
 # model.name -> task class
 TASKS = {
     "transformer": LanguageModelTask,
     "lstm": LanguageModelTask,
+    "vae": VAETask,
+    "gan": GANTask,
+    "diffusion": DiffusionTask,
 }
 
 

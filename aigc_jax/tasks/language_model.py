@@ -10,15 +10,17 @@ import optax
 from aigc_jax import decoding
 from aigc_jax.data.text import CharDataset, CharVocab
 from aigc_jax.models import build_language_model
+from aigc_jax.tasks.base import Task
 
 VOCAB_FILE = "vocab.json"
 
 
-class LanguageModelTask:
+class LanguageModelTask(Task):
   units = "tokens"
+  loss_label = "cross-entropy (nats/token)"
 
   def __init__(self, config, workdir: str | None = None):
-    self.config = config
+    super().__init__(config)
     vocab_path = os.path.join(workdir, VOCAB_FILE) if workdir else None
     vocab = CharVocab.load(vocab_path) if vocab_path and os.path.exists(vocab_path) else None
     self.dataset = CharDataset.from_config(config.data, vocab)
@@ -36,7 +38,7 @@ class LanguageModelTask:
     rngs = {"dropout": rng} if train else {}
     logits = self.model.apply({"params": params}, batch["inputs"], train=train, rngs=rngs)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    return jnp.sum(losses), jnp.asarray(losses.size, jnp.float32)
+    return jnp.sum(losses), jnp.asarray(losses.size, jnp.float32), {}
 
   def train_batch(self, step: int):
     return self.dataset.batch("train", step, self.config.batch_size, seed=self.config.seed)

@@ -16,9 +16,8 @@ from aigc_jax.plots import plot_training_curves
 from aigc_jax.tasks import make_task
 from aigc_jax.train import parallel
 from aigc_jax.train.checkpoint import Checkpointer, abstract_with_sharding
-from aigc_jax.train.optim import learning_rate_schedule, make_optimizer
 from aigc_jax.train.state import TrainState
-from aigc_jax.train.steps import make_eval_step, make_train_step, reduce_metrics
+from aigc_jax.train.steps import reduce_metrics
 from aigc_jax.train.writer import MetricWriter
 
 CONFIG_FILE = "config.json"
@@ -35,7 +34,7 @@ def build_state(task, tx, config, mesh):
     init_rng, step_rng = jax.random.split(rng)
     params = task.init_params(init_rng)
     return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params),
-                      rng=step_rng)
+                      rng=step_rng, ema_params=params if task.ema_decay > 0 else None)
 
   abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
   shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
@@ -52,15 +51,13 @@ class Steps(NamedTuple):
 
 def compile_steps(task, config, mesh) -> Steps:
   parallel.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
-  schedule = learning_rate_schedule(config.optim, config.num_train_steps)
-  tx = make_optimizer(config.optim, config.num_train_steps)
+  tx = task.optimizer()
   init, abstract, state_sharding = build_state(task, tx, config, mesh)
   replicated = parallel.replicated(mesh)
   batch_sharding = parallel.batch_sharding(mesh)
-  train_step = jax.jit(
-      make_train_step(task.loss, tx, grad_accum_steps=config.grad_accum_steps, schedule=schedule),
-      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(task.loss), in_shardings=(state_sharding.params, batch_sharding),
+  train_step = jax.jit(task.make_train_step(tx), in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, replicated), donate_argnums=0)
+  eval_step = jax.jit(task.make_eval_step(), in_shardings=(state_sharding.params, batch_sharding),
                       out_shardings=replicated)
   return Steps(jax.jit(init, out_shardings=state_sharding), abstract_with_sharding(abstract, state_sharding),
                train_step, eval_step)
@@ -93,8 +90,9 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True) -> d
   def evaluate(params, step):
     results = {}
     for split, batches in eval_batches.items():
-      results[f"{'val' if split == 'validation' else split}_loss"] = reduce_metrics(
-          jax.device_get([steps.eval(params, b) for b in batches]))["loss"]
+      prefix = "val" if split == "validation" else split
+      metrics = reduce_metrics(jax.device_get([steps.eval(params, b) for b in batches]))
+      results.update({f"{prefix}_{name}": value for name, value in metrics.items()})
     writer.write_scalars(step, results)
     task.on_eval(params, step, writer)
     return results
@@ -124,12 +122,12 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True) -> d
         if window_start is not None:
           summary[f"{task.units}_per_sec"] = (done - window_first) * task.units_per_batch / (now - window_start)
           summary["ms_per_step"] = 1000 * (now - window_start) / (done - window_first)
-          progress.set_postfix({"loss": f"{summary['loss']:.4f}",
+          progress.set_postfix({"loss": f"{summary.get('loss', float('nan')):.4f}",
                                 f"{task.units}/s": f"{summary[task.units + '_per_sec']:.0f}"})
         writer.write_scalars(done, summary)  # "loss": the running training loss; evaluations log train_/val_loss
         pending, window_start, window_first = [], now, done
       if evaluating:
-        last_eval = evaluate(state.params, done)
+        last_eval = evaluate(state.eval_params, done)
         progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
         window_start = time.perf_counter()  # evaluation time is not training throughput
       if saving:
@@ -138,8 +136,8 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True) -> d
       progress.update(1)
     if start >= config.num_train_steps and not last_eval:
       logging.info("already trained to step %d; evaluating", start)
-      last_eval = evaluate(state.params, start)
-    curves = plot_training_curves(writer.path, os.path.join(workdir, "curves.png"))
+      last_eval = evaluate(state.eval_params, start)
+    curves = plot_training_curves(writer.path, os.path.join(workdir, "curves.png"), task.loss_label)
     writer.write_image(config.num_train_steps, "curves", curves)
   finally:  # an interrupted run keeps every checkpoint it started writing
     progress.close()

@@ -12,3 +12,9 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # base key; step `s` uses fold_in(rng, s)
+  ema_params: Any = None  # exponential moving average of `params` for families that sample with it; else None
+
+  @property
+  def eval_params(self):
+    """The parameters evaluation and sampling use: the EMA where the family keeps one."""
+    return self.params if self.ema_params is None else self.ema_params

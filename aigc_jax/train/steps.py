@@ -1,8 +1,9 @@
 """The pure training and evaluation steps, built from a family's loss function.
 
-A loss function is `loss_fn(params, batch, rng, train) -> (loss_sum, count)`; steps
-return metrics as `(sum, count)` pairs so the host can add them over steps and
-devices and divide once.
+A loss function is `loss_fn(params, batch, rng, train) -> (loss_sum, count, metrics)`,
+`metrics` a dict of further `(sum, count)` pairs to report (may be empty); steps return
+all metrics as `(sum, count)` pairs so the host can add them over steps and devices and
+divide once.
 """
 
 from typing import Callable
@@ -13,7 +14,7 @@ import optax
 
 from aigc_jax.train.state import TrainState
 
-LossFn = Callable[..., tuple[jax.Array, jax.Array]]
+LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
 
 
 def _split_microbatches(batch, num_micro: int):
@@ -21,48 +22,62 @@ def _split_microbatches(batch, num_micro: int):
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
+def ema_update(ema_params, params, step, decay: float):
+  """EMA with the usual warm-up, min(decay, (1 + step) / (10 + step)), so early averages track the weights."""
+  rate = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema_params, params)
+
+
+def norm_metrics(grads, params) -> dict:
+  return {"grad_norm": (optax.tree.norm(grads), 1.0), "param_norm": (optax.tree.norm(params), 1.0)}
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_accum_steps: int = 1,
-                    schedule: optax.Schedule | None = None):
-  """Returns `train_step(state, batch) -> (state, metrics)`, to be jitted with the state donated."""
+                    schedule: optax.Schedule | None = None, ema_decay: float = 0.0):
+  """Returns `train_step(state, batch) -> (state, metrics)`, to be jitted with the state donated.
+
+  With `ema_decay > 0` the state's `ema_params` follow the parameters after every update.
+  """
 
   def grads_of(params, batch, rng):
     def objective(p):
-      loss_sum, count = loss_fn(p, batch, rng, True)
-      return loss_sum / count, (loss_sum, count)
-    grads, (loss_sum, count) = jax.grad(objective, has_aux=True)(params)
-    return grads, loss_sum, count
+      loss_sum, count, metrics = loss_fn(p, batch, rng, True)
+      return loss_sum / count, (loss_sum, count, metrics)
+    grads, (loss_sum, count, metrics) = jax.grad(objective, has_aux=True)(params)
+    return grads, loss_sum, count, metrics
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum_steps == 1:
-      grads, loss_sum, count = grads_of(state.params, batch, rng)
+      grads, loss_sum, count, extra = grads_of(state.params, batch, rng)
     else:
       def accumulate(carry, micro):
         index, micro_batch = micro
-        grads, loss_sum, count = grads_of(state.params, micro_batch, jax.random.fold_in(rng, index))
-        return jax.tree.map(jnp.add, carry, (grads, loss_sum, count)), None
-      zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+        out = grads_of(state.params, micro_batch, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, out), None
+      first = jax.tree.map(lambda x: x[0], _split_microbatches(batch, grad_accum_steps))
+      shapes = jax.eval_shape(grads_of, state.params, first, rng)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       micro = (jnp.arange(grad_accum_steps), _split_microbatches(batch, grad_accum_steps))
-      (grads, loss_sum, count), _ = jax.lax.scan(accumulate, zeros, micro)
+      (grads, loss_sum, count, extra), _ = jax.lax.scan(accumulate, zeros, micro)
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": (loss_sum, count),
-        "grad_norm": (optax.global_norm(grads), 1.0),
-        "param_norm": (optax.global_norm(params), 1.0),
-    }
+    metrics = {"loss": (loss_sum, count), **extra, **norm_metrics(grads, params)}
     if schedule is not None:
       metrics["learning_rate"] = (schedule(state.step), 1.0)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    ema_params = state.ema_params
+    if ema_decay > 0:
+      ema_params = ema_update(ema_params, params, state.step, ema_decay)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
 
   return train_step
 
 
 def make_eval_step(loss_fn: LossFn):
   def eval_step(params, batch):
-    loss_sum, count = loss_fn(params, batch, None, False)
-    return {"loss": (loss_sum, count)}
+    loss_sum, count, metrics = loss_fn(params, batch, None, False)
+    return {"loss": (loss_sum, count), **metrics}
   return eval_step
 
 

@@ -1,0 +1,104 @@
+"""Diffusion training (DDPM loss, EMA) and sampling (DDPM ancestral or DDIM, classifier-free guidance)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aigc_jax import diffusion
+from aigc_jax.diffusion import losses as diffusion_losses
+from aigc_jax.errors import UserError
+from aigc_jax.models.unet import UNet, UNetConfig
+from aigc_jax.tasks.image import ImageTask
+
+SAMPLERS = ("ddim", "ddpm")
+EVAL_KEY = 0  # evaluation losses draw their timesteps and noise from this fixed key
+
+
+class DiffusionTask(ImageTask):
+  loss_label = "noise-prediction MSE"
+  sample_options = ("steps", "eta", "guidance")
+
+  def __init__(self, config, workdir: str | None = None):
+    super().__init__(config, workdir)
+    h, _, c = self.image_shape
+    m, d = config.model, config.diffusion
+    self.conditional = m.conditional
+    self.ema_decay = config.ema_decay
+    self.unet_config = UNetConfig(
+        image_size=h, channels=c, base_features=m.base_features, channel_mults=tuple(m.channel_mults),
+        num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions),
+        num_heads=m.num_heads, dropout=m.dropout, num_classes=self.num_classes if m.conditional else 0,
+        norm_groups=m.norm_groups, dtype=jnp.dtype(m.dtype), attention=m.attention)
+    self.model = UNet(self.unet_config)
+    self.schedule = diffusion.make_schedule(d.schedule, d.num_steps)
+    if config.sample.sampler not in SAMPLERS:
+      raise UserError(f"Unknown sample.sampler {config.sample.sampler!r}; use one of {', '.join(SAMPLERS)}.")
+
+  def init_params(self, rng):
+    x = jnp.zeros((1, *self.image_shape), jnp.float32)
+    labels = jnp.zeros((1,), jnp.int32) if self.conditional else None
+    return self.model.init(rng, x, jnp.zeros((1,), jnp.int32), labels, train=False)["params"]
+
+  def loss(self, params, batch, rng, train: bool):
+    rng = jax.random.PRNGKey(EVAL_KEY) if rng is None else rng
+    d = self.config.diffusion
+
+    def apply_fn(p, x_t, t, labels, dropout_rng):
+      return self.model.apply({"params": p}, x_t, t, labels, train=train, rngs={"dropout": dropout_rng})
+
+    labels = batch["labels"] if self.conditional else None
+    loss_sum, count = diffusion.diffusion_loss(
+        apply_fn, params, self.schedule, batch["images"], labels, rng, prediction=d.prediction,
+        cond_drop_prob=d.cond_drop_prob if train and self.conditional else 0.0, num_classes=self.num_classes)
+    return loss_sum, count, {}
+
+  def _apply_fn(self, params):
+    return lambda x, t, labels: self.model.apply({"params": params}, x, t, labels, train=False)
+
+  def check_sample_request(self, num_samples: int, labels=None, **options) -> None:
+    super().check_sample_request(num_samples, labels, **options)
+    steps = options.get("steps")
+    if steps is not None and not 1 <= steps <= self.schedule.num_steps:
+      raise UserError(f"The model was trained with {self.schedule.num_steps} diffusion steps; use --steps between "
+                      f"1 and {self.schedule.num_steps}.")
+    eta = options.get("eta")
+    if eta is not None and (eta < 0 or self.config.sample.sampler != "ddim"):
+      raise UserError("--eta is DDIM's noise scale: use a value >= 0 with sample.sampler ddim.")
+
+  def sample(self, params, rng, num_samples: int, labels=None, *, steps=None, eta=None, guidance=None):
+    s = self.config.sample
+    options = {"steps": steps or s.steps, "eta": s.eta if eta is None else eta,
+               "guidance": s.guidance if guidance is None else guidance}
+    self.check_sample_request(num_samples, labels, **options)
+    if labels is None and self.conditional:
+      options["guidance"] = 0.0  # no label asked for: the unconditional (null-class) model
+    labels = None if labels is None else jnp.asarray(labels, jnp.int32)
+    return self._sampler(num_samples, **options)(params, rng, labels)
+
+  @functools.lru_cache(maxsize=8)
+  def _sampler(self, num_samples: int, steps: int, eta: float, guidance: float):
+    """One compiled sampling loop per (batch, steps, eta, guidance): a `fori_loop` over the steps."""
+    shape = (num_samples, *self.image_shape)
+    d, s = self.config.diffusion, self.config.sample
+
+    def run(params, rng, labels):
+      kw = dict(labels=labels, num_classes=self.num_classes, guidance=guidance, prediction=d.prediction)
+      if s.sampler == "ddim":
+        return diffusion.ddim_sample(self._apply_fn(params), self.schedule, rng, shape, num_steps=steps, eta=eta, **kw)
+      return diffusion.ddpm_sample(self._apply_fn(params), self.schedule, rng, shape, num_steps=steps, **kw)
+
+    return jax.jit(run)
+
+  def heldout_metrics(self, params) -> dict:
+    """The variational bound in bits/dim on held-out images (strided over timesteps: an unbiased estimate)."""
+    e, d = self.config.eval, self.config.diffusion
+    images = self.dataset.images("test")[:e.bound_images]
+    labels = jnp.asarray(self.dataset.labels("test")[:e.bound_images]) if self.conditional else None
+    bound = jax.jit(lambda p, x, y, rng: diffusion_losses.bits_per_dim_bound(
+        self._apply_fn(p), self.schedule, x, y, rng, prediction=d.prediction, stride=e.bound_stride)["total"])
+    totals = [bound(params, images[i:i + 100], None if labels is None else labels[i:i + 100],
+                    jax.random.PRNGKey(i)) for i in range(0, len(images), 100)]
+    return {"bits_per_dim": float(np.mean(np.concatenate([np.asarray(t) for t in totals]))),
+            "bound_images": len(images), "bound_stride": e.bound_stride}

@@ -1,0 +1,132 @@
+"""VAE and GAN on the shared spine, end to end on shrunk configs; the CPU-fast convolution."""
+
+import functools
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aigc_jax import cli
+from aigc_jax import evaluate as evaluate_lib
+from aigc_jax.evaluation import TrainHParams, get_classifier
+from aigc_jax.models import gan as gan_lib
+from aigc_jax.nn.conv import Conv, upsample_nearest
+from conftest import ROOT
+
+CONFIGS = {name: os.path.join(ROOT, "configs", f"{name}.py") for name in ("vae_mnist", "gan_mnist", "gan_mlp_mnist")}
+TINY = ["num_train_steps=4", "batch_size=8", "eval_every_steps=2", "checkpoint_every_steps=2", "log_every_steps=1",
+        "eval_batches=1", "sample.num_samples=4", "eval.num_samples=8"]
+TINY_MODELS = {
+    "vae_mnist": ["model.latent_dim=4", "model.features=(8, 8)", "model.hidden_dim=16"],
+    "gan_mnist": ["model.conv_features=8"],
+    "gan_mlp_mnist": ["model.mlp_features=(16, 32)", "model.latent_dim=8"],
+}
+
+
+def run(argv, capsys):
+  code = cli.main(argv)
+  out = capsys.readouterr()
+  return code, out.out, out.err
+
+
+def train_args(config, workdir, extra=()):
+  overrides = [f"--config.{o}" for o in TINY + TINY_MODELS[config]]
+  return ["train", "--config", CONFIGS[config], "--workdir", workdir] + overrides + list(extra)
+
+
+@pytest.mark.parametrize("stride, kernel", [(1, 3), (1, 4), (2, 4), (2, 3)])
+def test_conv_matches_flax_conv_and_its_gradients(stride, kernel):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 3)), jnp.float32)
+  ours = Conv(5, (kernel, kernel), strides=(stride, stride))
+  ref = nn.Conv(5, (kernel, kernel), strides=stride, padding="SAME")
+  params = ref.init(jax.random.PRNGKey(0), x)
+  grad = lambda m: jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))(params, x)
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(ref))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_upsample_nearest_repeats_pixels():
+  x = jnp.arange(4.0).reshape(1, 2, 2, 1)
+  np.testing.assert_array_equal(upsample_nearest(x)[0, :, :, 0],
+                                [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+
+
+def test_gradient_penalty_is_zero_for_a_unit_slope_critic():
+  critic = lambda x: jnp.sum(x, axis=(1, 2, 3)) / np.sqrt(12.0)  # |grad| = 1 everywhere
+  real, fake = jnp.ones((3, 2, 2, 3)), jnp.zeros((3, 2, 2, 3))
+  np.testing.assert_allclose(gan_lib.gradient_penalty(critic, real, fake, jax.random.PRNGKey(0)), 0.0, atol=1e-4)
+  doubled = lambda x: 2.0 * critic(x)  # |grad| = 2 -> weight * (2 - 1)^2
+  np.testing.assert_allclose(gan_lib.gradient_penalty(doubled, real, fake, jax.random.PRNGKey(0)), 10.0, rtol=1e-4)
+
+
+def test_gan_losses_match_their_definitions():
+  d_real, d_fake = jnp.array([2.0]), jnp.array([-1.0])
+  np.testing.assert_allclose(gan_lib.discriminator_loss("non_saturating", d_real, d_fake),
+                             -np.log(jax.nn.sigmoid(2.0)) - np.log(1 - jax.nn.sigmoid(-1.0)), rtol=1e-6)
+  np.testing.assert_allclose(gan_lib.generator_loss("non_saturating", d_fake), -np.log(jax.nn.sigmoid(-1.0)),
+                             rtol=1e-6)
+  np.testing.assert_allclose(gan_lib.discriminator_loss("wgan_gp", d_real, d_fake, 0.5), -1.0 - 2.0 + 0.5)
+  np.testing.assert_allclose(gan_lib.generator_loss("wgan_gp", d_fake), 1.0)
+
+
+@pytest.fixture
+def tiny_classifier(monkeypatch):
+  """`aigc-jax eval` with a classifier trained for 3 steps (the real one trains for a minute)."""
+  monkeypatch.setattr(evaluate_lib, "get_classifier", functools.partial(
+      get_classifier, hparams=TrainHParams(num_steps=3, batch_size=8, learning_rate=1e-3, max_shift=1)))
+
+
+@pytest.mark.parametrize("config, extra", [
+    ("vae_mnist", []),
+    ("gan_mnist", ["--config.model.loss=wgan_gp", "--config.model.d_steps=2"]),
+    ("gan_mlp_mnist", []),
+])
+def test_train_resume_sample_and_eval(config, extra, tmp_path, capsys, monkeypatch, tiny_classifier):
+  monkeypatch.setenv("AIGC_JAX_CACHE", str(tmp_path / "cache"))
+  workdir = str(tmp_path / "run")
+  code, out, err = run(train_args(config, workdir, ["--config.num_train_steps=2"] + extra), capsys)
+  assert code == 0, err
+  code, out, err = run(train_args(config, workdir, extra), capsys)  # resumes at 2, trains to 4
+  assert code == 0, err
+  assert "step 4: " in out and "step 2: " not in out
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+  if config == "vae_mnist":
+    assert {"val_loss", "val_bits_per_dim", "val_kl", "val_recon"} <= set(rows[-1])
+  else:
+    assert {"g_loss", "d_real", "d_fake", "gradient_penalty", "d_grad_norm"} <= {k for r in rows for k in r}
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["step_000002.png", "step_000004.png"]
+  assert os.path.exists(os.path.join(workdir, "curves.png"))
+
+  out_png = str(tmp_path / "grid.png")
+  code, out, err = run(["sample", "--workdir", workdir, "--num-samples", "6", "--out", out_png], capsys)
+  assert code == 0 and os.path.exists(out_png), err
+  code, out, err = run(["eval", "--workdir", workdir], capsys)
+  assert code == 0, err
+  results = json.load(open(os.path.join(workdir, "eval.json")))
+  assert results["step"] == 4 and results["num_samples"] == 8
+  assert {"frechet_distance", "frechet_distance_real", "classifier_accuracy"} <= set(results)
+  assert "label_accuracy" not in results  # neither family here is class-conditional
+  if config == "vae_mnist":
+    assert results["nelbo_nats"] > 0 and results["bits_per_dim"] == pytest.approx(
+        results["nelbo_nats"] / (28 * 28 * np.log(2)))
+
+
+def test_bad_image_input_is_one_sentence(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  code, _, err = run(train_args("vae_mnist", workdir, ["--config.data.image_size=32"]), capsys)
+  assert code == 2 and "28x28 images with 1 channel(s) but the config expects 32x32" in err
+  code, _, err = run(train_args("gan_mnist", workdir, ["--config.model.loss=hinge"]), capsys)
+  assert code == 2 and "Unknown model.loss 'hinge'" in err
+  code, _, err = run(train_args("gan_mlp_mnist", workdir, ["--config.num_train_steps=1"]), capsys)
+  assert code == 0, err
+  for argv, message in [(["--label", "3"], "not class-conditional"), (["--steps", "5"], "--steps does not apply"),
+                        (["--prompt", "hi"], "--prompt applies to language models only"),
+                        (["--num-samples", "0"], "ask for at least one")]:
+    code, _, err = run(["sample", "--workdir", workdir] + argv, capsys)
+    assert code == 2 and message in err, (argv, err)
