@@ -18,13 +18,13 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # seeds parameters, noise, timesteps, label dropout and the data order
-  config.num_train_steps = 3000  # optimizer updates
+  config.num_train_steps = 1800  # optimizer updates
   config.batch_size = 32  # images per update, split over all devices
   config.grad_accum_steps = 1  # microbatches per update (batch_size is the total)
   config.log_every_steps = 100  # training metrics to metrics.jsonl / TensorBoard
-  config.eval_every_steps = 1500  # held-out loss (EMA parameters) and a DDIM sample grid
+  config.eval_every_steps = 900  # held-out loss (EMA parameters) and a DDIM sample grid
   config.eval_batches = 4  # fixed held-out batches per evaluation
-  config.checkpoint_every_steps = 500  # Orbax saves (EMA included); training resumes from the latest
+  config.checkpoint_every_steps = 300  # Orbax saves (EMA included); training resumes from the latest
   config.keep_checkpoints = 3  # how many recent checkpoints to keep
   config.ema_decay = 0.999  # EMA of the parameters, used for evaluation and sampling
 

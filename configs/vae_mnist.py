@@ -17,7 +17,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # seeds parameters, binarization, posterior noise and the data order
-  config.num_train_steps = 6000  # optimizer updates
+  config.num_train_steps = 3000  # optimizer updates
   config.batch_size = 128  # images per update, split over all devices
   config.grad_accum_steps = 1  # microbatches per update (batch_size is the total)
   config.log_every_steps = 100  # training metrics to metrics.jsonl / TensorBoard

@@ -1,8 +1,10 @@
+import contextlib
 import glob
 import os
 
 import jax
 import pytest
+import tensorflow_datasets as tfds
 
 from aigc_jax import config as config_lib
 from aigc_jax.errors import UserError
@@ -14,12 +16,17 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_config_parses_and_builds(path, text_file):
-  text = "seq_len" in config_lib.load_config(path).data  # image configs run on their embedded default data
-  config = config_lib.load_config(path, [f"data.source=text_file:{text_file}", "data.seq_len=16"] if text else [])
-  assert config.num_train_steps > 0 and config.batch_size > 0
-  for key in ("seed", "eval_every_steps", "checkpoint_every_steps", "data.source"):
-    assert key.split(".")[-1] in (config.data if key.startswith("data.") else config)
-  task = make_task(config)
+  base = config_lib.load_config(path)
+  text = "seq_len" in base.data  # image configs run on their embedded default data, except TFDS ones
+  overrides = [f"data.source=text_file:{text_file}", "data.seq_len=16"] if text else []
+  with contextlib.ExitStack() as stack:
+    if base.data.source.startswith("tfds:"):  # CIFAR-10: TFDS mocked with random images of the real shapes
+      stack.enter_context(tfds.testing.mock_data(num_examples=4))
+    config = config_lib.load_config(path, overrides)
+    assert config.num_train_steps > 0 and config.batch_size > 0
+    for key in ("seed", "eval_every_steps", "checkpoint_every_steps", "data.source"):
+      assert key.split(".")[-1] in (config.data if key.startswith("data.") else config)
+    task = make_task(config)
   params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
   assert jax.tree.leaves(params)
   assert config.__class__.__name__ == "ConfigDict" and config.is_locked

@@ -15,6 +15,9 @@ from aigc_jax import evaluate as evaluate_lib
 from aigc_jax.evaluation import TrainHParams, get_classifier
 from aigc_jax.models import gan as gan_lib
 from aigc_jax.nn.conv import Conv, upsample_nearest
+from aigc_jax.sample import load_trained
+from aigc_jax.train import loop, parallel
+from aigc_jax.train.checkpoint import Checkpointer
 from conftest import ROOT
 
 CONFIGS = {name: os.path.join(ROOT, "configs", f"{name}.py") for name in ("vae_mnist", "gan_mnist", "gan_mlp_mnist")}
@@ -130,3 +133,43 @@ def test_bad_image_input_is_one_sentence(tmp_path, capsys):
                         (["--num-samples", "0"], "ask for at least one")]:
     code, _, err = run(["sample", "--workdir", workdir] + argv, capsys)
     assert code == 2 and message in err, (argv, err)
+
+
+DDPM = os.path.join(ROOT, "configs", "ddpm_mnist.py")
+TINY_DDPM = TINY + [
+    "model.base_features=8", "model.channel_mults=(1, 2)", "model.attention_resolutions=(14,)",
+    "model.num_heads=2", "model.norm_groups=4", "diffusion.num_steps=20", "sample.steps=5",
+    "eval.bound_images=8", "eval.bound_stride=5"]
+
+
+def test_diffusion_train_resume_sample_and_eval(tmp_path, capsys, monkeypatch, tiny_classifier):
+  monkeypatch.setenv("AIGC_JAX_CACHE", str(tmp_path / "cache"))
+  workdir = str(tmp_path / "run")
+  args = ["train", "--config", DDPM, "--workdir", workdir] + [f"--config.{o}" for o in TINY_DDPM]
+  assert run(args + ["--config.num_train_steps=2"], capsys)[0] == 0
+  code, out, err = run(args, capsys)  # resumes at 2, trains to 4
+  assert code == 0 and "step 4: val_loss" in out and "step 2: " not in out, err
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["step_000002.png", "step_000004.png"]
+
+  task, params, step = load_trained(workdir)
+  state, _ = Checkpointer(workdir).restore(loop.compile_steps(task, task.config, parallel.data_mesh()).abstract)
+  assert step == 4 and state.ema_params is not None  # the EMA is in the checkpoint and is what sampling uses
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params)))
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)))
+
+  out_png = str(tmp_path / "grid.png")
+  code, out, err = run(["sample", "--workdir", workdir, "--num-samples", "3", "--label", "7", "--steps", "4",
+                        "--eta", "0.5", "--guidance", "2", "--out", out_png], capsys)
+  assert code == 0 and os.path.exists(out_png), err
+  code, out, err = run(["eval", "--workdir", workdir], capsys)
+  assert code == 0, err
+  results = json.load(open(os.path.join(workdir, "eval.json")))
+  assert {"frechet_distance", "frechet_distance_real", "label_accuracy", "classifier_accuracy"} <= set(results)
+  assert 0 <= results["label_accuracy"] <= 1 and results["bits_per_dim"] > 0 and results["bound_stride"] == 5
+
+  for argv, message in [(["--steps", "21"], "trained with 20 diffusion steps; use --steps between 1 and 20"),
+                        (["--label", "10"], "Label 10 is outside the model's classes 0..9"),
+                        (["--eta", "-1"], "--eta is DDIM's noise scale")]:
+    code, _, err = run(["sample", "--workdir", workdir, "--num-samples", "2"] + argv, capsys)
+    assert code == 2 and message in err, (argv, err)
+
