@@ -147,14 +147,3 @@ def test_image_metrics_compare_equal_sized_sets(cache):
     image_metrics(classifier, real, real[:1])
 
 
-def test_real_mnist_classifier_if_cached():
-  """The full classifier (80 CPU-s of training) is not built in CI; check it where a user has built it."""
-  data = load_images(f"mnist_idx:{MNIST_DIR}")
-  path = os.path.join(classifier_lib.cache_dir(), "classifiers",
-                      f"{classifier_lib.cache_key(data, TrainHParams())}.msgpack")
-  if not os.path.isfile(path):
-    pytest.skip("no cached MNIST classifier; build it with python -m aigc_jax.evaluation mnist_idx:DIR")
-  classifier = get_classifier(data, log=lambda _: None)
-  assert classifier.accuracy >= 0.985
-  test_images, test_labels = data.splits["test"]
-  assert np.mean(classifier.predict(to_float(test_images)) == test_labels) == classifier.accuracy

@@ -9,9 +9,10 @@ Shapes follow `jax.nn.dot_product_attention`: q is [B, T, H, D], k and v are
     (`aigc_jax.nn.chunked_attention`), any backend, any mask; O(T + S) memory.
   * `flash`: Pallas kernels (`aigc_jax.nn.flash_attention`), Triton on a GPU and
     interpret mode (slow, for checking numerics) elsewhere; key padding masks only.
-  * `auto`: on a GPU, `cudnn` for fp16/bf16 with head_dim <= 128, else `flash` where it
-    supports the call, else `xla`; elsewhere `chunked` once the score matrix reaches
-    `CHUNKED_MIN_SCORES` entries (T * S), else `xla`.
+  * `auto`: on a GPU, `cudnn` for fp16/bf16 with head_dim <= 128; otherwise (any backend)
+    `chunked` once the score matrix reaches `CHUNKED_MIN_SCORES` entries (T * S), else `xla`.
+    `flash` is opt-in until its Triton lowering has been run on a GPU (so far it has been
+    checked in interpret mode only).
 `chunked` and `flash` give zeros for a query row that can see no key (`xla` gives the mean of v).
 """
 
@@ -48,10 +49,7 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, *, q_len: 
   flash_why_not = flash_lib.unsupported_reason((1, q_len, 1, head_dim), (1, kv_len, 1, head_dim), dtype, mask_shape)
   if implementation == "auto":
     long = q_len * kv_len >= CHUNKED_MIN_SCORES
-    if on_gpu:
-      chosen = "cudnn" if cudnn_ok else "flash" if flash_why_not is None else "xla"
-    else:
-      chosen = "chunked" if long else "xla"
+    chosen = "cudnn" if cudnn_ok else "chunked" if long else "xla"
     _log_choice(chosen, backend, jnp.dtype(dtype).name, head_dim, "long" if long else "short")
     return chosen
   if implementation == "cudnn" and not cudnn_ok:
