@@ -42,21 +42,22 @@ class RefBlock(nn.Module):
   heads: int
   dim: int
   mlp_dim: int
+  dtype: jnp.dtype = jnp.float32  # compute dtype, as Flax layers take it; parameters stay fp32
 
   @nn.compact
   def __call__(self, x):  # [B, T, C]
     b, t, c = x.shape
     d = c // self.heads
     init = nn.initializers.normal(0.02)
-    y = nn.LayerNorm(use_bias=False)(x)
-    q, k, v = (nn.Dense(c, use_bias=False, kernel_init=init)(y).reshape(b, t, self.heads, d) for _ in range(3))
+    dense = lambda features: nn.Dense(features, use_bias=False, kernel_init=init, dtype=self.dtype)
+    y = nn.LayerNorm(use_bias=False, dtype=self.dtype)(x)
+    q, k, v = (dense(c)(y).reshape(b, t, self.heads, d) for _ in range(3))
     scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d)  # [B, H, T, T]
     scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -1e30)
     att = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v).reshape(b, t, c)
-    x = x + nn.Dense(c, use_bias=False, kernel_init=init)(att)
-    y = nn.LayerNorm(use_bias=False)(x)
-    y = nn.Dense(c, use_bias=False, kernel_init=init)(nn.gelu(nn.Dense(self.mlp_dim, use_bias=False,
-                                                                          kernel_init=init)(y)))
+    x = x + dense(c)(att)
+    y = nn.LayerNorm(use_bias=False, dtype=self.dtype)(x)
+    y = dense(c)(nn.gelu(dense(self.mlp_dim)(y)))
     return x + y
 
 
@@ -67,21 +68,27 @@ class RefGPT(nn.Module):
   heads: int
   dim: int
   mlp_dim: int
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens):  # [B, T] -> [B, T, vocab]
-    embed = nn.Embed(self.vocab, self.dim, embedding_init=nn.initializers.normal(0.02))
+  def __call__(self, tokens):  # [B, T] -> [B, T, vocab] (fp32)
+    embed = nn.Embed(self.vocab, self.dim, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype)
     pos = self.param("position", nn.initializers.normal(0.02), (self.max_len, self.dim))
-    x = embed(tokens) + pos[: tokens.shape[1]]
+    x = embed(tokens) + pos[: tokens.shape[1]].astype(self.dtype)
     for _ in range(self.layers):
-      x = RefBlock(self.heads, self.dim, self.mlp_dim)(x)
-    return embed.attend(nn.LayerNorm(use_bias=False)(x))
+      x = RefBlock(self.heads, self.dim, self.mlp_dim, self.dtype)(x)
+    return embed.attend(nn.LayerNorm(use_bias=False, dtype=self.dtype)(x)).astype(jnp.float32)
 
 
 def reference_step(config, vocab_size):
-  """(init(rng) -> state, step(state, batch) -> (state, loss)) for the straightforward Flax GPT."""
+  """(init(rng) -> state, step(state, batch) -> (state, loss)) for the straightforward Flax GPT.
+
+  The shape comes from the config (`model.num_layers/num_heads/emb_dim/mlp_ratio/dtype`,
+  `data.seq_len` as the context); `model.dropout_rate` and `model.attention` are not used.
+  """
   m, o = config.model, config.optim
-  model = RefGPT(vocab_size, config.data.seq_len, m.num_layers, m.num_heads, m.emb_dim, m.mlp_ratio * m.emb_dim)
+  model = RefGPT(vocab_size, config.data.seq_len, m.num_layers, m.num_heads, m.emb_dim, m.mlp_ratio * m.emb_dim,
+                 jnp.dtype(m.dtype))
   tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
                    optax.adamw(learning_rate_schedule(o, config.num_train_steps), b1=o.b1, b2=o.b2, eps=o.eps,
                                weight_decay=o.weight_decay, mask=decay_mask))

@@ -1,0 +1,322 @@
+"""Training throughput and MFU of the GPT configs, ours against a straightforward Flax GPT.
+
+  python -m benchmarks.train [--quick] [--shapes cpu,gpu,gpt2] [--dtype bfloat16] [--attention auto]
+  (wired as `aigc-jax bench train`: `add_arguments(parser)` and `run(args)`)
+
+Shapes (batch x seq_len):
+  * `cpu`: configs/gpt_shakespeare_char_cpu.py as shipped, 12 x 64 (0.8M parameters).
+  * `gpu`: configs/gpt_shakespeare_char.py, 64 x 256 (10.7M); `--quick`: 4 x 256.
+  * `gpt2`: GPT-2 124M derived from the GPU config (12 layers, 12 heads, width 768, vocab
+    50304 = GPT-2's 50257 padded to a multiple of 64, tied embeddings, no bias),
+    16 x 1024; `--quick`: 1 x 256, context shortened to 256 (the row says so).
+  * `tiny`: for the tests only (2 layers, width 32, 2 x 16).
+The full grid is the GPU grid (bf16 by default): do not run it on a CPU, where GPT-2 at
+16 x 1024 takes minutes per step (`run` refuses the gpu and gpt2 shapes on a CPU without
+`--quick`). `--quick` is the CPU-sized run, under ~3 minutes on an idle 2-core CPU.
+Dropout is 0 in every shape (the GPU recipe ships 0.2; the reference has no dropout, so
+both run without; the row's `note` says so). The data are random tokens of the shape's
+vocabulary (65 characters for Tiny Shakespeare): speed does not depend on them.
+`--attention` picks our attention implementation (xla, cudnn, chunked, flash, auto); the
+row's `attention` records what `auto` chose (e.g. `auto->cudnn`).
+
+Ours is the training loop's own step (`aigc_jax.train.loop.compile_steps` on a language-model
+task: our Transformer, loss, AdamW chain, jitted with the state donated); the reference is
+`benchmarks/train_step.py:reference_step` (separate q/k/v `nn.Dense`, einsum attention,
+optax clip + adamw) at the same shape and dtype. Each is compiled ahead of time, warmed up,
+then timed in alternating repetitions of `steps` steps ending in `block_until_ready`;
+`ms` is the median over repetitions of ms per step.
+
+FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): 6 N + 12 L H Q T, with L layers,
+H heads, Q head_dim, T seq_len. N is the parameters that take part in matmuls: every
+parameter except the token and position tables, plus the tied token table counted once as
+the output head (vocab x width) -- the table lookup is a gather, the head a matmul. This is
+nanoGPT's reading (`get_num_params()` drops only the position table of a tied model); PaLM
+ties its embeddings too, and LayerNorm scales, included here, are a rounding error. The
+attention term counts the full T x T score matrix, as PaLM and nanoGPT do: `mfu` uses it.
+A causal kernel needs only half of it, so `mfu_causal` uses 6 N + 6 L H Q T. MFU =
+tokens/s x FLOPs/token / peak, the peak from `benchmarks/peak.py` for the compute dtype.
+`xla_flops_per_step` is XLA's own cost analysis of the compiled step, for comparison (it
+counts every op, the optimizer included, and whatever the kernels really compute).
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+import optax
+
+from aigc_jax import config as config_lib
+from aigc_jax.errors import UserError
+from aigc_jax.models import build_language_model
+from aigc_jax.nn.attention import IMPLEMENTATIONS, resolve_implementation
+from aigc_jax.tasks.language_model import LanguageModelTask
+from aigc_jax.train import parallel
+from aigc_jax.train.loop import compile_steps
+from benchmarks.peak import cpu_clock_mhz, cpu_model, peak_flops
+from benchmarks.train_step import reference_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHAR_VOCAB = 65  # Tiny Shakespeare's characters
+GPT2 = ["model.num_layers=12", "model.num_heads=12", "model.emb_dim=768", "model.mlp_ratio=4",
+        "model.tie_embeddings=True", "model.use_bias=False", "model.dropout_rate=0.0"]
+# name -> config file, overrides, vocab, (batch, seq_len) for the full grid and for --quick
+SHAPES = {
+    "cpu": dict(config="gpt_shakespeare_char_cpu.py", overrides=[], vocab=CHAR_VOCAB, full=(12, 64), quick=(12, 64)),
+    "gpu": dict(config="gpt_shakespeare_char.py", overrides=[], vocab=CHAR_VOCAB, full=(64, 256), quick=(4, 256)),
+    "gpt2": dict(config="gpt_shakespeare_char.py", overrides=GPT2, vocab=50304,  # 50257 padded to a multiple of 64
+                 full=(16, 1024), quick=(1, 256), context=1024),
+    "tiny": dict(config="gpt_shakespeare_char_cpu.py", vocab=CHAR_VOCAB, full=(2, 16), quick=(2, 16),
+                 overrides=["model.num_layers=2", "model.num_heads=2", "model.emb_dim=32"]),
+}
+DEFAULT_SHAPES = ("cpu", "gpu", "gpt2")
+FORMULA = ("flops_per_token = 6*N + 12*L*H*Q*T (PaLM appendix B; full T x T attention); "
+           "flops_per_token_causal = 6*N + 6*L*H*Q*T (attention term halved for the causal mask); "
+           "N = parameters used in matmuls: all but the token and position tables, plus vocab*width for the "
+           "tied output head (nanoGPT's count); MFU = tokens/s * flops_per_token / peak")
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+  parser.add_argument("--quick", action="store_true",
+                      help="the CPU-sized run (cpu 12x64, gpu 4x256, gpt2 1x256), under ~3 minutes on 2 cores")
+  parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
+                      help=f"comma-separated, from {', '.join(SHAPES)} ('tiny' is for tests)")
+  parser.add_argument("--out", default=None, help="JSON path (a PNG chart is written next to it); default "
+                      "benchmarks/results/train_<backend>[_quick].json")
+  parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                      help="compute dtype of both models; default bfloat16 on a GPU, float32 elsewhere")
+  parser.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
+                      help="our attention implementation (the reference always uses einsum attention)")
+  parser.add_argument("--reps", type=int, default=None, help="timed repetitions of each step (default 3 quick, 7)")
+  parser.add_argument("--warmup", type=int, default=None,
+                      help="untimed steps after compiling and one first step (default 1 quick, 3)")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="steps per repetition; default: as many as fill ~0.5 s (quick) or ~2 s, at most 50")
+
+
+def shape_config(name: str, quick: bool, dtype, attention: str):
+  """(locked config, vocab size, note) of one benchmark shape; dropout is off in all."""
+  spec = SHAPES[name]
+  batch, seq_len = spec["quick" if quick else "full"]
+  overrides = spec["overrides"] + [f"batch_size={batch}", f"data.seq_len={seq_len}", "grad_accum_steps=1",
+                                   f"model.dtype={jnp.dtype(dtype).name}", f"model.attention={attention}",
+                                   "model.dropout_rate=0.0"]
+  config = config_lib.load_config(os.path.join(ROOT, "configs", spec["config"]), overrides)
+  notes = []
+  shipped = config_lib.load_config(os.path.join(ROOT, "configs", spec["config"]), spec["overrides"])
+  if shipped.model.dropout_rate:
+    notes.append(f"dropout {shipped.model.dropout_rate} -> 0 (the reference has none)")
+  if spec.get("context", seq_len) != seq_len:
+    notes.append(f"seq_len shortened from {spec['context']} to {seq_len} (position table {seq_len} rows)")
+  return config, spec["vocab"], "; ".join(notes)
+
+
+class SyntheticTokens(LanguageModelTask):
+  """The language-model task (model, loss, optimizer, step) on random tokens: no corpus to load."""
+
+  def __init__(self, config, vocab_size: int):
+    self.config = config
+    self.model = build_language_model(config.model, vocab_size=vocab_size, max_len=config.data.seq_len)
+    self.vocab_size = vocab_size
+    self.units_per_batch = config.batch_size * config.data.seq_len
+
+  def train_batch(self, step: int):
+    rng = np.random.default_rng(step)
+    tokens = rng.integers(0, self.vocab_size, (self.config.batch_size, self.config.data.seq_len + 1), np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}  # [B, T] each
+
+
+def matmul_params(params, tie_embeddings: bool) -> int:
+  """N of the FLOPs formula: all parameters but the token and position tables, plus the tied head."""
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  token = params["embed"]["token"]["embedding"]
+  tables = int(np.prod(token.shape)) + int(np.prod(params["embed"]["position"].shape))
+  return total - tables + (int(np.prod(token.shape)) if tie_embeddings else 0)
+
+
+def flops_per_token(n: int, layers: int, heads: int, head_dim: int, seq_len: int) -> tuple[float, float]:
+  """(PaLM's 6N + 12LHQT, the same with the attention term halved for the causal mask)."""
+  attention = 12 * layers * heads * head_dim * seq_len
+  return 6 * n + attention, 6 * n + attention / 2
+
+
+def xla_flops(compiled) -> float | None:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+    analysis = analysis[0] if analysis else None
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def time_steps(step, state, batches, steps: int):
+  """Runs `steps` steps cycling through `batches`; returns (state, ms per step)."""
+  start = time.perf_counter()
+  out = None
+  for i in range(steps):
+    state, out = step(state, batches[i % len(batches)])
+  jax.block_until_ready((state, out))
+  return state, (time.perf_counter() - start) / steps * 1000
+
+
+def bench_shape(name: str, args, dtype, peak):
+  """The two rows (ours, reference) of one shape."""
+  config, vocab, note = shape_config(name, args.quick, dtype, args.attention)
+  m = config.model
+  batch, seq_len = config.batch_size, config.data.seq_len
+  head_dim = m.emb_dim // m.num_heads
+  task = SyntheticTokens(config, vocab)
+  mesh = parallel.data_mesh()
+  steps = compile_steps(task, config, mesh)
+  batches = [parallel.shard_batch(task.train_batch(i), mesh) for i in range(4)]
+  rng = jax.random.PRNGKey(config.seed)
+  ref_init, ref_step = reference_step(config, vocab)
+
+  warmup = args.warmup or (1 if args.quick else 3)
+  runs = {}
+  for impl, init, step in (("ours", steps.init, steps.train),
+                           ("reference", jax.jit(ref_init), jax.jit(ref_step, donate_argnums=0))):
+    state = init(rng)
+    start = time.perf_counter()
+    compiled = step.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - start
+    state, _ = time_steps(compiled, state, batches, 1)  # the first run allocates
+    state, warm_ms = time_steps(compiled, state, batches, max(1, warmup))
+    runs[impl] = dict(step=compiled, state=state, compile_s=compile_s, warm_ms=warm_ms, times=[],
+                      xla_flops=xla_flops(compiled))
+  params = runs["ours"]["state"].params
+  n = matmul_params(params, m.tie_embeddings)
+  per_token, per_token_causal = flops_per_token(n, m.num_layers, m.num_heads, head_dim, seq_len)
+  tokens = batch * seq_len
+  target_s = 0.5 if args.quick else 2.0  # seconds per timed repetition
+  n_steps = args.steps or int(np.clip(round(target_s * 1000 / runs["ours"]["warm_ms"]), 1, 50))
+  for _ in range(args.reps or (3 if args.quick else 7)):  # alternate, so slow phases of the machine hit both
+    for run in runs.values():
+      run["state"], ms = time_steps(run["step"], run["state"], batches, n_steps)
+      run["times"].append(ms)
+
+  attention = m.attention
+  if attention == "auto":
+    attention = f"auto->{resolve_implementation('auto', dtype, head_dim, q_len=seq_len, kv_len=seq_len)}"
+  ref_ms = float(np.median(runs["reference"]["times"]))
+  rows = []
+  for impl, run in runs.items():
+    ms = float(np.median(run["times"]))
+    tokens_per_s = tokens / ms * 1000
+    rows.append(dict(
+        shape=name, implementation=impl, attention=attention if impl == "ours" else "einsum",
+        dtype=jnp.dtype(dtype).name, batch=batch, seq_len=seq_len, vocab=vocab, layers=m.num_layers,
+        heads=m.num_heads, width=m.emb_dim, note=note,
+        params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run["state"][0] if impl == "reference"
+                                                                  else run["state"].params)),
+        matmul_params=n, flops_per_token=per_token, flops_per_token_causal=per_token_causal,
+        model_flops_per_step=per_token * tokens, xla_flops_per_step=run["xla_flops"],
+        ms=ms, ms_all=run["times"], ms_iqr=float(np.percentile(run["times"], 75) - np.percentile(run["times"], 25)),
+        steps_per_rep=n_steps, compile_s=run["compile_s"], tokens_per_s=tokens_per_s,
+        tflops=tokens_per_s * per_token / 1e12,
+        mfu=tokens_per_s * per_token / peak if peak else None,
+        mfu_causal=tokens_per_s * per_token_causal / peak if peak else None,
+        ratio_to_reference=ref_ms / ms))
+  return rows
+
+
+def run(args) -> int:
+  backend = jax.default_backend()
+  dtype = jnp.dtype(args.dtype or ("bfloat16" if backend == "gpu" else "float32"))
+  names = [s.strip() for s in args.shapes.split(",") if s.strip()]
+  for name in names:
+    if name not in SHAPES:
+      raise UserError(f"Unknown shape {name!r} for the training benchmark; use some of {', '.join(SHAPES)}.")
+  if backend == "cpu" and not args.quick and set(names) & {"gpu", "gpt2"}:
+    raise UserError("The full training grid is sized for a GPU (GPT-2 at 16 x 1024 takes minutes per step on a "
+                    "CPU); pass --quick, or --shapes cpu.")
+  peak, peak_note = peak_flops(dtype)
+  out_path = args.out or os.path.join(ROOT, "benchmarks", "results",
+                                      f"train_{backend}{'_quick' if args.quick else ''}.json")
+  device = jax.devices()[0]
+  print(f"device: {device.device_kind} ({backend}); peak: {peak_note}; dtype {dtype.name}; attention (ours) "
+        f"{args.attention}\n")
+  print(f"{'shape':>5s} {'impl':>9s} {'attention':>13s} {'batch':>5s} {'seq':>5s} {'ms/step':>9s} {'tokens/s':>9s} "
+        f"{'TFLOP/s':>8s} {'MFU':>6s} {'MFU c.':>6s} {'vs ref':>6s}")
+  rows = []
+  for name in names:
+    shape_rows = bench_shape(name, args, dtype, peak)
+    rows.extend(shape_rows)
+    for r in shape_rows:
+      pct = lambda x: f"{100 * x:5.1f}%" if x is not None else "-"
+      print(f"{name:>5s} {r['implementation']:>9s} {r['attention']:>13s} {r['batch']:5d} {r['seq_len']:5d} "
+            f"{r['ms']:9.1f} {r['tokens_per_s']:9.0f} {r['tflops']:8.4f} {pct(r['mfu']):>6s} "
+            f"{pct(r['mfu_causal']):>6s} {r['ratio_to_reference']:6.2f}", flush=True)
+    ours = shape_rows[0]
+    xla = f"{ours['xla_flops_per_step'] / ours['model_flops_per_step']:.2f}x" if ours["xla_flops_per_step"] else "-"
+    print(f"      {ours['matmul_params'] / 1e6:.2f}M matmul params, {ours['flops_per_token'] / 1e6:.1f} MFLOP/token;"
+          f" XLA cost analysis / model FLOPs (ours): {xla}" + (f"; {ours['note']}" if ours["note"] else ""))
+
+  meta = dict(
+      device=dict(backend=backend, kind=device.device_kind, count=jax.device_count(), cpu=cpu_model(),
+                  cpu_clock_mhz=cpu_clock_mhz(), cpu_affinity_cores=len(os.sched_getaffinity(0)),
+                  platform=platform.platform(), xla_flags=os.environ.get("XLA_FLAGS", "")),
+      versions=dict(jax=jax.__version__, jaxlib=jaxlib.__version__, flax=flax.__version__,
+                    optax=optax.__version__, python=platform.python_version()),
+      peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, shapes=names,
+      attention=args.attention, formula=FORMULA,
+      warmup=args.warmup or (1 if args.quick else 3), reps=args.reps or (3 if args.quick else 7),
+      ms="median over repetitions of ms per step (each repetition: steps_per_rep steps, block_until_ready)",
+      ratio_to_reference="reference ms / ms (above 1: faster than the reference)",
+      data="random tokens of the shape's vocabulary", dropout=0.0,
+      reference="benchmarks/train_step.py:reference_step (straightforward Flax GPT, einsum attention)")
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  with open(out_path, "w") as f:
+    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  png = os.path.splitext(out_path)[0] + ".png"
+  plot(rows, png, f"{device.device_kind}, {dtype.name}, peak {peak_note.split(': ')[-1]}")
+  print(f"\nwrote {out_path} and {png}")
+  return 0
+
+
+def plot(rows, path, title):
+  """Bars per shape: MFU (PaLM formula) of ours and the reference, and ours' speed-up over the reference."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  shapes = list(dict.fromkeys(r["shape"] for r in rows))
+  labels = [f"{s}\n{r['batch']}x{r['seq_len']}" for s in shapes for r in rows
+            if r["shape"] == s and r["implementation"] == "ours"]
+  x = np.arange(len(shapes))
+  fig, (ax_mfu, ax_ratio) = plt.subplots(1, 2, figsize=(4 + 2 * len(shapes), 3.6))
+  for offset, impl in ((-0.2, "ours"), (0.2, "reference")):
+    values = [next((100 * (r["mfu"] or 0) for r in rows if (r["shape"], r["implementation"]) == (s, impl)), 0)
+              for s in shapes]
+    ax_mfu.bar(x + offset, values, 0.4, label=impl)
+  ax_mfu.set_xticks(x, labels, fontsize=8)
+  ax_mfu.set_ylabel("MFU (%), PaLM formula")
+  ax_mfu.legend(fontsize=8)
+  ratios = [next(r["ratio_to_reference"] for r in rows if (r["shape"], r["implementation"]) == (s, "ours"))
+            for s in shapes]
+  ax_ratio.bar(x, ratios, 0.5, color="tab:green")
+  ax_ratio.axhline(1.0, color="gray", lw=0.8)
+  ax_ratio.set_xticks(x, labels, fontsize=8)
+  ax_ratio.set_ylabel("speed-up of ours over reference")
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_arguments(parser)
+  try:
+    return run(parser.parse_args())
+  except UserError as e:
+    print(f"error: {e}")
+    return 2
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""`benchmarks/train.py`: the FLOPs formula by hand on the tiny shape, and one tiny run end to end."""
+
+import argparse
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from aigc_jax.errors import UserError
+from benchmarks import train as bench_train
+
+
+def test_flops_per_token_matches_a_hand_count():
+  config, vocab, _ = bench_train.shape_config("tiny", True, jnp.float32, "xla")
+  params = jax.eval_shape(bench_train.SyntheticTokens(config, vocab).init_params, jax.random.PRNGKey(0))
+  # tiny: L=2, H=2, C=32 (Q=16), T=16, vocab 65, MLP 4C, no biases, tied head.
+  # Per block: LayerNorm scales 2 * 32, qkv 32 * 96, out 32 * 32, fc 32 * 128, proj 128 * 32 = 12352.
+  n = 2 * 12352 + 32 + 65 * 32  # blocks, final LayerNorm scale, the tied head (the tables themselves do not count)
+  assert bench_train.matmul_params(params, tie_embeddings=True) == n == 26816
+  full, causal = bench_train.flops_per_token(n, layers=2, heads=2, head_dim=16, seq_len=16)
+  assert full == 6 * 26816 + 12 * 2 * 2 * 16 * 16 == 173184
+  assert causal == 6 * 26816 + 6 * 2 * 2 * 16 * 16 == 167040
+
+
+def _args(*argv):
+  parser = argparse.ArgumentParser()
+  bench_train.add_arguments(parser)
+  return parser.parse_args(list(argv))
+
+
+def test_run_on_the_tiny_shape_writes_rows_and_a_chart(tmp_path):
+  out = str(tmp_path / "train.json")
+  assert bench_train.run(_args("--quick", "--shapes", "tiny", "--out", out, "--reps", "1", "--warmup", "1",
+                               "--steps", "1")) == 0
+  with open(out) as f:
+    report = json.load(f)
+  assert {"device", "versions", "peak_flops", "peak_note", "formula", "dtype"} <= set(report["meta"])
+  rows = report["rows"]
+  assert [r["implementation"] for r in rows] == ["ours", "reference"]
+  for r in rows:
+    assert {"shape", "batch", "seq_len", "ms", "tokens_per_s", "tflops", "mfu", "mfu_causal", "ratio_to_reference",
+            "flops_per_token", "xla_flops_per_step", "attention"} <= set(r)
+    assert (r["shape"], r["batch"], r["seq_len"], r["flops_per_token"]) == ("tiny", 2, 16, 173184)
+    assert r["ms"] > 0 and r["tokens_per_s"] > 0
+  assert rows[1]["ratio_to_reference"] == 1.0
+  assert rows[0]["attention"].startswith("auto->")
+  assert os.path.getsize(str(tmp_path / "train.png")) > 0
+
+
+def test_unknown_shape_is_a_user_error(tmp_path):
+  with pytest.raises(UserError, match="Unknown shape"):
+    bench_train.run(_args("--shapes", "gpt3", "--out", str(tmp_path / "x.json")))
