@@ -13,10 +13,11 @@ import logging
 import os
 import sys
 
-from benchmarks import attention as attention_bench
 from aigc_jax.errors import UserError
+from benchmarks import attention as attention_bench
+from benchmarks import denoise as denoise_bench
 
-BENCHMARKS = {"attention": attention_bench}  # `aigc-jax bench NAME`: module with add_arguments(parser), run(args)
+BENCHMARKS = {"attention": attention_bench, "denoise": denoise_bench}  # `aigc-jax bench NAME`: module with add_arguments(parser), run(args)
 
 
 def _train(args, overrides):

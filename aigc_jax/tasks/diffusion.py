@@ -16,6 +16,16 @@ SAMPLERS = ("ddim", "ddpm")
 EVAL_KEY = 0  # evaluation losses draw their timesteps and noise from this fixed key
 
 
+def unet_config(model_config, image_size: int, channels: int, num_classes: int) -> UNetConfig:
+  """The UNet a config's `model` block describes, for images of this shape (conditional: num_classes > 0)."""
+  m = model_config
+  return UNetConfig(
+      image_size=image_size, channels=channels, base_features=m.base_features, channel_mults=tuple(m.channel_mults),
+      num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions), num_heads=m.num_heads,
+      dropout=m.dropout, num_classes=num_classes if m.conditional else 0, norm_groups=m.norm_groups,
+      dtype=jnp.dtype(m.dtype), attention=m.attention)
+
+
 class DiffusionTask(ImageTask):
   loss_label = "noise-prediction MSE"
   sample_options = ("steps", "eta", "guidance")
@@ -26,11 +36,7 @@ class DiffusionTask(ImageTask):
     m, d = config.model, config.diffusion
     self.conditional = m.conditional
     self.ema_decay = config.ema_decay
-    self.unet_config = UNetConfig(
-        image_size=h, channels=c, base_features=m.base_features, channel_mults=tuple(m.channel_mults),
-        num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions),
-        num_heads=m.num_heads, dropout=m.dropout, num_classes=self.num_classes if m.conditional else 0,
-        norm_groups=m.norm_groups, dtype=jnp.dtype(m.dtype), attention=m.attention)
+    self.unet_config = unet_config(m, h, c, self.num_classes)
     self.model = UNet(self.unet_config)
     self.schedule = diffusion.make_schedule(d.schedule, d.num_steps)
     if config.sample.sampler not in SAMPLERS:

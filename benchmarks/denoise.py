@@ -1,0 +1,207 @@
+"""Diffusion UNet throughput: forward and training step in images/s and TFLOP/s, the DDIM sampler in steps/s.
+
+  aigc-jax bench denoise [--quick] [--out PATH] [--shapes ddpm_mnist,ddpm_cifar10] [--dtype bfloat16]
+
+Shapes are the shipped diffusion configs' UNets: `ddpm_mnist` (configs/ddpm_mnist.py,
+28x28x1, class-conditional) and `ddpm_cifar10` (configs/ddpm_cifar10.py, the 35.7M-parameter
+UNet of Ho et al. at 32x32x3). FLOPs are XLA's own count for the compiled computation
+(`cost_analysis()`, a multiply-add is 2 FLOPs); the sampler is counted as its steps times
+the forward's FLOPs per image (XLA counts a loop body once). The reference, timed alternately in the same process, is the same UNet built from
+stock `flax.linen.Conv` layers (XLA's own convolution gradients): it shows what
+`aigc_jax.nn.conv` buys. `--quick` is the CPU grid (small batches); the default grid is
+meant for a GPU.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import time
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+import optax
+
+from aigc_jax import config as config_lib
+from aigc_jax import diffusion
+from aigc_jax.errors import UserError
+from aigc_jax.models.unet import UNet
+from aigc_jax.nn import image as image_lib
+from aigc_jax.tasks.diffusion import unet_config
+from aigc_jax.train.state import TrainState
+from aigc_jax.train.steps import make_train_step
+from benchmarks.peak import peak_flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = {  # name -> (config file, image size, channels, classes)
+    "ddpm_mnist": ("ddpm_mnist.py", 28, 1, 10),
+    "ddpm_cifar10": ("ddpm_cifar10.py", 32, 3, 10),
+}
+# (forward batch, train batch, sampler batch, sampler steps) per shape
+QUICK = {"ddpm_mnist": (64, 32, 16, 10), "ddpm_cifar10": (4, 2, 2, 2)}
+FULL = {"ddpm_mnist": (256, 128, 256, 50), "ddpm_cifar10": (128, 128, 128, 50)}
+IMPLEMENTATIONS = ("ours", "stock_flax_conv")
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+  parser.add_argument("--quick", action="store_true", help="small batches: the CPU grid, a few minutes on 2 cores")
+  parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/denoise_<backend>[_quick].json)")
+  parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
+  parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                      help="compute dtype; default bfloat16 on a GPU, float32 elsewhere")
+  parser.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement")
+
+
+@contextlib.contextmanager
+def stock_flax_conv():
+  """Builds the UNet's convolutions from `flax.linen.Conv` (same parameters) while active."""
+  ours = image_lib.Conv
+
+  def stock(features, kernel_size, strides=(1, 1), **kw):
+    return nn.Conv(features, kernel_size, strides=strides, padding="SAME", **kw)
+
+  image_lib.Conv = stock
+  try:
+    yield
+  finally:
+    image_lib.Conv = ours
+
+
+def build(name, config_file, size, channels, classes, dtype, batches, implementation):
+  """Compiled (forward, train step, sampler) for one shape, with their inputs."""
+  config = config_lib.load_config(os.path.join(ROOT, "configs", config_file))
+  ucfg = unet_config(config.model, size, channels, classes)
+  ucfg = type(ucfg)(**{**ucfg.__dict__, "dtype": dtype})
+  model = UNet(ucfg)
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
+  fwd_b, train_b, sample_b, sample_steps = batches
+  rng = np.random.default_rng(0)
+  labels = lambda b: jnp.asarray(rng.integers(0, classes, b), jnp.int32) if ucfg.num_classes else None
+  x = lambda b: jnp.asarray(rng.uniform(-1, 1, (b, size, size, channels)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x(1), jnp.zeros((1,), jnp.int32), labels(1), train=False)["params"]
+  tx = optax.adam(1e-4)
+
+  def loss_fn(p, batch, step_rng, train):
+    apply = lambda p_, x_t, t, y, r: model.apply({"params": p_}, x_t, t, y, train=train, rngs={"dropout": r})
+    s, n = diffusion.diffusion_loss(apply, p, schedule, batch["images"], batch.get("labels"), step_rng,
+                                    cond_drop_prob=0.1 if ucfg.num_classes else 0.0, num_classes=ucfg.num_classes)
+    return s, n, {}
+
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=jax.random.PRNGKey(1), ema_params=params)
+  train_batch = {"images": x(train_b)}
+  if ucfg.num_classes:
+    train_batch["labels"] = labels(train_b)
+  fwd_args = (params, x(fwd_b), jnp.asarray(rng.integers(0, schedule.num_steps, fwd_b)), labels(fwd_b))
+  sample_labels = labels(sample_b)
+
+  def forward(p, x_, t, y):
+    return model.apply({"params": p}, x_, t, y, train=False)
+
+  def sample(p, key, y):
+    apply = lambda x_, t, y_: model.apply({"params": p}, x_, t, y_, train=False)
+    return diffusion.ddim_sample(apply, schedule, key, (sample_b, size, size, channels), num_steps=sample_steps,
+                                 labels=y, num_classes=ucfg.num_classes, guidance=1.0)
+
+  ctx = stock_flax_conv() if implementation == "stock_flax_conv" else contextlib.nullcontext()
+  with ctx:
+    compiled = {
+        "forward": (jax.jit(forward).lower(*fwd_args).compile(), fwd_args, fwd_b),
+        "train_step": (jax.jit(make_train_step(loss_fn, tx, ema_decay=0.999)).lower(state, train_batch).compile(),
+                       (state, train_batch), train_b),
+        "sampler": (jax.jit(sample).lower(params, jax.random.PRNGKey(2), sample_labels).compile(),
+                    (params, jax.random.PRNGKey(2), sample_labels), sample_b),
+    }
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  return compiled, n_params, sample_steps
+
+
+def _flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _time(fn, args) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start
+
+
+def run(args) -> int:
+  backend = jax.default_backend()
+  dtype = jnp.dtype(args.dtype or ("bfloat16" if backend == "gpu" else "float32"))
+  shapes = args.shapes.split(",")
+  for name in shapes:
+    if name not in SHAPES:
+      raise UserError(f"Unknown denoise shape {name!r}; use some of {', '.join(SHAPES)}.")
+  peak, peak_note = peak_flops(dtype)
+  grid = QUICK if args.quick else FULL
+  out_path = args.out or os.path.join(ROOT, "benchmarks", "results", f"denoise_{backend}{'_quick' if args.quick else ''}.json")
+  device = jax.devices()[0]
+  print(f"device: {device.device_kind} ({backend}); peak: {peak_note}; dtype {dtype.name}; {args.reps} timed reps")
+  print(f"{'shape':>13s} {'what':>10s} {'implementation':>16s} {'batch':>5s} {'ms':>9s} {'images/s':>9s} "
+        f"{'steps/s':>8s} {'TFLOP/s':>8s} {'% peak':>7s} {'vs ref':>7s}")
+  rows = []
+  for name in shapes:
+    config_file, size, channels, classes = SHAPES[name]
+    built = {impl: build(name, config_file, size, channels, classes, dtype, grid[name], impl)
+             for impl in IMPLEMENTATIONS}
+    for what in ("forward", "train_step", "sampler"):
+      times = {impl: [] for impl in IMPLEMENTATIONS}
+      for impl in IMPLEMENTATIONS:  # warm-up (the first call also allocates)
+        fn, fn_args, _ = built[impl][0][what]
+        _time(fn, fn_args)
+      for _ in range(args.reps):  # alternate, so a slow phase of a shared machine hits both
+        for impl in IMPLEMENTATIONS:
+          fn, fn_args, _ = built[impl][0][what]
+          times[impl].append(_time(fn, fn_args))
+      ref_s = float(np.median(times["stock_flax_conv"]))
+      for impl in IMPLEMENTATIONS:
+        compiled, n_params, sample_steps = built[impl]
+        fn, _, batch = compiled[what]
+        seconds = float(np.median(times[impl]))
+        flops = _flops(fn)
+        if what == "sampler":  # XLA counts a loop body once: the sampler is steps x one UNet call per image
+          fwd_fn, _, fwd_batch = compiled["forward"]
+          flops = _flops(fwd_fn) / fwd_batch * batch * sample_steps if _flops(fwd_fn) else None
+        tflops = flops / seconds / 1e12 if flops else None
+        row = dict(shape=name, what=what, implementation=impl, batch=batch, params=n_params, ms=1000 * seconds,
+                   images_per_sec=batch / seconds, steps_per_sec=sample_steps / seconds if what == "sampler" else None,
+                   sampler_steps=sample_steps if what == "sampler" else None, flops=flops, tflops=tflops,
+                   peak_fraction=tflops * 1e12 / peak if tflops and peak else None, ratio_to_reference=ref_s / seconds,
+                   all_ms=[1000 * t for t in times[impl]])
+        rows.append(row)
+        fmt = lambda v, f: format(v, f) if v is not None else "-"
+        print(f"{name:>13s} {what:>10s} {impl:>16s} {batch:5d} {row['ms']:9.1f} {row['images_per_sec']:9.1f} "
+              f"{fmt(row['steps_per_sec'], '8.2f'):>8s} {fmt(tflops, '8.4f'):>8s} "
+              f"{fmt(row['peak_fraction'] and 100 * row['peak_fraction'], '6.1f'):>7s} "
+              f"{row['ratio_to_reference']:7.2f}", flush=True)
+  meta = dict(device=dict(backend=backend, kind=device.device_kind, platform=platform.platform(),
+                          cpu_affinity_cores=len(os.sched_getaffinity(0))),
+              versions=dict(jax=jax.__version__, jaxlib=jaxlib.__version__, flax=flax.__version__,
+                            python=platform.python_version()),
+              peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, reps=args.reps,
+              reference="stock_flax_conv: the same UNet with flax.linen.Conv", ms="median of reps",
+              flops="XLA cost_analysis of the compiled forward and step; sampler: forward FLOPs per image x batch x steps", sampler="DDIM, guidance 1 (one UNet call per step)",
+              batches={k: dict(zip(("forward", "train_step", "sampler", "sampler_steps"), v)) for k, v in grid.items()})
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  with open(out_path, "w") as f:
+    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  print(f"wrote {out_path}")
+  return 0
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_arguments(parser)
+  return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
