@@ -60,7 +60,7 @@ from aigc_jax.tasks.language_model import LanguageModelTask
 from aigc_jax.train import parallel
 from aigc_jax.train.loop import compile_steps
 from benchmarks.peak import cpu_clock_mhz, cpu_model, peak_flops
-from benchmarks.train_step import reference_step
+from benchmarks.train_step import reference_step, time_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAR_VOCAB = 65  # Tiny Shakespeare's characters
@@ -151,16 +151,6 @@ def xla_flops(compiled) -> float | None:
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
     analysis = analysis[0] if analysis else None
   return float(analysis["flops"]) if analysis and "flops" in analysis else None
-
-
-def time_steps(step, state, batches, steps: int):
-  """Runs `steps` steps cycling through `batches`; returns (state, ms per step)."""
-  start = time.perf_counter()
-  out = None
-  for i in range(steps):
-    state, out = step(state, batches[i % len(batches)])
-  jax.block_until_ready((state, out))
-  return state, (time.perf_counter() - start) / steps * 1000
 
 
 def bench_shape(name: str, args, dtype, peak):
