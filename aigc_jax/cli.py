@@ -5,7 +5,7 @@
       language models: [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--beams B]
       image models:    [--out PNG] [--label K] [--steps N] [--eta E] [--guidance W]
   aigc-jax eval --workdir DIR [--num-samples N]
-  aigc-jax bench attention|denoise|train [...]
+  aigc-jax bench attention|denoise|train [--quick] [--out PATH] [...]
 """
 
 import argparse
@@ -16,8 +16,9 @@ import sys
 from aigc_jax.errors import UserError
 from benchmarks import attention as attention_bench
 from benchmarks import denoise as denoise_bench
+from benchmarks import train as train_bench
 
-BENCHMARKS = {"attention": attention_bench, "denoise": denoise_bench}  # `aigc-jax bench NAME`: module with add_arguments(parser), run(args)
+BENCHMARKS = {"attention": attention_bench, "denoise": denoise_bench, "train": train_bench}  # `aigc-jax bench NAME`: module with add_arguments(parser), run(args)
 
 
 def _train(args, overrides):

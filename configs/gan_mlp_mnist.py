@@ -19,5 +19,7 @@ from aigc_jax.config import base_config
 def get_config() -> ml_collections.ConfigDict:
   config = base_config(__file__, "gan_mnist.py")
   config.num_train_steps = 10000  # generator updates
+  config.eval_every_steps = 1000  # a sample grid
+  config.checkpoint_every_steps = 1000  # Orbax saves; training resumes from the latest
   config.model.architecture = "mlp"  # the fully connected pair
   return config

@@ -17,13 +17,13 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # seeds parameters, latents and the data order
-  config.num_train_steps = 5000  # generator updates (each after model.d_steps discriminator updates)
+  config.num_train_steps = 1500  # generator updates (each after model.d_steps discriminator updates)
   config.batch_size = 64  # real images per update, split over all devices
   config.grad_accum_steps = 1  # unused by GANs (kept so every config shares the spine's keys)
   config.log_every_steps = 100  # training metrics to metrics.jsonl / TensorBoard
-  config.eval_every_steps = 1000  # a sample grid
+  config.eval_every_steps = 500  # a sample grid
   config.eval_batches = 0  # GANs have no held-out loss; `aigc-jax eval` measures samples
-  config.checkpoint_every_steps = 1000  # Orbax saves; training resumes from the latest
+  config.checkpoint_every_steps = 500  # Orbax saves; training resumes from the latest
   config.keep_checkpoints = 3  # how many recent checkpoints to keep
 
   config.data = ml_collections.ConfigDict()
