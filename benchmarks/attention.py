@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -228,15 +229,6 @@ def plot(rows, path, title):
   plt.close(fig)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  add_arguments(parser)
-  try:
-    return run(parser.parse_args())
-  except UserError as e:
-    print(f"error: {e}")
-    return 2
-
-
 if __name__ == "__main__":
-  raise SystemExit(main())
+  import benchmarks  # pylint: disable=g-import-not-at-top
+  raise SystemExit(benchmarks.main(sys.modules[__name__]))

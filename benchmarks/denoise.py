@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import platform
+import sys
 import time
 
 import flax
@@ -197,11 +198,6 @@ def run(args) -> int:
   return 0
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  add_arguments(parser)
-  return run(parser.parse_args())
-
-
 if __name__ == "__main__":
-  raise SystemExit(main())
+  import benchmarks  # pylint: disable=g-import-not-at-top
+  raise SystemExit(benchmarks.main(sys.modules[__name__]))

@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 
+from aigc_jax.data.tfds_source import prepare, tfds_builder
 from aigc_jax.errors import UserError
 
 SCHEMES = "embedded:digits, mnist_idx:DIR or tfds:NAME"
@@ -170,26 +171,14 @@ def _mnist_idx(directory: str) -> ImageData:
 
 
 def _tfds_images(name: str) -> ImageData:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  try:
-    builder = tfds.builder(name)
-  except Exception as e:  # TFDS raises several types for unknown names.
-    raise UserError(f"TFDS has no data set {name!r} ({type(e).__name__}); check the name in the TFDS catalog.") from None
+  builder = tfds_builder(name)
   features = builder.info.features
   if features is None or "image" not in features or "label" not in features:
     raise UserError(f"TFDS data set {name!r} has no 'image' and 'label' features; use an image data set such as mnist.")
   missing = [s for s in ("train", "test") if builder.info.splits and s not in builder.info.splits]
   if missing:
     raise UserError(f"TFDS data set {name!r} has no {missing[0]!r} split; use a data set with train and test splits.")
-  try:
-    builder.download_and_prepare(file_format="array_record")
-  except ModuleNotFoundError as e:
-    raise UserError(f"Preparing TFDS data set {name!r} needs {e.name}; `pip install aigc-jax[tfds-prepare]` "
-                    "or use data.source=mnist_idx:DIR or embedded:digits.") from None
-  except Exception as e:  # Network and download failures come in many types.
-    raise UserError(f"Could not download TFDS data set {name!r} ({type(e).__name__}: {str(e)[:120]}); "
-                    "check the network or use data.source=mnist_idx:DIR or embedded:digits.") from None
+  prepare(builder, name, "mnist_idx:DIR or embedded:digits")
   splits = {split: _materialise(builder.as_data_source(split=split)) for split in ("train", "test")}
   return ImageData(f"tfds:{name}", splits, int(features["label"].num_classes))
 

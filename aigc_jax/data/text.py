@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 
+from aigc_jax.data.tfds_source import prepare, tfds_builder
 from aigc_jax.errors import UserError
 
 EMBEDDED_CHARS = 1_000_000
@@ -68,22 +69,8 @@ def _read_text_file(path: str) -> str:
 
 
 def _tfds_text(name: str) -> str:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  try:
-    builder = tfds.builder(name)
-  except Exception as e:  # TFDS raises several types for unknown names.
-    raise UserError(f"TFDS has no data set {name!r} ({type(e).__name__}); check the name in the TFDS catalog.") from None
-  try:
-    builder.download_and_prepare(file_format="array_record")
-  except ModuleNotFoundError as e:
-    raise UserError(
-        f"Preparing TFDS data set {name!r} needs {e.name}; `pip install aigc-jax[tfds-prepare]` "
-        "or use data.source=text_file:PATH.") from None
-  except Exception as e:  # Network and download failures come in many types.
-    raise UserError(
-        f"Could not download TFDS data set {name!r} ({type(e).__name__}: {str(e)[:120]}); "
-        "check the network or use data.source=text_file:PATH or embedded:python_stdlib.") from None
+  builder = tfds_builder(name)
+  prepare(builder, name, "text_file:PATH or embedded:python_stdlib")
   known = list(builder.info.splits) or ["train"]
   splits = [s for s in ("train", "validation", "test") if s in known] + sorted(set(known) - {"train", "validation", "test"})
   pieces = []
