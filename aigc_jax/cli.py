@@ -4,7 +4,7 @@
   aigc-jax sample --workdir DIR [--num-samples N] [--seed S]
       language models: [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--beams B]
       image models:    [--out PNG] [--label K] [--steps N] [--eta E] [--guidance W]
-  aigc-jax eval --workdir DIR [--num-samples N]
+  aigc-jax eval --workdir DIR [--num-samples N] [--seed S] [--steps N] [--eta E] [--guidance W]
   aigc-jax bench attention|denoise|train [--quick] [--out PATH] [...]
 """
 
@@ -74,7 +74,8 @@ def _eval(args, overrides):
   _no_overrides("eval", overrides)
   from aigc_jax.evaluate import evaluate_workdir  # pylint: disable=g-import-not-at-top
 
-  results = evaluate_workdir(args.workdir, num_samples=args.num_samples)
+  results = evaluate_workdir(args.workdir, num_samples=args.num_samples, seed=args.seed, steps=args.steps,
+                             eta=args.eta, guidance=args.guidance)
   print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
 
 
@@ -112,6 +113,10 @@ def parser() -> argparse.ArgumentParser:
   evaluate = sub.add_parser("eval", help="measure a trained image model's samples and held-out bound; writes eval.json")
   evaluate.add_argument("--workdir", required=True)
   evaluate.add_argument("--num-samples", type=int, default=None, help="default: the config's eval.num_samples")
+  evaluate.add_argument("--seed", type=int, default=0)
+  evaluate.add_argument("--steps", type=int, default=None, help="diffusion: sampler steps (default: the config's)")
+  evaluate.add_argument("--eta", type=float, default=None, help="diffusion: DDIM eta (default: the config's)")
+  evaluate.add_argument("--guidance", type=float, default=None, help="diffusion: guidance scale (default: the config's)")
   evaluate.set_defaults(run=_eval)
   bench = sub.add_parser("bench", help="kernel and training benchmarks against a side-by-side reference")
   suites = bench.add_subparsers(dest="suite", required=True)

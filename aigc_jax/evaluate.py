@@ -18,31 +18,38 @@ EVAL_FILE = "eval.json"
 SAMPLE_CHUNK = 500  # images sampled per compiled call
 
 
-def sample_many(task, params, num_samples: int, labels, rng):
+def sample_many(task, params, num_samples: int, labels, rng, **options):
   """`num_samples` images [N, H, W, C] in [-1, 1], sampled in chunks of `SAMPLE_CHUNK`."""
   chunks = []
   for i, start in enumerate(range(0, num_samples, SAMPLE_CHUNK)):
     n = min(SAMPLE_CHUNK, num_samples - start)
     chunk_labels = None if labels is None else labels[start:start + n]
-    chunks.append(np.asarray(task.sample(params, jax.random.fold_in(rng, i), n, chunk_labels)))
+    chunks.append(np.asarray(task.sample(params, jax.random.fold_in(rng, i), n, chunk_labels, **options)))
     logging.info("sampled %d / %d images", start + n, num_samples)
   return np.concatenate(chunks)
 
 
-def evaluate_workdir(workdir: str, *, num_samples: int | None = None, seed: int = 0) -> dict:
-  """Writes and returns `DIR/eval.json`: Fréchet distances, label and classifier accuracy, the family's bound."""
+def evaluate_workdir(workdir: str, *, num_samples: int | None = None, seed: int = 0, **options) -> dict:
+  """Writes and returns `DIR/eval.json`: Fréchet distances, label and classifier accuracy, the family's bound.
+
+  `options` are the family's sampling options (diffusion: `steps`, `eta`, `guidance`); None
+  keeps the config's `sample.*` value. The values used are recorded in the results.
+  """
   task, params, step = load_trained(workdir)
   if not isinstance(task, ImageTask):
     raise UserError("`aigc-jax eval` measures image models; a language model's held-out loss is in metrics.jsonl.")
   num_samples = num_samples or task.config.eval.num_samples
   if num_samples < 2:
     raise UserError(f"--num-samples is {num_samples}; the Fréchet distance needs at least 2.")
-  classifier = get_classifier(task.dataset.data, log=logging.info)
   labels = task.default_labels(num_samples)
+  task.check_sample_request(num_samples, labels, **options)
+  options = {k: v for k, v in options.items() if v is not None}
+  classifier = get_classifier(task.dataset.data, log=logging.info)
   start = time.perf_counter()
-  samples = sample_many(task, params, num_samples, labels, jax.random.PRNGKey(seed))
+  samples = sample_many(task, params, num_samples, labels, jax.random.PRNGKey(seed), **options)
   sampling_seconds = time.perf_counter() - start
-  results = {"step": step, "num_samples": num_samples, "sampling_seconds": round(sampling_seconds, 1),
+  used = {name: options.get(name, task.config.sample[name]) for name in task.sample_options}
+  results = {"step": step, "num_samples": num_samples, **used, "sampling_seconds": round(sampling_seconds, 1),
              **image_metrics(classifier, task.dataset.images("test"), samples, labels)}
   results.update(task.heldout_metrics(params))
   grid = plots.image_grid(plots.to_uint8(samples[:100]), columns=10)
