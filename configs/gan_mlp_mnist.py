@@ -8,7 +8,9 @@ On the offline MNIST (images 0-8,999 train, 9,000-9,999 held out):
       --config.data.source=mnist_idx:../shared/data/mnist
   aigc-jax eval --workdir workdirs/gan_mlp_mnist
 
-RESULT_PLACEHOLDER
+Measured on the 2-core CPU (2026-11-23, shared with other runs): 10,000 steps in 237 s wall;
+Fréchet distance of 1,000 samples 132.6 vs 15.5 real-vs-real (our classifier's features,
+500 vs 500; see README.md).
 """
 
 import ml_collections

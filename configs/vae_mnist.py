@@ -8,7 +8,11 @@ The reference numbers use the offline MNIST (images 0-8,999 train, 9,000-9,999 h
       --config.data.source=mnist_idx:../shared/data/mnist
   aigc-jax eval --workdir workdirs/vae_mnist
 
-RESULT_PLACEHOLDER
+Measured on the 2-core CPU (2026-11-23, shared with two other training runs, so slow):
+3,000 steps in 1,930 s wall; held-out negative ELBO 99.2 nats/image (0.183 bits/dim; dynamic
+binarization, one posterior sample per image, all 1,000 held-out images); Fréchet distance of
+1,000 prior samples 225.0 vs 15.5 real-vs-real (our classifier's features, 500 vs 500).
+The step alone takes about 0.22 s on the idle machine (about 11 minutes for the run).
 """
 
 import ml_collections
