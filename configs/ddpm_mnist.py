@@ -9,7 +9,12 @@ The reference numbers use the offline MNIST (images 0-8,999 train, 9,000-9,999 h
   aigc-jax eval --workdir workdirs/ddpm_mnist
   aigc-jax sample --workdir workdirs/ddpm_mnist --steps 50 --guidance 2 --label 7
 
-RESULT_PLACEHOLDER
+Measured on the 2-core CPU (2026-11-23, shared with other runs): 1,800 steps of 32 images in
+57 minutes (median 1.53 s/step). `aigc-jax eval` (DDIM 50 steps, eta 0, 500 samples):
+guidance 1: label accuracy 55.2%, Fréchet distance 70.8 vs 15.5 real-vs-real; guidance 3
+(200 samples): label accuracy 83.5%, 121.4 vs 44.3 at 200 vs 200; bound 2.18 bits/dim.
+The issue's targets (>= 95% label accuracy, <= 3x the real figure) need more training
+than this budget gave; the loss was still falling.
 """
 
 import ml_collections

@@ -8,7 +8,9 @@ The reference numbers use the offline MNIST (images 0-8,999 train, 9,000-9,999 h
       --config.data.source=mnist_idx:../shared/data/mnist
   aigc-jax eval --workdir workdirs/gan_mnist
 
-RESULT_PLACEHOLDER
+Measured on the 2-core CPU (2026-11-23, at low priority beside other runs): 1,500 steps in
+3,851 s wall (about 1.3 s/step alone); Fréchet distance of 1,000 samples 211.2 vs 15.5
+real-vs-real (our classifier's features, 500 vs 500): still undertrained at this budget.
 """
 
 import ml_collections
