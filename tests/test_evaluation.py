@@ -4,12 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from aigc_jax.data.images import ImageData, load_images, to_float
+from aigc_jax.data.images import ImageData, to_float
 from aigc_jax.errors import UserError
 from aigc_jax.evaluation import TrainHParams, frechet_distance, get_classifier, image_metrics
 from aigc_jax.evaluation import classifier as classifier_lib
 
-MNIST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "mnist")
 
 TINY = TrainHParams(num_steps=3, batch_size=8, learning_rate=1e-3, max_shift=1)
 

@@ -55,6 +55,7 @@ def test_embedded_digits_are_mnist_like_and_deterministic():
   (train_images, train_labels), (test_images, test_labels) = data.splits["train"], data.splits["test"]
   assert train_images.shape == (1617, 28, 28, 1) and test_images.shape == (180, 28, 28, 1)
   assert train_images.dtype == np.uint8 and train_labels.dtype == np.int32
+  assert set(test_labels) <= set(range(10))
   assert train_images.min() == 0 and train_images.max() == 255
   assert not train_images[:, :2].any() and not train_images[:, :, -2:].any()  # black 2 px border
   assert train_images.mean() < 64  # white digit on black, like MNIST

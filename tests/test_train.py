@@ -7,12 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from aigc_jax import config as config_lib
 from aigc_jax.errors import UserError
 from aigc_jax.tasks import make_task
 from aigc_jax.train import loop, parallel
 from aigc_jax.train.checkpoint import Checkpointer
-from conftest import CPU_CONFIG, ROOT, tiny_overrides
+from conftest import CPU_CONFIG, ROOT
 
 
 def final_params(workdir, config):
@@ -131,7 +130,6 @@ import sys
 import jax, numpy as np
 from jax.sharding import Mesh
 sys.path.insert(0, {tests!r})
-from aigc_jax import config as config_lib
 from aigc_jax.tasks import make_task
 from aigc_jax.train import loop, parallel
 from conftest import tiny_overrides
