@@ -130,6 +130,7 @@ import sys
 import jax, numpy as np
 from jax.sharding import Mesh
 sys.path.insert(0, {tests!r})
+from aigc_jax import config as config_lib
 from aigc_jax.tasks import make_task
 from aigc_jax.train import loop, parallel
 from conftest import tiny_overrides
