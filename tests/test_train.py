@@ -11,7 +11,7 @@ from aigc_jax.errors import UserError
 from aigc_jax.tasks import make_task
 from aigc_jax.train import loop, parallel
 from aigc_jax.train.checkpoint import Checkpointer
-from conftest import CPU_CONFIG, ROOT
+from conftest import CPU_CONFIG, ROOT, tiny_overrides
 
 
 def final_params(workdir, config):
@@ -128,14 +128,12 @@ def test_batch_must_split_over_devices(tiny_config):
 SHARDED_SCRIPT = r"""
 import sys
 import jax, numpy as np
-from jax.sharding import Mesh
 sys.path.insert(0, {tests!r})
 from aigc_jax import config as config_lib
 from aigc_jax.tasks import make_task
 from aigc_jax.train import loop, parallel
-from conftest import tiny_overrides
 assert jax.device_count() == 8, jax.devices()
-config = config_lib.load_config({config!r}, tiny_overrides({text!r}) + ["batch_size=16"])
+config = config_lib.load_config({config!r}, {overrides!r} + ["batch_size=16"])
 task = make_task(config)
 final = []
 for mesh in (parallel.data_mesh(), jax.make_mesh((1,), ("data",), devices=jax.devices()[:1],
@@ -144,17 +142,31 @@ for mesh in (parallel.data_mesh(), jax.make_mesh((1,), ("data",), devices=jax.de
   state = steps.init(jax.random.PRNGKey(0))
   for step in range(3):
     state, metrics = steps.train(state, parallel.shard_batch(task.train_batch(step), mesh))
-  if mesh.devices.size == 8:
-    assert len(state.params["embed"]["position"].sharding.device_set) == 8  # replicated on all
-  final.append((jax.device_get(state.params), float(metrics["loss"][0])))
+  if mesh.devices.size == 8:  # parameters and optimizer state replicated on all eight
+    assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(state))
+  final.append((jax.device_get(state), float(metrics["loss"][0])))
 for x, y in zip(jax.tree.leaves(final[0]), jax.tree.leaves(final[1])):
-  np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(x, y, rtol={rtol}, atol={atol})
 print("sharded == single", final[0][1], final[1][1])
 """
 
+IMAGE_TINY = ["num_train_steps=3", "eval_every_steps=3", "checkpoint_every_steps=3", "log_every_steps=1"]
 
-def test_sharded_step_on_8_devices_matches_one_device(text_file):
-  script = SHARDED_SCRIPT.format(tests=os.path.join(ROOT, "tests"), config=CPU_CONFIG, text=text_file)
+
+@pytest.mark.parametrize("family", ["gpt", "dcgan_wgan_gp", "ddpm"])
+def test_sharded_step_on_8_devices_matches_one_device(family, text_file):
+  """The whole state (parameters, both GAN optimizers, the EMA) after 3 steps over 8 devices equals 1 device's."""
+  configs = {
+      "gpt": (CPU_CONFIG, tiny_overrides(text_file), 2e-5, 2e-6),
+      "dcgan_wgan_gp": (os.path.join(ROOT, "configs", "gan_mnist.py"),
+                        IMAGE_TINY + ["model.conv_features=8", "model.loss=wgan_gp", "model.d_steps=2"], 1e-4, 1e-5),
+      "ddpm": (os.path.join(ROOT, "configs", "ddpm_mnist.py"),
+               IMAGE_TINY + ["model.base_features=8", "model.channel_mults=(1, 2)", "model.attention_resolutions=(14,)",
+                             "model.num_heads=2", "model.norm_groups=4", "diffusion.num_steps=20"], 1e-4, 1e-5),
+  }
+  config, overrides, rtol, atol = configs[family]
+  script = SHARDED_SCRIPT.format(tests=os.path.join(ROOT, "tests"), config=config, overrides=overrides,
+                                 rtol=rtol, atol=atol)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -61,6 +61,8 @@ class DCGenerator(nn.Module):
 
   GroupNorm rather than DCGAN's BatchNorm: the step stays a pure function of the
   parameters (no batch statistics to carry), and it trains as stably on MNIST-sized data.
+  Layers feeding a norm have no bias (as in DCGAN): the norm subtracts it again, and Adam
+  would turn its rounding-noise gradient into full-size steps.
   """
   config: GANConfig
 
@@ -68,9 +70,9 @@ class DCGenerator(nn.Module):
   def __call__(self, z):  # [B, Z] -> [B, H, W, C]
     c = self.config
     s, f = c.image_size // 4, c.conv_features
-    x = nn.Dense(s * s * 2 * f, dtype=c.dtype)(z).reshape(-1, s, s, 2 * f)
+    x = nn.Dense(s * s * 2 * f, use_bias=False, dtype=c.dtype)(z).reshape(-1, s, s, 2 * f)
     x = nn.relu(nn.GroupNorm(num_groups=8, dtype=c.dtype)(x))
-    x = Conv(f, (3, 3), dtype=c.dtype)(upsample_nearest(x))
+    x = Conv(f, (3, 3), use_bias=False, dtype=c.dtype)(upsample_nearest(x))
     x = nn.relu(nn.GroupNorm(num_groups=8, dtype=c.dtype)(x))
     x = Conv(c.channels, (3, 3), dtype=c.dtype)(upsample_nearest(x))
     return jnp.tanh(x.astype(jnp.float32))
