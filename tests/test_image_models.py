@@ -14,7 +14,7 @@ from aigc_jax import cli
 from aigc_jax import evaluate as evaluate_lib
 from aigc_jax.evaluation import TrainHParams, get_classifier
 from aigc_jax.models import gan as gan_lib
-from aigc_jax.nn.conv import Conv, upsample_nearest
+from aigc_jax.nn.conv import TAP_GRAD_MIN_FEATURES, Conv, upsample_nearest
 from aigc_jax.sample import load_trained
 from aigc_jax.train import loop, parallel
 from aigc_jax.train.checkpoint import Checkpointer
@@ -41,11 +41,12 @@ def train_args(config, workdir, extra=()):
   return ["train", "--config", CONFIGS[config], "--workdir", workdir] + overrides + list(extra)
 
 
+@pytest.mark.parametrize("features", [2, TAP_GRAD_MIN_FEATURES])  # XLA's kernel gradient, then ours on CPU
 @pytest.mark.parametrize("stride, kernel", [(1, 3), (1, 4), (2, 4), (2, 3)])
-def test_conv_matches_flax_conv_and_its_gradients(stride, kernel):
+def test_conv_matches_flax_conv_and_its_gradients(stride, kernel, features):
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 3)), jnp.float32)
-  ours = Conv(5, (kernel, kernel), strides=(stride, stride))
-  ref = nn.Conv(5, (kernel, kernel), strides=stride, padding="SAME")
+  ours = Conv(features, (kernel, kernel), strides=(stride, stride))
+  ref = nn.Conv(features, (kernel, kernel), strides=stride, padding="SAME")
   params = ref.init(jax.random.PRNGKey(0), x)
   grad = lambda m: jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))(params, x)
   np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)

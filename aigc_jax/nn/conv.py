@@ -7,7 +7,9 @@ a transposed conv's gradient 100x). Here a stride-1 kernel gradient is one 2-D
 matmul of the kernel-tap patches with dY, dW = patches^T @ dY, at matmul speed
 (2.4x faster for the whole gradient of that conv); the forward and the input
 gradient stay XLA's own. Strided convolutions (whose native gradient measured
-faster than this) and GPU/TPU use XLA's gradient. Upsampling is nearest-neighbour resize + convolution
+faster than this), convolutions to fewer than 8 channels (an output layer: a
+matmul only that wide is memory-bound, and XLA's gradient measured 9x faster for
+28x28, 32 -> 1) and GPU/TPU use XLA's gradient. Upsampling is nearest-neighbour resize + convolution
 (no transposed convolutions: their XLA:CPU lowering is slow, and resize-conv
 avoids checkerboard artifacts, Odena et al. 2016).
 """
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
+TAP_GRAD_MIN_FEATURES = 8  # narrower outputs keep XLA's kernel gradient (see the module docstring)
 
 
 def _pads(kernel_shape, strides, in_hw):
@@ -76,7 +79,7 @@ class Conv(nn.Module):
                         self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     strides = tuple(self.strides)
-    if jax.default_backend() == "cpu" and strides == (1, 1):
+    if jax.default_backend() == "cpu" and strides == (1, 1) and self.features >= TAP_GRAD_MIN_FEATURES:
       y = conv2d_tap_grad(x, kernel, strides)
     else:
       y = _conv(x, kernel, strides)
