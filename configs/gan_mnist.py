@@ -11,6 +11,8 @@ The reference numbers use the offline MNIST (images 0-8,999 train, 9,000-9,999 h
 Measured on the 2-core CPU (2026-11-23, at low priority beside other runs): 1,500 steps in
 3,851 s wall (about 1.3 s/step alone); Fréchet distance of 1,000 samples 211.2 vs 15.5
 real-vs-real (our classifier's features, 500 vs 500): still undertrained at this budget.
+That run's generator still had biases on the two layers feeding its GroupNorms (removed
+since: commit 37ec903); it has not been re-measured without them.
 """
 
 import ml_collections
