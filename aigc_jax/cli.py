@@ -135,7 +135,8 @@ def main(argv=None) -> int:
       print(f"aigc-jax: unknown argument {item!r}; see `aigc-jax {args.command} --help`.", file=sys.stderr)
       return 2
     overrides.append(item[len("--config."):])
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  # force: importing orbax.checkpoint installs a root handler at WARNING, which would drop our INFO lines.
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
   for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from aigc_jax import cli
+from aigc_jax.nn import attention
 from conftest import CPU_CONFIG, ROOT, tiny_overrides
 
 
@@ -25,12 +26,16 @@ def train_args(workdir, text_file, model="transformer", extra=()):
 @pytest.mark.parametrize("model", CONFIGS)
 def test_train_resume_and_sample(model, tmp_path, text_file, capsys):
   workdir = str(tmp_path / "run")
+  attention._log_choice.cache_clear()  # logged once per process and shape class
   code, out, err = run(train_args(workdir, text_file, model, ["--config.num_train_steps=3"]), capsys)
   assert code == 0, err
   assert "val_loss" in out and "--- sample (step_000003.txt) ---" in out
+  assert f"{model}: " in err and "parameters, 1 devices, steps 0..3" in err  # INFO lines reach the log
+  if model == "transformer":
+    assert "attention implementation 'auto' chose 'xla' (backend cpu, float32" in err
   code, out, err = run(train_args(workdir, text_file, model), capsys)  # resumes at 3, trains to 6
   assert code == 0, err
-  assert "step 6: train_loss" in out and "step 3: " not in out
+  assert "step 6: train_loss" in out and "step 3: " not in out and "resumed from step 3" in err
   assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["step_000003.txt", "step_000006.txt"]
 
   code, out, err = run(["sample", "--workdir", workdir, "--prompt", "First", "--num-samples", "2",
