@@ -3,7 +3,9 @@
   aigc-jax train --config configs/lstm_shakespeare_char.py --workdir workdirs/lstm \
       --config.data.source=text_file:../shared/data/tinyshakespeare/input.txt
 
-Expected result and time: see README.md (measured run on the 2-core CPU).
+Measured on the 2-core CPU (2026-11-23, sharing it with a diffusion run): 2,000 steps of
+32 x 64 characters in 14 min 50 s wall; step 2000 train_loss 1.4166, val_loss 1.6144
+(the CPU GPT recipe, which sees 12 x 64 characters a step, reaches about 1.90).
 """
 
 import ml_collections
