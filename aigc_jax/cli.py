@@ -3,8 +3,9 @@
   aigc-jax train --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]
   aigc-jax sample --workdir DIR [--num-samples N] [--seed S]
       language models: [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--beams B]
-      image models:    [--out PNG] [--label K] [--steps N] [--eta E] [--guidance W]
+      image models:    [--out PNG] [--label K] [--steps N] [--eta E] [--guidance W] [--guidance-interval LO HI]
   aigc-jax eval --workdir DIR [--num-samples N] [--seed S] [--steps N] [--eta E] [--guidance W]
+                [--guidance-interval LO HI]
   aigc-jax bench attention|denoise|train [--quick] [--out PATH] [...]
 """
 
@@ -38,7 +39,7 @@ def _train(args, overrides):
 
 
 TEXT_OPTIONS = {"prompt": "\n", "max_new_tokens": 500, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "beams": 1}
-IMAGE_OPTIONS = ("out", "label", "steps", "eta", "guidance")
+IMAGE_OPTIONS = ("out", "label", "steps", "eta", "guidance", "guidance_interval")
 
 
 def _no_overrides(command, overrides):
@@ -60,7 +61,7 @@ def _sample(args, overrides):
   if is_image:
     path = sample.generate_images(task, params, step, args.workdir, num_samples=64 if args.num_samples is None else args.num_samples,
                                   label=args.label, seed=args.seed, out=args.out, steps=args.steps, eta=args.eta,
-                                  guidance=args.guidance)
+                                  guidance=args.guidance, guidance_interval=args.guidance_interval)
     print(f"wrote {path}")
     return
   options = {name: default if getattr(args, name) is None else getattr(args, name)
@@ -75,7 +76,7 @@ def _eval(args, overrides):
   from aigc_jax.evaluate import evaluate_workdir  # pylint: disable=g-import-not-at-top
 
   results = evaluate_workdir(args.workdir, num_samples=args.num_samples, seed=args.seed, steps=args.steps,
-                             eta=args.eta, guidance=args.guidance)
+                             eta=args.eta, guidance=args.guidance, guidance_interval=args.guidance_interval)
   print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
 
 
@@ -109,6 +110,8 @@ def parser() -> argparse.ArgumentParser:
   image.add_argument("--eta", type=float, default=None, help="diffusion: DDIM eta (0 deterministic, 1 DDPM-like)")
   image.add_argument("--guidance", type=float, default=None,
                      help="diffusion: classifier-free guidance scale (0 unconditional, 1 conditional)")
+  image.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                     help="diffusion: guide only where LO <= t / (T - 1) <= HI (default: the config's)")
   sample.set_defaults(run=_sample)
   evaluate = sub.add_parser("eval", help="measure a trained image model's samples and held-out bound; writes eval.json")
   evaluate.add_argument("--workdir", required=True)
@@ -117,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--steps", type=int, default=None, help="diffusion: sampler steps (default: the config's)")
   evaluate.add_argument("--eta", type=float, default=None, help="diffusion: DDIM eta (default: the config's)")
   evaluate.add_argument("--guidance", type=float, default=None, help="diffusion: guidance scale (default: the config's)")
+  evaluate.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="diffusion: guide only where LO <= t / (T - 1) <= HI (default: the config's)")
   evaluate.set_defaults(run=_eval)
   bench = sub.add_parser("bench", help="kernel and training benchmarks against a side-by-side reference")
   suites = bench.add_subparsers(dest="suite", required=True)

@@ -32,7 +32,7 @@ def sample_many(task, params, num_samples: int, labels, rng, **options):
 def evaluate_workdir(workdir: str, *, num_samples: int | None = None, seed: int = 0, **options) -> dict:
   """Writes and returns `DIR/eval.json`: Fréchet distances, label and classifier accuracy, the family's bound.
 
-  `options` are the family's sampling options (diffusion: `steps`, `eta`, `guidance`); None
+  `options` are the family's sampling options (diffusion: `steps`, `eta`, `guidance`, `guidance_interval`); None
   keeps the config's `sample.*` value. The values used are recorded in the results.
   """
   task, params, step = load_trained(workdir)

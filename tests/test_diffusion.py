@@ -265,6 +265,30 @@ def test_guidance_scales():
   np.testing.assert_allclose(run(guided, labels=labels, num_classes=2, guidance=3.0), run(mixed), atol=1e-5)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_guidance_interval_guides_only_its_noise_levels(sampler):
+  schedule = make_schedule("linear", 50)  # 10 steps visit t = 0, 5, 11, 16, 22, 27, 33, 38, 44, 49
+  labels = np.array([0, 1, 1, 0])
+  guided = class_eps(schedule)
+  fn = dict(ddim=ddim_sample, ddpm=ddpm_sample)[sampler]
+  run = lambda f, **a: np.asarray(fn(f, schedule, rbg_key(0), (4, 2), num_steps=10, clip_x0=False, **a))
+
+  def reference(x, t, y):  # guidance 3 for 11 <= t <= 33, i.e. levels 0.22..0.67 of T - 1 = 49; conditional elsewhere
+    cond = guided(x, t, jnp.asarray(labels))
+    mixed = guided(x, t, None) + 3.0 * (cond - guided(x, t, None))
+    return jnp.where(((t >= 11) & (t <= 33))[:, None], mixed, cond)
+
+  expected = run(reference)
+  got = run(guided, labels=labels, num_classes=2, guidance=3.0, guidance_interval=(0.2, 0.7))
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  everywhere = run(guided, labels=labels, num_classes=2, guidance=3.0)
+  assert not np.allclose(got, everywhere, atol=1e-3)
+  np.testing.assert_array_equal(run(guided, labels=labels, num_classes=2, guidance=3.0, guidance_interval=(0, 1)),
+                                everywhere)
+  with pytest.raises(UserError, match=r"guidance interval \(0.5, 0.2\) .* use --guidance-interval LO HI with 0 <= LO"):
+    run(guided, labels=labels, num_classes=2, guidance=3.0, guidance_interval=(0.5, 0.2))
+
+
 def test_user_errors():
   schedule = make_schedule("linear", 50)
   fn = exact_eps(schedule)

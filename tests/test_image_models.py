@@ -162,18 +162,21 @@ def test_diffusion_train_resume_sample_and_eval(tmp_path, capsys, monkeypatch, t
   code, out, err = run(["sample", "--workdir", workdir, "--num-samples", "3", "--label", "7", "--steps", "4",
                         "--eta", "0.5", "--guidance", "2", "--out", out_png], capsys)
   assert code == 0 and os.path.exists(out_png), err
-  code, out, err = run(["eval", "--workdir", workdir, "--guidance", "1.5", "--steps", "3"], capsys)
+  code, out, err = run(["eval", "--workdir", workdir, "--guidance", "1.5", "--steps", "3",
+                        "--guidance-interval", "0.25", "1"], capsys)
   assert code == 0, err
   results = json.load(open(os.path.join(workdir, "eval.json")))
   assert {"frechet_distance", "frechet_distance_real", "label_accuracy", "classifier_accuracy"} <= set(results)
   assert (results["steps"], results["eta"], results["guidance"]) == (3, 0.0, 1.5)  # what was used, recorded
+  assert results["guidance_interval"] == [0.25, 1.0]
   assert 0 <= results["label_accuracy"] <= 1 and results["bits_per_dim"] > 0 and results["bound_stride"] == 5
 
   code, _, err = run(["eval", "--workdir", workdir, "--steps", "21"], capsys)
   assert code == 2 and "use --steps between 1 and 20" in err
   for argv, message in [(["--steps", "21"], "trained with 20 diffusion steps; use --steps between 1 and 20"),
                         (["--label", "10"], "Label 10 is outside the model's classes 0..9"),
-                        (["--eta", "-1"], "--eta is DDIM's noise scale")]:
+                        (["--eta", "-1"], "--eta is DDIM's noise scale"),
+                        (["--guidance-interval", "0.9", "0.1"], "use --guidance-interval LO HI with 0 <= LO <= HI <= 1")]:
     code, _, err = run(["sample", "--workdir", workdir, "--num-samples", "2"] + argv, capsys)
     assert code == 2 and message in err, (argv, err)
 

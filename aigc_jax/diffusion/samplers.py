@@ -6,6 +6,11 @@ of `num_steps` <= T of the training timesteps (evenly spaced, always including T
 the process respaced to it as in Nichol & Dhariwal 2021: abar' is abar on the subsequence and
 beta'_i = 1 - abar'_i / abar'_{i-1}. With num_steps = T this is exactly Ho et al.'s sampler.
 
+Guidance can be limited to an interval of noise levels (Kynkäänniemi et al. 2024, "Applying
+guidance in a limited interval improves sample and distribution quality"): `guidance_interval`
+(lo, hi) guides only the steps whose timestep t has lo <= t / (T - 1) <= hi, and uses the plain
+conditional prediction elsewhere; (0, 1), the default, guides every step.
+
 The samplers trace under `jax.jit` (close over the parameters in the jitted function); the
 label check then cannot see traced labels, so call `check_labels` on the host first:
 
@@ -71,6 +76,15 @@ def guided_prediction(apply_fn: ApplyFn, x, t, labels, *, num_classes: int, guid
   return uncond + guidance * (cond - uncond)
 
 
+def check_guidance_interval(interval) -> tuple[float, float]:
+  """(lo, hi) as floats with 0 <= lo <= hi <= 1, or a one-sentence error."""
+  lo, hi = (float(v) for v in interval)
+  if not 0.0 <= lo <= hi <= 1.0:
+    raise UserError(f"The guidance interval ({lo:g}, {hi:g}) is not within the noise levels 0..1; "
+                    "use --guidance-interval LO HI with 0 <= LO <= HI <= 1.")
+  return lo, hi
+
+
 @flax.struct.dataclass
 class _Step:
   """Constants of the respaced process, one entry per sampling step ([S] each, or scalars inside the loop)."""
@@ -84,10 +98,11 @@ class _Step:
     return self.beta * self.one_minus_abar_prev / self.one_minus_abar
 
 
-def _sample(apply_fn, schedule, rng, shape, *, num_steps, labels, num_classes, guidance, prediction, clip_x0, x_init,
-            update, stochastic=True):
+def _sample(apply_fn, schedule, rng, shape, *, num_steps, labels, num_classes, guidance, guidance_interval, prediction,
+            clip_x0, x_init, update, stochastic=True):
   """The loop both samplers share: x_T ~ N(0, I), then num_steps updates x <- update(...) from t = T - 1 down to 0."""
   sched.check_prediction(prediction)
+  lo, hi = check_guidance_interval(guidance_interval)
   if labels is not None and isinstance(labels, jax.core.Tracer):
     check_labels(np.zeros(labels.shape, np.int32), num_classes, shape[0])  # the checks that need no values
   elif labels is not None:
@@ -107,7 +122,13 @@ def _sample(apply_fn, schedule, rng, shape, *, num_steps, labels, num_classes, g
   def body(j, x):
     i = num_steps - 1 - j  # position in ts, counting down
     t = jnp.full((shape[0],), ts[i])
-    pred = guided_prediction(apply_fn, x, t, labels, num_classes=num_classes, guidance=guidance).astype(jnp.float32)
+    guided = lambda: guided_prediction(apply_fn, x, t, labels, num_classes=num_classes, guidance=guidance)
+    if labels is None or guidance == 1.0 or (lo, hi) == (0.0, 1.0):
+      pred = guided()
+    else:  # outside the interval, the conditional prediction (guidance 1) at the cost of one call
+      level = ts[i] / (schedule.num_steps - 1)
+      pred = jax.lax.cond((level >= lo) & (level <= hi), guided, lambda: apply_fn(x, t, labels))
+    pred = pred.astype(jnp.float32)
     x0, eps = sched.to_x0_and_eps(schedule, x, t, pred, prediction, clip_x0=clip_x0)
     z = jax.random.normal(jax.random.fold_in(step_rng, i), shape) if stochastic else None
     return update(x, x0, eps, z, jax.tree.map(lambda a: a[i], steps), i)
@@ -116,14 +137,15 @@ def _sample(apply_fn, schedule, rng, shape, *, num_steps, labels, num_classes, g
 
 
 def ddpm_sample(apply_fn: ApplyFn, schedule: NoiseSchedule, rng, shape, *, num_steps: Optional[int] = None,
-                labels=None, num_classes: int = 0, guidance: float = 1.0, prediction: str = "epsilon",
-                variance: str = "posterior", clip_x0: bool = True, x_init=None):
+                labels=None, num_classes: int = 0, guidance: float = 1.0, guidance_interval=(0.0, 1.0),
+                prediction: str = "epsilon", variance: str = "posterior", clip_x0: bool = True, x_init=None):
   """Ancestral sampling, x_{t-1} ~ N(posterior mean given the predicted x0, sigma_t^2) -> x_0 [shape].
 
   variance `posterior` takes sigma_t^2 = beta~_t, `beta` takes beta_t (no noise after the last step
   either way). num_steps None is all T steps; fewer respaces the process (see the module docstring).
   labels [B] with num_classes > 0 condition the model; guidance w mixes in the unconditional
-  (null-class) prediction as above. clip_x0 clips the predicted x0 to [-1, 1] (image data).
+  (null-class) prediction as above, at the steps inside `guidance_interval`. clip_x0 clips the
+  predicted x0 to [-1, 1] (image data).
   x_init [shape] replaces the initial draw of x_T.
   """
   check_variance(variance)
@@ -135,12 +157,13 @@ def ddpm_sample(apply_fn: ApplyFn, schedule: NoiseSchedule, rng, shape, *, num_s
     return coef1 * x0 + coef2 * x + jnp.where(i > 0, jnp.sqrt(var), 0.0) * z
 
   return _sample(apply_fn, schedule, rng, shape, num_steps=num_steps, labels=labels, num_classes=num_classes,
-                 guidance=guidance, prediction=prediction, clip_x0=clip_x0, x_init=x_init, update=update)
+                 guidance=guidance, guidance_interval=guidance_interval, prediction=prediction, clip_x0=clip_x0,
+                 x_init=x_init, update=update)
 
 
 def ddim_sample(apply_fn: ApplyFn, schedule: NoiseSchedule, rng, shape, *, num_steps: int, eta: float = 0.0,
-                labels=None, num_classes: int = 0, guidance: float = 1.0, prediction: str = "epsilon",
-                clip_x0: bool = True, x_init=None):
+                labels=None, num_classes: int = 0, guidance: float = 1.0, guidance_interval=(0.0, 1.0),
+                prediction: str = "epsilon", clip_x0: bool = True, x_init=None):
   """DDIM (Song et al. 2021) over `num_steps` <= T evenly spaced timesteps -> x_0 [shape].
 
   x_{t'} = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z with
@@ -154,5 +177,5 @@ def ddim_sample(apply_fn: ApplyFn, schedule: NoiseSchedule, rng, shape, *, num_s
     return x if z is None else x + jnp.sqrt(sigma2) * z
 
   return _sample(apply_fn, schedule, rng, shape, num_steps=num_steps, labels=labels, num_classes=num_classes,
-                 guidance=guidance, prediction=prediction, clip_x0=clip_x0, x_init=x_init, update=update,
-                 stochastic=eta != 0)
+                 guidance=guidance, guidance_interval=guidance_interval, prediction=prediction, clip_x0=clip_x0,
+                 x_init=x_init, update=update, stochastic=eta != 0)

@@ -28,7 +28,7 @@ def unet_config(model_config, image_size: int, channels: int, num_classes: int) 
 
 class DiffusionTask(ImageTask):
   loss_label = "noise-prediction MSE"
-  sample_options = ("steps", "eta", "guidance")
+  sample_options = ("steps", "eta", "guidance", "guidance_interval")
 
   def __init__(self, config, workdir: str | None = None):
     super().__init__(config, workdir)
@@ -72,11 +72,15 @@ class DiffusionTask(ImageTask):
     eta = options.get("eta")
     if eta is not None and (eta < 0 or self.config.sample.sampler != "ddim"):
       raise UserError("--eta is DDIM's noise scale: use a value >= 0 with sample.sampler ddim.")
+    if options.get("guidance_interval") is not None:
+      diffusion.check_guidance_interval(options["guidance_interval"])
 
-  def sample(self, params, rng, num_samples: int, labels=None, *, steps=None, eta=None, guidance=None):
+  def sample(self, params, rng, num_samples: int, labels=None, *, steps=None, eta=None, guidance=None,
+             guidance_interval=None):
     s = self.config.sample
     options = {"steps": steps or s.steps, "eta": s.eta if eta is None else eta,
-               "guidance": s.guidance if guidance is None else guidance}
+               "guidance": s.guidance if guidance is None else guidance,
+               "guidance_interval": tuple(s.guidance_interval if guidance_interval is None else guidance_interval)}
     self.check_sample_request(num_samples, labels, **options)
     if labels is None and self.conditional:
       options["guidance"] = 0.0  # no label asked for: the unconditional (null-class) model
@@ -84,13 +88,14 @@ class DiffusionTask(ImageTask):
     return self._sampler(num_samples, **options)(params, rng, labels)
 
   @functools.lru_cache(maxsize=8)
-  def _sampler(self, num_samples: int, steps: int, eta: float, guidance: float):
-    """One compiled sampling loop per (batch, steps, eta, guidance): a `fori_loop` over the steps."""
+  def _sampler(self, num_samples: int, steps: int, eta: float, guidance: float, guidance_interval: tuple):
+    """One compiled sampling loop per (batch, steps, eta, guidance, interval): a `fori_loop` over the steps."""
     shape = (num_samples, *self.image_shape)
     d, s = self.config.diffusion, self.config.sample
 
     def run(params, rng, labels):
-      kw = dict(labels=labels, num_classes=self.num_classes, guidance=guidance, prediction=d.prediction)
+      kw = dict(labels=labels, num_classes=self.num_classes, guidance=guidance, guidance_interval=guidance_interval,
+                prediction=d.prediction)
       if s.sampler == "ddim":
         return diffusion.ddim_sample(self._apply_fn(params), self.schedule, rng, shape, num_steps=steps, eta=eta, **kw)
       return diffusion.ddpm_sample(self._apply_fn(params), self.schedule, rng, shape, num_steps=steps, **kw)
