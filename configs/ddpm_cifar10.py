@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_res_blocks = 2  # per level going down
   config.model.attention_resolutions = (16,)  # self-attention at 16x16
   config.model.num_heads = 1  # one head, as the paper
+  config.model.dropout = 0.1  # Ho et al.'s CIFAR-10 value
   config.model.norm_groups = 32  # GroupNorm groups
   config.model.dtype = "bfloat16"  # compute dtype on accelerators
   config.optim.learning_rate = 2e-4  # Ho et al.
