@@ -18,7 +18,7 @@ from aigc_jax.nn.conv import TAP_GRAD_MIN_FEATURES, Conv, upsample_nearest
 from aigc_jax.sample import load_trained
 from aigc_jax.train import loop, parallel
 from aigc_jax.train.checkpoint import Checkpointer
-from conftest import ROOT
+from conftest import ROOT, TINY_UNET
 
 CONFIGS = {name: os.path.join(ROOT, "configs", f"{name}.py") for name in ("vae_mnist", "gan_mnist", "gan_mlp_mnist")}
 TINY = ["num_train_steps=4", "batch_size=8", "eval_every_steps=2", "checkpoint_every_steps=2", "log_every_steps=1",
@@ -137,10 +137,7 @@ def test_bad_image_input_is_one_sentence(tmp_path, capsys):
 
 
 DDPM = os.path.join(ROOT, "configs", "ddpm_mnist.py")
-TINY_DDPM = TINY + [
-    "model.base_features=8", "model.channel_mults=(1, 2)", "model.attention_resolutions=(14,)",
-    "model.num_heads=2", "model.norm_groups=4", "diffusion.num_steps=20", "sample.steps=5",
-    "eval.bound_images=8", "eval.bound_stride=5"]
+TINY_DDPM = TINY + TINY_UNET + ["sample.steps=5", "eval.bound_images=8", "eval.bound_stride=5"]
 
 
 def test_diffusion_train_resume_sample_and_eval(tmp_path, capsys, monkeypatch, tiny_classifier):

@@ -11,7 +11,7 @@ from aigc_jax.errors import UserError
 from aigc_jax.tasks import make_task
 from aigc_jax.train import loop, parallel
 from aigc_jax.train.checkpoint import Checkpointer
-from conftest import CPU_CONFIG, ROOT, tiny_overrides
+from conftest import CPU_CONFIG, ROOT, TINY_UNET, tiny_overrides
 
 
 def final_params(workdir, config):
@@ -161,8 +161,7 @@ def test_sharded_step_on_8_devices_matches_one_device(family, text_file):
       "dcgan_wgan_gp": (os.path.join(ROOT, "configs", "gan_mnist.py"),
                         IMAGE_TINY + ["model.conv_features=8", "model.loss=wgan_gp", "model.d_steps=2"], 1e-4, 1e-5),
       "ddpm": (os.path.join(ROOT, "configs", "ddpm_mnist.py"),
-               IMAGE_TINY + ["model.base_features=8", "model.channel_mults=(1, 2)", "model.attention_resolutions=(14,)",
-                             "model.num_heads=2", "model.norm_groups=4", "diffusion.num_steps=20"], 1e-4, 1e-5),
+               IMAGE_TINY + TINY_UNET, 1e-4, 1e-5),
   }
   config, overrides, rtol, atol = configs[family]
   script = SHARDED_SCRIPT.format(tests=os.path.join(ROOT, "tests"), config=config, overrides=overrides,
