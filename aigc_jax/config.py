@@ -92,3 +92,23 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(json.loads(text))
   config.lock()
   return config
+
+
+def fill_missing(config: ml_collections.ConfigDict, defaults: dict) -> ml_collections.ConfigDict:
+  """`config` with each dotted key of `defaults` that it lacks set to its default value.
+
+  How a run saved before a config key existed is read back: the default given is the value
+  that reproduces what the code did before the key was added.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in defaults.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      if part not in node:
+        node[part] = ml_collections.ConfigDict()
+      node = node[part]
+    if leaf not in node:
+      node[leaf] = value
+  config.lock()
+  return config

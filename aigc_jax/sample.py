@@ -10,7 +10,7 @@ from aigc_jax import config as config_lib
 from aigc_jax import decoding
 from aigc_jax import plots
 from aigc_jax.errors import UserError
-from aigc_jax.tasks import make_task
+from aigc_jax.tasks import make_task, task_class
 from aigc_jax.tasks.image import SAMPLES_DIR
 from aigc_jax.train import parallel
 from aigc_jax.train.checkpoint import Checkpointer
@@ -23,7 +23,12 @@ def load_trained(workdir: str):
   if not os.path.exists(path):
     raise UserError(f"{workdir!r} holds no trained run ({CONFIG_FILE} is missing); train with `aigc-jax train` first.")
   with open(path) as f:
-    config = config_lib.from_json(f.read())
+    text = f.read()
+  try:
+    config = config_lib.from_json(text)
+  except ValueError as e:
+    raise UserError(f"{path} is not valid JSON ({e}); restore it, or retrain into a fresh workdir.") from None
+  config = config_lib.fill_missing(config, task_class(config).later_keys)
   task = make_task(config, workdir)
   steps = compile_steps(task, config, parallel.data_mesh())
   state, _ = Checkpointer(workdir).restore(steps.abstract)

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 from aigc_jax import cli
@@ -176,4 +177,18 @@ def test_diffusion_train_resume_sample_and_eval(tmp_path, capsys, monkeypatch, t
                         (["--guidance-interval", "0.9", "0.1"], "use --guidance-interval LO HI with 0 <= LO <= HI <= 1")]:
     code, _, err = run(["sample", "--workdir", workdir, "--num-samples", "2"] + argv, capsys)
     assert code == 2 and message in err, (argv, err)
+
+  # A run saved before `sample.guidance_interval` existed samples as it did then: guidance at every step.
+  config_path = os.path.join(workdir, "config.json")
+  saved = json.load(open(config_path))
+  common = ["sample", "--workdir", workdir, "--num-samples", "2", "--steps", "3", "--guidance", "2", "--out"]
+  assert run(common + [str(tmp_path / "new.png"), "--guidance-interval", "0", "1"], capsys)[0] == 0
+  del saved["sample"]["guidance_interval"]
+  json.dump(saved, open(config_path, "w"))
+  code, _, err = run(common + [str(tmp_path / "old.png")], capsys)
+  assert code == 0, err
+  assert np.array_equal(np.asarray(Image.open(tmp_path / "old.png")), np.asarray(Image.open(tmp_path / "new.png")))
+  open(config_path, "w").write("{not json")
+  code, _, err = run(["sample", "--workdir", workdir], capsys)
+  assert code == 2 and "config.json is not valid JSON" in err and "retrain into a fresh workdir" in err, err
 

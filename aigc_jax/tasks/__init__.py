@@ -16,7 +16,11 @@ TASKS = {
 }
 
 
-def make_task(config, workdir: str | None = None):
+def task_class(config):
   if config.model.name not in TASKS:
     raise UserError(f"Unknown model.name {config.model.name!r}; use one of {', '.join(TASKS)}.")
-  return TASKS[config.model.name](config, workdir)
+  return TASKS[config.model.name]
+
+
+def make_task(config, workdir: str | None = None):
+  return task_class(config)(config, workdir)

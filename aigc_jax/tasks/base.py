@@ -18,6 +18,9 @@ class Task:
   loss_label: str = "loss"  # the y axis of curves.png
   units_per_batch: int
   ema_decay: float = 0.0  # > 0: the state keeps an EMA of the parameters for evaluation and sampling
+  # Config keys added after runs were saved without them, with the value that reproduces
+  # the old behaviour: `aigc-jax sample`/`eval` on an older workdir fills them in.
+  later_keys: dict = {}
 
   def __init__(self, config, workdir: str | None = None):
     del workdir

@@ -29,6 +29,7 @@ def unet_config(model_config, image_size: int, channels: int, num_classes: int) 
 class DiffusionTask(ImageTask):
   loss_label = "noise-prediction MSE"
   sample_options = ("steps", "eta", "guidance", "guidance_interval")
+  later_keys = {"sample.guidance_interval": (0.0, 1.0)}  # guidance at every step, as before the key
 
   def __init__(self, config, workdir: str | None = None):
     super().__init__(config, workdir)
