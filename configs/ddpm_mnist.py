@@ -16,8 +16,10 @@ held-out images, whose own halves are 15.53 apart (Fréchet distance in our clas
   guidance 1 (conditional):                   label accuracy 88.0%, Fréchet distance 41.6 (2.68x)
   guidance 2 at every step:                   label accuracy 99.4%, Fréchet distance 61.3 (3.95x)
   guidance 2 on the interval (0.5, 1) [default]: label accuracy 96.4%, Fréchet distance 46.2 (2.97x)
-The default was picked after seeing the first two rows, on the same held-out images, and
-its distance is just under the issue's 3x bound: treat it as met narrowly, not with margin.
+  the same with `--seed 1` (500 other samples):  label accuracy 97.4%, Fréchet distance 43.4 (2.79x)
+The default was picked after seeing the first two rows, on the same held-out images; the
+`--seed 1` row, sampled after that choice, is the check that it is not a lucky draw. Both are
+under the issue's 3x bound, but not by much.
 """
 
 import ml_collections

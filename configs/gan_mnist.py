@@ -8,11 +8,11 @@ The reference numbers use the offline MNIST (images 0-8,999 train, 9,000-9,999 h
       --config.data.source=mnist_idx:../shared/data/mnist
   aigc-jax eval --workdir workdirs/gan_mnist
 
-Measured on the 2-core CPU (2026-11-23, at low priority beside other runs): 1,500 steps in
-3,851 s wall (about 1.3 s/step alone); Fréchet distance of 1,000 samples 211.2 vs 15.5
-real-vs-real (our classifier's features, 500 vs 500): still undertrained at this budget.
-That run's generator still had biases on the two layers feeding its GroupNorms (removed
-since: commit 37ec903); it has not been re-measured without them.
+Measured on the 2-core CPU (2026-11-23), with the generator as shipped (no bias before its
+GroupNorms): Fréchet distance of 1,000 samples 214.8 vs 15.5 real-vs-real (our classifier's
+features, 500 vs 500): still undertrained at this budget. 1,500 steps took 68.6 min wall, which
+includes about 30 min paused and the rest shared with other runs (about 1.3 s/step alone).
+An earlier run, with those biases, gave 211.2.
 """
 
 import ml_collections
