@@ -132,3 +132,20 @@ def test_auto_picks_chunked_for_long_sequences_off_gpu():
   assert resolve_implementation("auto", jnp.float32, 64) == "xla"
   with pytest.raises(UserError, match="'cudnn' needs a GPU.*'chunked'"):
     resolve_implementation("cudnn", jnp.bfloat16, 64, q_len=4096, kv_len=4096)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_kernels_lower_through_triton_for_a_gpu(causal):
+  """Cross-lowers for CUDA on this CPU (`jax.export`): Pallas's Triton lowering runs in full, compiling to PTX does not."""
+  from jax import export
+  q = jax.ShapeDtypeStruct((2, 300, 4, 128), jnp.bfloat16)  # grouped heads, a length no block divides
+  k = jax.ShapeDtypeStruct((2, 300, 2, 128), jnp.bfloat16)
+  mask = jax.ShapeDtypeStruct((2, 1, 1, 300), jnp.bool_)
+  fwd = lambda q, k, v, mask: flash_attention(q, k, v, causal=causal, mask=mask, interpret=False)
+  grad = jax.grad(lambda *args: fwd(*args).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+  allow_triton = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  for fn, kernels in ((fwd, ["forward"]), (grad, ["forward", "dkv", "dq"])):
+    module = export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=allow_triton)(q, k, k, mask).mlir_module()
+    assert module.count("@__gpu$xla.gpu.triton(") == len(kernels)
+    for kernel in kernels:
+      assert f'name = "flash_attention_{kernel}"' in module
