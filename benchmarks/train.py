@@ -137,7 +137,7 @@ def matmul_params(params, tie_embeddings: bool) -> int:
   """N of the FLOPs formula: all parameters but the token and position tables, plus the tied head."""
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   token = params["embed"]["token"]["embedding"]
-  tables = int(np.prod(token.shape)) + int(np.prod(params["embed"]["position"].shape))
+  tables = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["embed"]))  # token (and position) table
   return total - tables + (int(np.prod(token.shape)) if tie_embeddings else 0)
 
 

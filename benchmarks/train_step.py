@@ -28,6 +28,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from aigc_jax import config as config_lib  # noqa: E402
+from aigc_jax.nn.layers import rotary_embedding  # noqa: E402
 from aigc_jax.tasks import make_task  # noqa: E402
 from aigc_jax.train.optim import decay_mask, learning_rate_schedule, make_optimizer  # noqa: E402
 from aigc_jax.train.state import TrainState  # noqa: E402
@@ -43,6 +44,7 @@ class RefBlock(nn.Module):
   dim: int
   mlp_dim: int
   dtype: jnp.dtype = jnp.float32  # compute dtype, as Flax layers take it; parameters stay fp32
+  rope: bool = False
 
   @nn.compact
   def __call__(self, x):  # [B, T, C]
@@ -52,6 +54,8 @@ class RefBlock(nn.Module):
     dense = lambda features: nn.Dense(features, use_bias=False, kernel_init=init, dtype=self.dtype)
     y = nn.LayerNorm(use_bias=False, dtype=self.dtype)(x)
     q, k, v = (dense(c)(y).reshape(b, t, self.heads, d) for _ in range(3))
+    if self.rope:
+      q, k = rotary_embedding(q, jnp.arange(t)), rotary_embedding(k, jnp.arange(t))
     scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d)  # [B, H, T, T]
     scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -1e30)
     att = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v).reshape(b, t, c)
@@ -69,26 +73,29 @@ class RefGPT(nn.Module):
   dim: int
   mlp_dim: int
   dtype: jnp.dtype = jnp.float32
+  rope: bool = False  # rotary positions on q and k instead of the learned table
 
   @nn.compact
   def __call__(self, tokens):  # [B, T] -> [B, T, vocab] (fp32)
     embed = nn.Embed(self.vocab, self.dim, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype)
-    pos = self.param("position", nn.initializers.normal(0.02), (self.max_len, self.dim))
-    x = embed(tokens) + pos[: tokens.shape[1]].astype(self.dtype)
+    x = embed(tokens)
+    if not self.rope:
+      x = x + self.param("position", nn.initializers.normal(0.02), (self.max_len, self.dim))[: tokens.shape[1]].astype(
+          self.dtype)
     for _ in range(self.layers):
-      x = RefBlock(self.heads, self.dim, self.mlp_dim, self.dtype)(x)
+      x = RefBlock(self.heads, self.dim, self.mlp_dim, self.dtype, self.rope)(x)
     return embed.attend(nn.LayerNorm(use_bias=False, dtype=self.dtype)(x)).astype(jnp.float32)
 
 
 def reference_step(config, vocab_size):
   """(init(rng) -> state, step(state, batch) -> (state, loss)) for the straightforward Flax GPT.
 
-  The shape comes from the config (`model.num_layers/num_heads/emb_dim/mlp_ratio/dtype`,
+  The shape comes from the config (`model.num_layers/num_heads/emb_dim/mlp_ratio/dtype/position_encoding`,
   `data.seq_len` as the context); `model.dropout_rate` and `model.attention` are not used.
   """
   m, o = config.model, config.optim
   model = RefGPT(vocab_size, config.data.seq_len, m.num_layers, m.num_heads, m.emb_dim, m.mlp_ratio * m.emb_dim,
-                 jnp.dtype(m.dtype))
+                 jnp.dtype(m.dtype), m.get("position_encoding", "learned") == "rope")
   tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
                    optax.adamw(learning_rate_schedule(o, config.num_train_steps), b1=o.b1, b2=o.b2, eps=o.eps,
                                weight_decay=o.weight_decay, mask=decay_mask))

@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.emb_dim = 384  # residual stream width
   config.model.dropout_rate = 0.2  # embeddings, attention output and MLP output
   config.model.dtype = "bfloat16"  # bf16 compute, fp32 parameters
+  config.model.position_encoding = "learned"  # nanoGPT's table, to compare with its 1.47; rope is untried here
   config.optim.learning_rate = 1e-3  # peak, after warm-up
   config.optim.min_learning_rate = 1e-4  # end of the cosine decay
   config.optim.warmup_steps = 100  # linear warm-up from 0

@@ -5,6 +5,7 @@ import pytest
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn.attention import dot_product_attention, resolve_implementation
+from aigc_jax.nn import rotary_embedding
 
 
 def naive_attention(q, k, v, keep):  # q [B, T, H, D], k/v [B, S, H, D], keep [T, S]
@@ -61,3 +62,22 @@ def test_bf16_inputs_give_bf16_output_close_to_fp32():
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32), naive_attention(q, k, v, np.tril(np.ones((5, 5), bool))),
                              atol=5e-2)
+
+
+def test_rotary_embedding_rotates_feature_pairs_and_scores_see_only_relative_position():
+  q, k, _ = qkv(b=1, t=6, h=2, k=2, d=8)
+  positions = jnp.arange(6)
+  rotated = np.asarray(rotary_embedding(q, positions))
+  # pair (i, i + 4) at position p turns by p * 10000 ** (-i / 4): pair 0 at position 1 by 1 radian
+  np.testing.assert_allclose(rotated[0, 1, :, 0], q[0, 1, :, 0] * np.cos(1) - q[0, 1, :, 4] * np.sin(1), rtol=1e-6)
+  np.testing.assert_allclose(rotated[0, 1, :, 4], q[0, 1, :, 4] * np.cos(1) + q[0, 1, :, 0] * np.sin(1), rtol=1e-6)
+  np.testing.assert_allclose(rotated[:, 0], q[:, 0], rtol=1e-6)  # position 0: unchanged
+  np.testing.assert_allclose(np.hypot(rotated[..., :4], rotated[..., 4:]), np.hypot(q[..., :4], q[..., 4:]), rtol=1e-5)
+
+  def scores(shift):
+    return np.einsum("bthd,bshd->bhts", rotary_embedding(q, positions + shift), rotary_embedding(k, positions + shift))
+
+  np.testing.assert_allclose(scores(37), scores(0), rtol=1e-4, atol=1e-4)
+  assert not np.allclose(scores(0), np.einsum("bthd,bshd->bhts", q, k), atol=1e-2)
+  with pytest.raises(ValueError, match="even head_dim"):
+    rotary_embedding(q[..., :7], positions)

@@ -1,5 +1,6 @@
 """The command line end to end, on shrunk configs: train, resume, sample, and bad input."""
 
+import json
 import os
 
 import pytest
@@ -43,7 +44,8 @@ def test_train_resume_and_sample(model, tmp_path, text_file, capsys):
   assert code == 0, err
   samples = out.split("--- sample ")[1:]
   assert len(samples) == 2 and all(s.split("---\n", 1)[1].startswith("First") for s in samples)
-  assert all(len(s.split("---\n", 1)[1].rstrip("\n")) == 5 + 12 for s in samples)
+  texts = [s.split("---\n", 1)[1] for s in samples]
+  assert all(t.endswith("\n") and len(t[:-1]) == 5 + 12 for t in texts)  # print's newline; a sample may end in one
 
   code, out, err = run(["sample", "--workdir", workdir, "--prompt", "Fir", "--beams", "3", "--num-samples", "3",
                         "--max-new-tokens", "4"], capsys)
@@ -57,6 +59,7 @@ def test_train_resume_and_sample(model, tmp_path, text_file, capsys):
     (["--config.data.source=s3://bucket"], "aigc-jax: Unknown data.source 's3://bucket'"),
     (["--config.model.name=mamba"], "aigc-jax: Unknown model.name 'mamba'"),
     (["--config.model.attention=flashy"], "aigc-jax: Unknown attention implementation 'flashy'"),
+    (["--config.model.position_encoding=alibi"], "aigc-jax: Unknown position_encoding 'alibi'; use one of learned"),
     (["--steps=5"], "aigc-jax: unknown argument '--steps=5'"),
 ])
 def test_bad_train_input_is_one_sentence(argv, message, tmp_path, text_file, capsys):
@@ -64,6 +67,22 @@ def test_bad_train_input_is_one_sentence(argv, message, tmp_path, text_file, cap
   assert code == 2
   assert message in err and "Traceback" not in err
   assert len(err.strip().splitlines()[-1]) > 0 and err.strip().splitlines()[-1].startswith("aigc-jax: ")
+
+
+def test_gpt_runs_saved_before_position_encoding_existed_sample_with_the_learned_table(tmp_path, text_file, capsys):
+  workdir = str(tmp_path / "run")
+  extra = ["--config.num_train_steps=2", "--config.model.position_encoding=learned"]
+  assert run(train_args(workdir, text_file, extra=extra), capsys)[0] == 0
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    config = json.load(f)
+  del config["model"]["position_encoding"]  # as runs saved before the key was added
+  with open(path, "w") as f:
+    json.dump(config, f)
+  code, out, err = run(["sample", "--workdir", workdir, "--prompt", "Fir", "--max-new-tokens", "5", "--temperature",
+                        "0"], capsys)
+  assert code == 0, err
+  assert out.split("---\n", 1)[1].startswith("Fir")
 
 
 def test_bad_sample_input_is_one_sentence(tmp_path, text_file, capsys):

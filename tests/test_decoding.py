@@ -18,6 +18,7 @@ def transformer(**kw):
 MODELS = {
     "transformer": transformer(),
     "transformer_gqa_untied": transformer(num_kv_heads=2, tie_embeddings=False, use_bias=True),
+    "transformer_rope": transformer(position_encoding="rope"),
     "lstm": LSTM(LSTMConfig(vocab_size=VOCAB, emb_dim=8, hidden_dim=16, num_layers=2)),
 }
 
@@ -133,3 +134,10 @@ def test_bad_generation_requests():
   with pytest.raises(UserError, match="ask for at most 6 new tokens"):
     decoding.check_prompt(model, 3, 7, beams=2)
   decoding.check_prompt(model, 3, 7, beams=1)  # sampling slides past the context
+
+
+def test_rope_transformer_has_no_position_table_and_unknown_encodings_are_refused():
+  assert "position" in params_of(MODELS["transformer"])["embed"]
+  assert "position" not in params_of(MODELS["transformer_rope"])["embed"]
+  with pytest.raises(UserError, match="Unknown position_encoding 'alibi'; use one of learned, rope"):
+    transformer(position_encoding="alibi")

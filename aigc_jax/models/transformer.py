@@ -1,4 +1,4 @@
-"""GPT-style decoder-only Transformer (pre-norm, learned positions, optional tied head)."""
+"""GPT-style decoder-only Transformer (pre-norm, learned or rotary positions, optional tied head)."""
 
 import dataclasses
 from typing import Any
@@ -7,7 +7,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from aigc_jax import nn as ann
+from aigc_jax.errors import UserError
 from aigc_jax.nn import layers as ann_layers
+
+
+POSITION_ENCODINGS = ("learned", "rope")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +30,12 @@ class TransformerConfig:
   dtype: Any = jnp.float32  # compute dtype; bfloat16 computes in bf16 with fp32 params
   param_dtype: Any = jnp.float32
   attention: str = "auto"  # see aigc_jax.nn.attention
+  position_encoding: str = "learned"  # learned: GPT-2's absolute table; rope: rotary, on queries and keys
+
+  def __post_init__(self):
+    if self.position_encoding not in POSITION_ENCODINGS:
+      raise UserError(f"Unknown position_encoding {self.position_encoding!r}; use one of "
+                      f"{', '.join(POSITION_ENCODINGS)}.")
 
   @property
   def head_dim(self) -> int:
@@ -36,15 +46,15 @@ class Block(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, *, deterministic, decode, decode_index):
+  def __call__(self, x, *, positions, deterministic, decode, decode_index):
     c = self.config
     residual_scale = (2 * c.num_layers) ** -0.5  # GPT-2: residual projections scaled by depth
     y = ann_layers.LayerNorm(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_attn")(x)
     y = ann.MultiHeadAttention(
         num_heads=c.num_heads, num_kv_heads=c.num_kv_heads or c.num_heads, head_dim=c.head_dim, max_len=c.max_len,
         dtype=c.dtype, param_dtype=c.param_dtype, use_bias=c.use_bias, dropout_rate=c.dropout_rate,
-        out_init_scale=residual_scale, implementation=c.attention, name="attn",
-    )(y, deterministic=deterministic, decode=decode, decode_index=decode_index)
+        out_init_scale=residual_scale, implementation=c.attention, rotary=c.position_encoding == "rope", name="attn",
+    )(y, positions=positions, deterministic=deterministic, decode=decode, decode_index=decode_index)
     x = x + y
     y = ann_layers.LayerNorm(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_mlp")(x)
     y = ann.MLP(c.mlp_ratio * c.emb_dim, dtype=c.dtype, param_dtype=c.param_dtype, use_bias=c.use_bias,
@@ -74,12 +84,13 @@ class Transformer(nn.Module):
       positions = decode_index + jnp.arange(t)
     else:
       positions = jnp.arange(t)
-    embed = ann.TokenAndPositionEmbed(c.vocab_size, c.max_len, c.emb_dim, dtype=c.dtype, param_dtype=c.param_dtype,
-                                      name="embed")
+    embed = ann.TokenAndPositionEmbed(c.vocab_size, c.max_len if c.position_encoding == "learned" else 0, c.emb_dim,
+                                      dtype=c.dtype, param_dtype=c.param_dtype, name="embed")
     x = embed(tokens, positions)
     x = nn.Dropout(c.dropout_rate)(x, deterministic=not train)
     for i in range(c.num_layers):
-      x = Block(c, name=f"block_{i}")(x, deterministic=not train, decode=decode, decode_index=decode_index)
+      x = Block(c, name=f"block_{i}")(x, positions=positions, deterministic=not train, decode=decode,
+                                      decode_index=decode_index)
     x = ann_layers.LayerNorm(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_final")(x)
     if c.tie_embeddings:
       logits = embed.attend(x)

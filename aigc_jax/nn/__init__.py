@@ -1,4 +1,4 @@
 """Shared building blocks, written once and imported by every model family."""
 
 from aigc_jax.nn.attention import dot_product_attention, resolve_implementation, IMPLEMENTATIONS
-from aigc_jax.nn.layers import MLP, MultiHeadAttention, TokenAndPositionEmbed, dense_init
+from aigc_jax.nn.layers import MLP, MultiHeadAttention, TokenAndPositionEmbed, dense_init, rotary_embedding

@@ -143,7 +143,7 @@ class _GeluDense(nn.Module):
 
 
 class TokenAndPositionEmbed(nn.Module):
-  """Token embedding plus a learned absolute position embedding."""
+  """Token embedding plus a learned absolute position embedding (none with `max_len` 0)."""
   vocab_size: int
   max_len: int
   features: int
@@ -153,13 +153,32 @@ class TokenAndPositionEmbed(nn.Module):
   def setup(self):
     self.token = nn.Embed(self.vocab_size, self.features, embedding_init=dense_init(),
                           dtype=self.dtype, param_dtype=self.param_dtype)
-    self.position = self.param("position", dense_init(), (self.max_len, self.features), self.param_dtype)
+    if self.max_len:
+      self.position = self.param("position", dense_init(), (self.max_len, self.features), self.param_dtype)
 
   def __call__(self, tokens, positions):  # [B, T] int, [T] int -> [B, T, F]
-    return self.token(tokens) + jnp.take(self.position, positions, axis=0).astype(self.dtype)[None]
+    x = self.token(tokens)
+    return x + jnp.take(self.position, positions, axis=0).astype(self.dtype)[None] if self.max_len else x
 
   def attend(self, x):  # [B, T, F] -> [B, T, vocab]: the output head tied to the embedding
     return self.token.attend(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.vocab_size)  # 2-D matmul
+
+
+def rotary_embedding(x, positions, max_wavelength: float = 10_000.0):
+  """Rotary position embedding (RoFormer; the rotate-half layout of GPT-NeoX and LLaMA).
+
+  x is [B, T, H, D] with D even, positions [T]. Feature pairs (i, i + D/2) are rotated by
+  angle position * max_wavelength ** (-2i / D), in fp32, so the dot product of a rotated
+  query and key depends on their positions only through the difference.
+  """
+  d = x.shape[-1]
+  if d % 2:
+    raise ValueError(f"rotary position embedding needs an even head_dim; got {d}")
+  inv_freq = max_wavelength ** (-jnp.arange(d // 2, dtype=jnp.float32) / (d // 2))
+  angle = positions.astype(jnp.float32)[:, None] * inv_freq  # [T, D/2]
+  sin, cos = jnp.sin(angle)[None, :, None], jnp.cos(angle)[None, :, None]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 class MultiHeadAttention(nn.Module):
@@ -168,7 +187,8 @@ class MultiHeadAttention(nn.Module):
   In decode mode the keys and values of the new tokens are written into a cache of
   `max_len` positions starting at `decode_index`, and the queries attend to every
   cached position at or before their own. Prefill (many tokens) and one-token steps
-  share this path.
+  share this path. With `rotary`, queries and keys are rotated by their `positions` [T]
+  (`rotary_embedding`) before the keys are cached.
   """
   num_heads: int
   num_kv_heads: int
@@ -180,9 +200,10 @@ class MultiHeadAttention(nn.Module):
   dropout_rate: float = 0.0
   out_init_scale: float = 1.0
   implementation: str = "xla"
+  rotary: bool = False
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool = True, decode: bool = False, decode_index=None):
+  def __call__(self, x, *, positions=None, deterministic: bool = True, decode: bool = False, decode_index=None):
     b, t, features = x.shape
     h, k, d = self.num_heads, self.num_kv_heads, self.head_dim
     qkv = nn.Dense((h + 2 * k) * d, use_bias=self.use_bias, kernel_init=dense_init(), dtype=self.dtype,
@@ -191,6 +212,8 @@ class MultiHeadAttention(nn.Module):
     q = q.reshape(b, t, h, d)
     key = key.reshape(b, t, k, d)
     value = value.reshape(b, t, k, d)
+    if self.rotary:
+      q, key = rotary_embedding(q, positions), rotary_embedding(key, positions)
     if decode:
       cached_key = self.variable("cache", "cached_key", jnp.zeros, (b, self.max_len, k, d), key.dtype)
       cached_value = self.variable("cache", "cached_value", jnp.zeros, (b, self.max_len, k, d), value.dtype)
