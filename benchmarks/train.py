@@ -201,7 +201,7 @@ def bench_shape(name: str, args, dtype, peak):
     rows.append(dict(
         shape=name, implementation=impl, attention=attention if impl == "ours" else "einsum",
         dtype=jnp.dtype(dtype).name, batch=batch, seq_len=seq_len, vocab=vocab, layers=m.num_layers,
-        heads=m.num_heads, width=m.emb_dim, note=note,
+        heads=m.num_heads, width=m.emb_dim, position_encoding=m.position_encoding, note=note,
         params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run["state"][0] if impl == "reference"
                                                                   else run["state"].params)),
         matmul_params=n, flops_per_token=per_token, flops_per_token_causal=per_token_causal,

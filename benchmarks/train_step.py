@@ -95,7 +95,7 @@ def reference_step(config, vocab_size):
   """
   m, o = config.model, config.optim
   model = RefGPT(vocab_size, config.data.seq_len, m.num_layers, m.num_heads, m.emb_dim, m.mlp_ratio * m.emb_dim,
-                 jnp.dtype(m.dtype), m.get("position_encoding", "learned") == "rope")
+                 jnp.dtype(m.dtype), m.position_encoding == "rope")
   tx = optax.chain(optax.clip_by_global_norm(o.grad_clip),
                    optax.adamw(learning_rate_schedule(o, config.num_train_steps), b1=o.b1, b2=o.b2, eps=o.eps,
                                weight_decay=o.weight_decay, mask=decay_mask))

@@ -45,6 +45,8 @@ def test_run_on_the_tiny_shape_writes_rows_and_a_chart(tmp_path):
     assert (r["shape"], r["batch"], r["seq_len"], r["flops_per_token"]) == ("tiny", 2, 16, 173184)
     assert r["ms"] > 0 and r["tokens_per_s"] > 0
   assert rows[1]["ratio_to_reference"] == 1.0
+  assert [r["position_encoding"] for r in rows] == ["rope", "rope"]  # the CPU recipe's, in both models
+  assert rows[0]["params"] == rows[1]["params"]  # like for like: no position table in either
   assert rows[0]["attention"].startswith("auto->")
   assert os.path.getsize(str(tmp_path / "train.png")) > 0
 
