@@ -61,7 +61,7 @@ from aigc_jax.tasks.language_model import LanguageModelTask
 from aigc_jax.train import parallel
 from aigc_jax.train.loop import compile_steps
 from benchmarks.peak import cpu_clock_mhz, cpu_model, peak_flops
-from benchmarks.train_step import reference_step, time_steps
+from benchmarks.train_step import matmul_params, reference_step, time_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAR_VOCAB = 65  # Tiny Shakespeare's characters
@@ -131,14 +131,6 @@ class SyntheticTokens(LanguageModelTask):
     rng = np.random.default_rng(step)
     tokens = rng.integers(0, self.vocab_size, (self.config.batch_size, self.config.data.seq_len + 1), np.int32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}  # [B, T] each
-
-
-def matmul_params(params, tie_embeddings: bool) -> int:
-  """N of the FLOPs formula: all parameters but the token and position tables, plus the tied head."""
-  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  token = params["embed"]["token"]["embedding"]
-  tables = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["embed"]))  # token (and position) table
-  return total - tables + (int(np.prod(token.shape)) if tie_embeddings else 0)
 
 
 def flops_per_token(n: int, layers: int, heads: int, head_dim: int, seq_len: int) -> tuple[float, float]:

@@ -144,21 +144,26 @@ def cpu_description():
   return name, os.cpu_count(), (mhz or 0.0) / 1000
 
 
+def matmul_params(params, tie_embeddings: bool) -> int:
+  """N of the FLOPs formula: all parameters but the token and position tables, plus the tied head."""
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  token = params["embed"]["token"]["embedding"]
+  tables = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["embed"]))  # token (and position) table
+  return total - tables + (int(np.prod(token.shape)) if tie_embeddings else 0)
+
+
 def step_flops(config, params) -> float:
   """Model FLOPs of one training step (forward + backward), nanoGPT's count.
 
   flops = 6 * N * tokens + 12 * L * T * C * tokens, where N counts the matmul weights
-  (every parameter except the token and position tables, plus vocab * C for the
-  output head, which is the tied token table used as a matmul), tokens = B * T, and
+  (`matmul_params`: every parameter except the token and position tables, plus vocab * C
+  for a tied output head, the token table used as a matmul), tokens = B * T, and
   the second term is QK^T and PV over all T keys (forward 4 * T * C per token per
   layer, backward twice that). Causal masking is not subtracted.
   """
   m = config.model
   b, t, c = config.batch_size, config.data.seq_len, m.emb_dim
-  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  tables = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["embed"]))
-  vocab = params["embed"]["token"]["embedding"].shape[0]
-  n = total - tables + vocab * c
+  n = matmul_params(params, m.tie_embeddings)
   tokens = b * t
   return 6 * n * tokens + 12 * m.num_layers * t * c * tokens
 
