@@ -8,13 +8,22 @@ Each repetition times `--steps` steps and ends in `block_until_ready`; compilati
 and a few warm-up steps come first and are not timed. The reference is the plain way
 to write this recipe in Flax (separate q/k/v `nn.Dense`, einsum attention, `optax`
 clip + adamw chain), so the table says what the zoo's model and step buy.
+
+With `--torch-python PATH` (a Python that has torch; torch is not our dependency) a third
+row times the PyTorch reference, nanoGPT's model and training iteration
+(`benchmarks/reference_nanogpt_char.py`), in a subprocess fed the same batches, its
+repetitions alternating with ours. Its positions are nanoGPT's learned table whatever the
+config says (the row records it), and only nanoGPT's shape options exist there: fp32, tied
+embeddings, no biases, MLP ratio 4.
 """
 
 import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 
 import flax
@@ -180,6 +189,62 @@ def time_steps(step, state, batches, steps):
   return state, (time.perf_counter() - start) / steps * 1000
 
 
+class JaxRun:
+  """A jitted step and its state, timed `steps` at a time."""
+
+  def __init__(self, step, state, batches):
+    self.step, self.state, self.batches = step, state, batches
+
+  def time(self, steps):
+    self.state, ms = time_steps(self.step, self.state, self.batches, steps)
+    return ms
+
+  def close(self):
+    pass
+
+
+class TorchRun:
+  """The PyTorch reference's step, timed in a subprocess (`reference_nanogpt_char.py --serve`)."""
+
+  def __init__(self, python, config, vocab_size, batches):
+    m = config.model
+    unsupported = [f"model.{key}={getattr(m, key)!r}" for key, ok in [
+        ("mlp_ratio", m.mlp_ratio == 4), ("tie_embeddings", m.tie_embeddings), ("use_bias", not m.use_bias),
+        ("dtype", m.dtype == "float32")] if not ok]
+    if unsupported:
+      raise SystemExit(f"--torch-python times nanoGPT's model, which has no {', '.join(unsupported)}; "
+                       "benchmark a config without them or leave --torch-python out.")
+    self._dir = tempfile.TemporaryDirectory()
+    path = os.path.join(self._dir.name, "batches.npz")
+    np.savez(path, **{key: np.stack([np.asarray(b[key]) for b in batches]) for key in ("inputs", "targets")})
+    script = os.path.join(ROOT, "benchmarks", "reference_nanogpt_char.py")
+    shape = [str(v) for v in (m.num_layers, m.num_heads, m.emb_dim, vocab_size)]
+    try:
+      self._proc = subprocess.Popen([python, script, "--serve", path, "--shape", *shape], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
+    except OSError as e:
+      self._dir.cleanup()
+      raise SystemExit(f"--torch-python {python}: {e.strerror}; give the path of a Python that has torch.") from e
+    self.info = self._read()
+
+  def _read(self):
+    line = self._proc.stdout.readline()
+    if not line:
+      raise SystemExit("The PyTorch reference stopped (its error is above); check that --torch-python has torch "
+                       "and numpy installed.")
+    return json.loads(line)
+
+  def time(self, steps):
+    self._proc.stdin.write(f"{steps}\n")
+    self._proc.stdin.flush()
+    return self._read()["ms_per_step"]
+
+  def close(self):
+    self._proc.stdin.close()
+    self._proc.wait()
+    self._dir.cleanup()
+
+
 def summarize(ms, tokens, flops, peak):
   ms = np.asarray(ms)
   med = float(np.median(ms))
@@ -197,6 +262,8 @@ def main():
   parser.add_argument("--warmup", type=int, default=5, help="untimed steps after compiling")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "train_step_cpu.json"))
   parser.add_argument("--config-override", action="append", default=[], metavar="KEY=VALUE")
+  parser.add_argument("--torch-python", metavar="PATH",
+                      help="a Python with torch: add the PyTorch reference's step, timed side by side")
   args = parser.parse_args()
 
   config = config_lib.load_config(args.config, args.config_override)
@@ -216,34 +283,42 @@ def main():
   ref_init, ref_step = reference_step(config, task.vocab.size)
   rng = jax.random.PRNGKey(config.seed)
   runs = {
-      "ours": [jax.jit(make_train_step(task.loss, tx, schedule=schedule), donate_argnums=0), jax.jit(ours_init)(rng)],
-      "reference": [jax.jit(ref_step, donate_argnums=0), jax.jit(ref_init)(rng)],
+      "ours": JaxRun(jax.jit(make_train_step(task.loss, tx, schedule=schedule), donate_argnums=0),
+                     jax.jit(ours_init)(rng), batches),
+      "reference": JaxRun(jax.jit(ref_step, donate_argnums=0), jax.jit(ref_init)(rng), batches),
   }
-  flops = step_flops(config, runs["ours"][1].params)
+  if args.torch_python:
+    runs["pytorch"] = TorchRun(args.torch_python, config, task.vocab.size, batches)
+  flops = step_flops(config, runs["ours"].state.params)
   cpu, cores, ghz = cpu_description()
   backend = jax.default_backend()
   # fp32 peak: AVX2 with two FMA units does 2 x 8 lanes x 2 FLOP = 32 FLOP per cycle per core
   peak = cores * ghz * 32 if backend == "cpu" else None
 
+  first_step_s = {}
   for name, run in runs.items():  # compile, then warm up
     start = time.perf_counter()
-    run[1], _ = time_steps(run[0], run[1], batches, 1)
-    run.append((time.perf_counter() - start))
-    run[1], _ = time_steps(run[0], run[1], batches, args.warmup)
+    run.time(1)
+    first_step_s[name] = time.perf_counter() - start
+    run.time(args.warmup)
   times = {name: [] for name in runs}
-  for _ in range(args.reps):  # alternate, so slow phases of a noisy machine hit both
+  for _ in range(args.reps):  # alternate, so slow phases of a noisy machine hit all alike
     for name, run in runs.items():
-      run[1], ms = time_steps(run[0], run[1], batches, args.steps)
-      times[name].append(ms)
+      times[name].append(run.time(args.steps))
+  for run in runs.values():
+    run.close()
 
-  results = {name: dict(summarize(times[name], tokens, flops, peak), compile_and_first_step_s=runs[name][2])
+  results = {name: dict(summarize(times[name], tokens, flops, peak), compile_and_first_step_s=first_step_s[name])
              for name in runs}
+  if "pytorch" in runs:
+    results["pytorch"].update(runs["pytorch"].info, position_encoding="learned",
+                              script="benchmarks/reference_nanogpt_char.py")
   ratio = results["reference"]["ms_per_step_median"] / results["ours"]["ms_per_step_median"]
   device = jax.devices()[0]
   report = {
       "config": os.path.relpath(os.path.abspath(args.config), ROOT), "overrides": args.config_override,
       "batch_size": config.batch_size, "seq_len": config.data.seq_len, "tokens_per_step": tokens,
-      "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(runs["ours"][1].params)),
+      "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(runs["ours"].state.params)),
       "model_gflop_per_step": flops / 1e9, "steps_per_rep": args.steps, "reps": args.reps,
       "device": {"backend": backend, "kind": device.device_kind, "count": jax.device_count(), "cpu": cpu,
                  "cores": cores, "clock_ghz": ghz, "peak_gflops_fp32": peak, "platform": platform.platform(),
@@ -267,6 +342,10 @@ def main():
           f"{r['ms_per_step_iqr']:6.1f} {r['tokens_per_s']:9.0f} {r['gflops_per_s']:8.1f} {frac} "
           f"{r['compile_and_first_step_s']:9.1f}")
   print(f"\nreference / ours (median ms/step): {ratio:.2f}x")
+  if "pytorch" in results:
+    report["pytorch_vs_ours"] = results["pytorch"]["ms_per_step_median"] / results["ours"]["ms_per_step_median"]
+    print(f"pytorch / ours (median ms/step): {report['pytorch_vs_ours']:.2f}x "
+          f"(torch {results['pytorch']['torch']}, {results['pytorch']['threads']} threads, learned positions)")
 
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:

@@ -54,3 +54,18 @@ def test_run_on_the_tiny_shape_writes_rows_and_a_chart(tmp_path):
 def test_unknown_shape_is_a_user_error(tmp_path):
   with pytest.raises(UserError, match="Unknown shape"):
     bench_train.run(_args("--shapes", "gpt3", "--out", str(tmp_path / "x.json")))
+
+
+def _cpu_recipe(*overrides):
+  from aigc_jax import config as config_lib
+  return config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "gpt_shakespeare_char_cpu.py"),
+                                list(overrides))
+
+
+def test_torch_reference_refuses_shapes_nanogpt_lacks_and_a_missing_python():
+  from benchmarks.train_step import TorchRun
+  batches = [{"inputs": jnp.zeros((2, 8), jnp.int32), "targets": jnp.zeros((2, 8), jnp.int32)}]
+  with pytest.raises(SystemExit, match=r"nanoGPT's model, which has no model.mlp_ratio=2, model.use_bias=True;"):
+    TorchRun("python", _cpu_recipe("model.mlp_ratio=2", "model.use_bias=True"), 65, batches)
+  with pytest.raises(SystemExit, match=r"--torch-python /no/such/python: .*give the path of a Python that has torch"):
+    TorchRun("/no/such/python", _cpu_recipe(), 65, batches)
