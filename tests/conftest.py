@@ -1,10 +1,20 @@
 """Shared fixtures: a tiny text corpus and a shrunk GPT config that trains in seconds."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
-import pytest
+# One persistent compilation cache for the whole session, subprocesses included (they inherit
+# the variable): a test that trains, resumes and samples compiles each program once, as the
+# command line does for a user (`aigc_jax.cache.enable_compilation_cache`), and never in the
+# user's own cache. Set before JAX is imported, which reads it then.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="aigc_jax_test_jax_cache_")
+atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
-from aigc_jax import config as config_lib
+import pytest  # noqa: E402
+
+from aigc_jax import config as config_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_CONFIG = os.path.join(ROOT, "configs", "gpt_shakespeare_char_cpu.py")

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from aigc_jax import cache as cache_lib
 from aigc_jax.data.images import ImageData, to_float
 from aigc_jax.errors import UserError
 from aigc_jax.evaluation import TrainHParams, frechet_distance, get_classifier, image_metrics
@@ -121,12 +122,24 @@ def test_cache_key_changes_with_data_and_hyperparameters():
 def test_cache_folder(monkeypatch):
   monkeypatch.setenv("AIGC_JAX_CACHE", "/a")
   monkeypatch.setenv("XDG_CACHE_HOME", "/b")
-  assert classifier_lib.cache_dir() == "/a"
+  assert cache_lib.cache_dir() == "/a"
   monkeypatch.delenv("AIGC_JAX_CACHE")
-  assert classifier_lib.cache_dir() == "/b/aigc_jax"
+  assert cache_lib.cache_dir() == "/b/aigc_jax"
   monkeypatch.delenv("XDG_CACHE_HOME")
   monkeypatch.setenv("HOME", "/home/u")
-  assert classifier_lib.cache_dir() == "/home/u/.cache/aigc_jax"
+  assert cache_lib.cache_dir() == "/home/u/.cache/aigc_jax"
+
+
+def test_compilation_cache_goes_under_the_cache_folder_unless_the_user_chose_one(monkeypatch):
+  chosen = jax.config.jax_compilation_cache_dir  # the tests' own (conftest.py)
+  assert chosen and cache_lib.enable_compilation_cache() == chosen
+  monkeypatch.setenv("AIGC_JAX_CACHE", "/a")
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert cache_lib.enable_compilation_cache() == "/a/jax_compilation_cache"
+    assert jax.config.jax_compilation_cache_dir == "/a/jax_compilation_cache"
+  finally:
+    jax.config.update("jax_compilation_cache_dir", chosen)
 
 
 def test_image_metrics_compare_equal_sized_sets(cache):

@@ -2,11 +2,10 @@
 
 Inception features (FID) need downloaded weights and are meaningless on 28x28 digits, so the
 metrics use a classifier trained on the data's `train` split: deterministic (fixed seed, fixed
-steps) and cached under `$AIGC_JAX_CACHE`, else `$XDG_CACHE_HOME/aigc_jax`, else
-`~/.cache/aigc_jax`, as `classifiers/<key>.msgpack`. The key hashes the data (train and test
-images and labels), the architecture version and the training hyperparameters, so any change trains
-a new one. Trained on MNIST images 0-8,999 it scores 99.1% on 9,000-9,999 in 80 CPU-seconds
-(116 s wall on a busy 2-core CPU): `python -m aigc_jax.evaluation mnist_idx:DIR`.
+steps) and cached in `aigc_jax.cache.cache_dir()` as `classifiers/<key>.msgpack`. The key
+hashes the data (train and test images and labels), the architecture version and the training
+hyperparameters, so any change trains a new one. Trained on MNIST images 0-8,999 it scores 99.1%
+on 9,000-9,999 in 80 CPU-seconds (116 s wall on a busy 2-core CPU): `python -m aigc_jax.evaluation mnist_idx:DIR`.
 """
 
 import dataclasses
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from aigc_jax.cache import cache_dir
 from aigc_jax.data.images import ImageData, to_float
 
 ARCH_VERSION = 2  # bump when ConvNet changes, so old caches are not loaded into a new network
@@ -62,13 +62,6 @@ class TrainHParams:
   learning_rate: float = 3e-3  # Adam, cosine-decayed to 0
   max_shift: int = 2  # augmentation: random translations of up to this many pixels
   seed: int = 0
-
-
-def cache_dir() -> str:
-  if os.environ.get("AIGC_JAX_CACHE"):
-    return os.environ["AIGC_JAX_CACHE"]
-  xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(xdg, "aigc_jax")
 
 
 def cache_key(data: ImageData, hparams: TrainHParams) -> str:
