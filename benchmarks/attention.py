@@ -1,6 +1,6 @@
 """Times the attention implementations side by side on FlashAttention's benchmark grid.
 
-  python -m benchmarks.attention [--quick] [--out benchmarks/results/attention.json]
+  python -m benchmarks.attention [--quick] [--lengths 2048,4096] [--out benchmarks/results/attention.json]
   (wired as `aigc-jax bench attention`: `add_arguments(parser)` and `run(args)`)
 
 The full grid is the FlashAttention papers': batch x length = 16k tokens, heads x head_dim
@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument("--quick", action="store_true", help="the small grid a CPU finishes in about two minutes")
   parser.add_argument("--out", default=None, help="JSON path (a PNG plot is written next to it); default "
                       "benchmarks/results/attention_<backend>[_quick].json")
+  parser.add_argument("--lengths", default=None, help="comma-separated sequence lengths, replacing the grid's "
+                      "(the batch still keeps the grid's tokens per batch)")
   parser.add_argument("--implementations", default=None,
                       help="comma-separated; default: cudnn,xla,chunked,flash on a GPU, xla,chunked elsewhere")
   parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
@@ -56,9 +58,20 @@ def add_arguments(parser: argparse.ArgumentParser):
                       "on a GPU, a quarter of the available RAM on a CPU (others share it)")
 
 
-def grid(quick: bool):
+def grid_spec(args) -> dict:
+  g = dict(QUICK if args.quick else FULL)
+  if args.lengths:
+    try:
+      g["lengths"] = tuple(int(n) for n in args.lengths.split(","))
+    except ValueError:
+      g["lengths"] = ()
+    if not g["lengths"] or min(g["lengths"]) < 1:
+      raise UserError(f"--lengths takes positive integers separated by commas, like 2048,4096; got {args.lengths!r}.")
+  return g
+
+
+def grid(g: dict):
   """(seq_len, head_dim, causal, mode, batch, heads) cells in run order."""
-  g = QUICK if quick else FULL
   for d in g["head_dims"]:
     for causal in (False, True):
       for mode in MODES:
@@ -115,6 +128,7 @@ def run(args) -> int:
     if name not in attention_lib.IMPLEMENTATIONS or name == "auto":
       raise UserError(f"Unknown implementation {name!r} for the attention benchmark; use some of "
                       f"{', '.join(i for i in attention_lib.IMPLEMENTATIONS if i != 'auto')}.")
+  g = grid_spec(args)
   reference = "cudnn" if on_gpu else "xla"
   if reference not in implementations:
     implementations.insert(0, reference)
@@ -131,7 +145,7 @@ def run(args) -> int:
             f"{'IQR ms':>7s} {'TFLOP/s':>8s} {'% peak':>7s} {'vs ref':>7s}")
   print(header)
   rng = np.random.default_rng(0)
-  for seq_len, head_dim, causal, mode, batch, heads in grid(args.quick):
+  for seq_len, head_dim, causal, mode, batch, heads in grid(g):
     shape = (batch, seq_len, heads, head_dim)
     arrays = [jnp.asarray(rng.normal(size=shape), dtype) for _ in range(4 if mode == "fwd_bwd" else 3)]
     compiled, times = {}, {}
@@ -180,7 +194,6 @@ def run(args) -> int:
   for item in not_run:
     print(f"not run: {item['implementation']} seq_len {item['seq_len']} head_dim {item['head_dim']} "
           f"causal {item['causal']} {item['mode']}: {item['reason']}")
-  g = QUICK if args.quick else FULL
   meta = dict(
       device=dict(backend=backend, kind=device.device_kind, platform=platform.platform(),
                   cpu_affinity_cores=len(os.sched_getaffinity(0))),

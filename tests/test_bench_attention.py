@@ -1,0 +1,71 @@
+"""`benchmarks/attention.py` and `benchmarks/attention_memory.py`: FLOP counts, a tiny grid end to end, and
+memory-capped runs where `chunked` fits and `xla` does not."""
+
+import argparse
+import json
+import os
+
+import pytest
+
+from aigc_jax.errors import UserError
+from benchmarks import attention as bench_attention
+from benchmarks import attention_memory
+
+
+def test_attention_flops_follow_the_flash_attention_papers():
+  assert bench_attention.attention_flops(2, 3, 128, 64, causal=False, mode="fwd") == 4 * 2 * 3 * 128 ** 2 * 64
+  assert bench_attention.attention_flops(2, 3, 128, 64, causal=True, mode="fwd") == 2 * 2 * 3 * 128 ** 2 * 64
+  assert bench_attention.attention_flops(2, 3, 128, 64, causal=True, mode="fwd_bwd") == 7 * 2 * 3 * 128 ** 2 * 64
+
+
+def _args(*argv):
+  parser = argparse.ArgumentParser()
+  bench_attention.add_arguments(parser)
+  return parser.parse_args(list(argv))
+
+
+def test_tiny_grid_writes_every_cell_against_the_reference_and_a_plot(tmp_path):
+  out = str(tmp_path / "attention.json")
+  assert bench_attention.run(_args("--quick", "--lengths", "64,128", "--out", out, "--reps", "1")) == 0
+  with open(out) as f:
+    report = json.load(f)
+  rows = report["rows"]
+  cells = [(r["seq_len"], r["causal"], r["mode"]) for r in rows if r["implementation"] == "xla"]
+  assert sorted(cells) == sorted((s, c, m) for s in (64, 128) for c in (False, True) for m in ("fwd", "fwd_bwd"))
+  assert sorted({r["implementation"] for r in rows}) == ["chunked", "xla"]
+  for r in rows:
+    assert {"implementation", "seq_len", "head_dim", "causal", "mode", "ms", "tflops", "peak_fraction",
+            "ratio_to_reference"} <= set(r)
+    assert r["head_dim"] == 64 and r["ms"] > 0
+    # quick grid: 2048 tokens a batch, 4 heads x 64
+    flops = bench_attention.attention_flops(2048 // r["seq_len"], 4, r["seq_len"], 64, r["causal"], r["mode"])
+    assert r["tflops"] == pytest.approx(flops / r["ms"] / 1e9)
+    assert r["peak_fraction"] == pytest.approx(r["tflops"] * 1e12 / report["meta"]["peak_flops"])
+    if r["implementation"] == "xla":
+      assert r["ratio_to_reference"] == 1.0
+  assert report["meta"]["reference"] == "xla" and report["meta"]["grid"]["lengths"] == [64, 128]
+  assert os.path.getsize(str(tmp_path / "attention.png")) > 0
+
+
+def test_unknown_implementation_or_length_is_a_user_error(tmp_path):
+  with pytest.raises(UserError, match="Unknown implementation 'fast'"):
+    bench_attention.run(_args("--implementations", "fast", "--out", str(tmp_path / "x.json")))
+  with pytest.raises(UserError, match="--lengths takes positive integers"):
+    bench_attention.run(_args("--lengths", "1k", "--out", str(tmp_path / "x.json")))
+
+
+def test_a_capped_run_reports_xla_out_of_memory_where_chunked_runs():
+  shape = dict(heads=4, head_dim=64)  # at length 4096 `xla` needs 552 MiB, `chunked` 63 MiB (memory analysis)
+  free = attention_memory.run_capped("chunked", 4096, "fwd_bwd", attention_memory.physical_memory(), **shape)
+  assert free["status"] == "ran" and free["finite"]
+  # The process itself (Python, JAX, thread arenas) takes most of the address space: cap 256 MiB above it.
+  limit = free["peak_virtual_bytes"] + 2 ** 28
+  chunked = attention_memory.run_capped("chunked", 4096, "fwd_bwd", limit, **shape)
+  xla = attention_memory.run_capped("xla", 4096, "fwd_bwd", limit, **shape)
+  assert chunked["status"] == "ran" and chunked["finite"] and chunked["peak_virtual_bytes"] <= limit
+  assert xla["status"] == "out_of_memory" and "RESOURCE_EXHAUSTED" in xla["error"]
+
+
+def test_a_capped_run_that_fails_for_another_reason_raises():
+  with pytest.raises(RuntimeError, match="failed .* for a reason other than memory"):
+    attention_memory.run_capped("no_such_kernel", 64, "fwd", attention_memory.physical_memory())
