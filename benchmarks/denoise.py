@@ -6,10 +6,11 @@ Shapes are the shipped diffusion configs' UNets: `ddpm_mnist` (configs/ddpm_mnis
 28x28x1, class-conditional) and `ddpm_cifar10` (configs/ddpm_cifar10.py, the 35.7M-parameter
 UNet of Ho et al. at 32x32x3). FLOPs are XLA's own count for the compiled computation
 (`cost_analysis()`, a multiply-add is 2 FLOPs); the sampler is counted as its steps times
-the forward's FLOPs per image (XLA counts a loop body once). The reference, timed alternately in the same process, is the same UNet built from
-stock `flax.linen.Conv` layers (XLA's own convolution gradients): it shows what
-`aigc_jax.nn.conv` buys. `--quick` is the CPU grid (small batches); the default grid is
-meant for a GPU.
+the forward's FLOPs per image (XLA counts a loop body once). The reference, timed
+alternately in the same process, is the same UNet built from stock `flax.linen.Conv` layers
+(XLA's own convolution gradients): it shows what `aigc_jax.nn.conv` buys. `--quick` is the
+CPU grid (small batches); the default grid is meant for a GPU. Writes JSON and a PNG bar
+chart next to it.
 """
 
 import argparse
@@ -34,25 +35,31 @@ from aigc_jax.errors import UserError
 from aigc_jax.models.unet import UNet
 from aigc_jax.nn import image as image_lib
 from aigc_jax.tasks.diffusion import unet_config
+from aigc_jax.train.loop import jit_init
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_train_step
 from benchmarks.peak import peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES = {  # name -> (config file, image size, channels, classes)
-    "ddpm_mnist": ("ddpm_mnist.py", 28, 1, 10),
-    "ddpm_cifar10": ("ddpm_cifar10.py", 32, 3, 10),
+SHAPES = {  # name -> (config file, config overrides, image size, channels, classes)
+    "ddpm_mnist": ("ddpm_mnist.py", [], 28, 1, 10),
+    "ddpm_cifar10": ("ddpm_cifar10.py", [], 32, 3, 10),
+    "tiny": ("ddpm_mnist.py", ["model.base_features=8", "model.channel_mults=(1,)",  # for the tests only
+                               "model.attention_resolutions=(8,)", "model.num_heads=2", "model.norm_groups=4"],
+             8, 1, 10),
 }
 # (forward batch, train batch, sampler batch, sampler steps) per shape
-QUICK = {"ddpm_mnist": (64, 32, 16, 10), "ddpm_cifar10": (4, 2, 2, 2)}
-FULL = {"ddpm_mnist": (256, 128, 256, 50), "ddpm_cifar10": (128, 128, 128, 50)}
+QUICK = {"ddpm_mnist": (64, 32, 16, 10), "ddpm_cifar10": (4, 2, 2, 2), "tiny": (2, 2, 2, 2)}
+FULL = {"ddpm_mnist": (256, 128, 256, 50), "ddpm_cifar10": (128, 128, 128, 50), "tiny": (2, 2, 2, 2)}
+DEFAULT_SHAPES = ("ddpm_mnist", "ddpm_cifar10")
 IMPLEMENTATIONS = ("ours", "stock_flax_conv")
 
 
 def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument("--quick", action="store_true", help="small batches: the CPU grid, a few minutes on 2 cores")
   parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/denoise_<backend>[_quick].json)")
-  parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
+  parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
+                      help=f"comma-separated, from {', '.join(SHAPES)} ('tiny' is for tests)")
   parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                       help="compute dtype; default bfloat16 on a GPU, float32 elsewhere")
   parser.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement")
@@ -73,9 +80,12 @@ def stock_flax_conv():
     image_lib.Conv = ours
 
 
-def build(name, config_file, size, channels, classes, dtype, batches, implementation):
-  """Compiled (forward, train step, sampler) for one shape, with their inputs."""
-  config = config_lib.load_config(os.path.join(ROOT, "configs", config_file))
+def build(name, config_file, overrides, size, channels, classes, dtype, batches, implementation, params=None):
+  """Compiled (forward, train step, sampler) for one shape, with their inputs, and the parameters.
+
+  `params` from an earlier call for the same shape are reused (the implementations share them).
+  """
+  config = config_lib.load_config(os.path.join(ROOT, "configs", config_file), overrides)
   ucfg = unet_config(config.model, size, channels, classes)
   ucfg = type(ucfg)(**{**ucfg.__dict__, "dtype": dtype})
   model = UNet(ucfg)
@@ -84,7 +94,9 @@ def build(name, config_file, size, channels, classes, dtype, batches, implementa
   rng = np.random.default_rng(0)
   labels = lambda b: jnp.asarray(rng.integers(0, classes, b), jnp.int32) if ucfg.num_classes else None
   x = lambda b: jnp.asarray(rng.uniform(-1, 1, (b, size, size, channels)), jnp.float32)
-  params = model.init(jax.random.PRNGKey(0), x(1), jnp.zeros((1,), jnp.int32), labels(1), train=False)["params"]
+  if params is None:
+    init = jit_init(lambda key, x_, t, y: model.init(key, x_, t, y, train=False)["params"], jax.default_backend())
+    params = init(jax.random.PRNGKey(0), x(1), jnp.zeros((1,), jnp.int32), labels(1))
   tx = optax.adam(1e-4)
 
   def loss_fn(p, batch, step_rng, train):
@@ -119,7 +131,7 @@ def build(name, config_file, size, channels, classes, dtype, batches, implementa
                     (params, jax.random.PRNGKey(2), sample_labels), sample_b),
     }
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-  return compiled, n_params, sample_steps
+  return compiled, n_params, sample_steps, params
 
 
 def _flops(compiled) -> float | None:
@@ -150,9 +162,11 @@ def run(args) -> int:
         f"{'steps/s':>8s} {'TFLOP/s':>8s} {'% peak':>7s} {'vs ref':>7s}")
   rows = []
   for name in shapes:
-    config_file, size, channels, classes = SHAPES[name]
-    built = {impl: build(name, config_file, size, channels, classes, dtype, grid[name], impl)
-             for impl in IMPLEMENTATIONS}
+    config_file, overrides, size, channels, classes = SHAPES[name]
+    built, params = {}, None
+    for impl in IMPLEMENTATIONS:
+      built[impl] = build(name, config_file, overrides, size, channels, classes, dtype, grid[name], impl, params)
+      params = built[impl][3]
     for what in ("forward", "train_step", "sampler"):
       times = {impl: [] for impl in IMPLEMENTATIONS}
       for impl in IMPLEMENTATIONS:  # warm-up (the first call also allocates)
@@ -164,7 +178,7 @@ def run(args) -> int:
           times[impl].append(_time(fn, fn_args))
       ref_s = float(np.median(times["stock_flax_conv"]))
       for impl in IMPLEMENTATIONS:
-        compiled, n_params, sample_steps = built[impl]
+        compiled, n_params, sample_steps, _ = built[impl]
         fn, _, batch = compiled[what]
         seconds = float(np.median(times[impl]))
         flops = _flops(fn)
@@ -190,12 +204,37 @@ def run(args) -> int:
               peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, reps=args.reps,
               reference="stock_flax_conv: the same UNet with flax.linen.Conv", ms="median of reps",
               flops="XLA cost_analysis of the compiled forward and step; sampler: forward FLOPs per image x batch x steps", sampler="DDIM, guidance 1 (one UNet call per step)",
-              batches={k: dict(zip(("forward", "train_step", "sampler", "sampler_steps"), v)) for k, v in grid.items()})
+              batches={k: dict(zip(("forward", "train_step", "sampler", "sampler_steps"), grid[k])) for k in shapes})
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   with open(out_path, "w") as f:
     json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  print(f"wrote {out_path}")
+  png = os.path.splitext(out_path)[0] + ".png"
+  plot(rows, png, f"{device.device_kind}, {dtype.name}, peak {peak_note.split(': ')[-1]}")
+  print(f"wrote {out_path} and {png}")
   return 0
+
+
+def plot(rows, path, title):
+  """Images/s per implementation, one panel per (shape, measurement), the reference ratio on each bar."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  panels = list(dict.fromkeys((r["shape"], r["what"]) for r in rows))
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+  for ax, (shape, what) in zip(axes.flat, panels):
+    cell = [r for r in rows if (r["shape"], r["what"]) == (shape, what)]
+    bars = ax.bar([r["implementation"] for r in cell], [r["images_per_sec"] for r in cell], color=["C0", "C1"])
+    for bar, r in zip(bars, cell):
+      ax.annotate(f"{r['ratio_to_reference']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                  ha="center", va="bottom", fontsize=8)
+    ax.set_title(f"{shape} {what} (batch {cell[0]['batch']})", fontsize=9)
+    ax.set_ylabel("images/s")
+    ax.tick_params(axis="x", labelsize=7)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 if __name__ == "__main__":

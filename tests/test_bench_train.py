@@ -1,4 +1,4 @@
-"""`benchmarks/train.py`: the FLOPs formula by hand on the tiny shape, and one tiny run end to end."""
+"""`benchmarks/train.py` and `benchmarks/denoise.py`: the FLOPs formula by hand on the tiny shape, and tiny runs end to end."""
 
 import argparse
 import json
@@ -69,3 +69,31 @@ def test_torch_reference_refuses_shapes_nanogpt_lacks_and_a_missing_python():
     TorchRun("python", _cpu_recipe("model.mlp_ratio=2", "model.use_bias=True"), 65, batches)
   with pytest.raises(SystemExit, match=r"--torch-python /no/such/python: .*give the path of a Python that has torch"):
     TorchRun("/no/such/python", _cpu_recipe(), 65, batches)
+
+
+def test_denoise_tiny_shape_writes_every_measurement_against_the_reference_and_a_chart(tmp_path):
+  from benchmarks import denoise as bench_denoise
+  parser = argparse.ArgumentParser()
+  bench_denoise.add_arguments(parser)
+  out = str(tmp_path / "denoise.json")
+  assert bench_denoise.run(parser.parse_args(["--quick", "--shapes", "tiny", "--out", out, "--reps", "1"])) == 0
+  with open(out) as f:
+    report = json.load(f)
+  rows = report["rows"]
+  assert [(r["what"], r["implementation"]) for r in rows] == [
+      (w, i) for w in ("forward", "train_step", "sampler") for i in ("ours", "stock_flax_conv")]
+  forward_flops_per_image = rows[0]["flops"] / rows[0]["batch"]
+  for r in rows:
+    assert r["shape"] == "tiny" and r["batch"] == 2 and r["ms"] > 0
+    assert r["images_per_sec"] == pytest.approx(r["batch"] / r["ms"] * 1000)
+    assert r["tflops"] == pytest.approx(r["flops"] / r["ms"] / 1e9)
+    assert r["params"] == rows[0]["params"]  # the reference is the same UNet
+    if r["implementation"] == "stock_flax_conv":
+      assert r["ratio_to_reference"] == 1.0
+  sampler = rows[4]  # counted as steps x the forward's FLOPs per image
+  assert sampler["flops"] == pytest.approx(forward_flops_per_image * 2 * 2)
+  assert sampler["steps_per_sec"] == pytest.approx(2 / sampler["ms"] * 1000)
+  assert report["meta"]["batches"] == {"tiny": {"forward": 2, "train_step": 2, "sampler": 2, "sampler_steps": 2}}
+  assert os.path.getsize(str(tmp_path / "denoise.png")) > 0
+  with pytest.raises(UserError, match="Unknown denoise shape 'unet3d'"):
+    bench_denoise.run(parser.parse_args(["--shapes", "unet3d", "--out", out]))
