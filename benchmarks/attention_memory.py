@@ -138,7 +138,8 @@ def analyse(lengths) -> tuple[dict, list]:
 def run_all(lengths, limit_bytes: int) -> tuple[dict, list]:
   print(f"backend {jax.default_backend()}; forward + backward, batch 1, 16 heads x 128, fp32, causal; each run in a "
         f"process capped at {limit_bytes / 2 ** 30:.1f} GiB of address space")
-  print(f"{'implementation':>14s} {'seq_len':>8s} {'needs GiB':>9s} {'status':>13s} {'run s':>7s} {'peak RSS GiB':>12s}")
+  print(f"{'implementation':>14s} {'seq_len':>8s} {'needs GiB':>9s} {'status':>13s} {'run s':>7s} "
+        f"{'peak RSS GiB':>12s}")
   rows = []
   for seq_len in lengths:
     for implementation in ("xla", "chunked"):

@@ -57,7 +57,8 @@ IMPLEMENTATIONS = ("ours", "stock_flax_conv")
 
 def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument("--quick", action="store_true", help="small batches: the CPU grid, a few minutes on 2 cores")
-  parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/denoise_<backend>[_quick].json)")
+  parser.add_argument("--out", default=None,
+                      help="JSON path (default benchmarks/results/denoise_<backend>[_quick].json)")
   parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
                       help=f"comma-separated, from {', '.join(SHAPES)} ('tiny' is for tests)")
   parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
@@ -155,7 +156,8 @@ def run(args) -> int:
       raise UserError(f"Unknown denoise shape {name!r}; use some of {', '.join(SHAPES)}.")
   peak, peak_note = peak_flops(dtype)
   grid = QUICK if args.quick else FULL
-  out_path = args.out or os.path.join(ROOT, "benchmarks", "results", f"denoise_{backend}{'_quick' if args.quick else ''}.json")
+  out_path = args.out or os.path.join(ROOT, "benchmarks", "results",
+                                      f"denoise_{backend}{'_quick' if args.quick else ''}.json")
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({backend}); peak: {peak_note}; dtype {dtype.name}; {args.reps} timed reps")
   print(f"{'shape':>13s} {'what':>10s} {'implementation':>16s} {'batch':>5s} {'ms':>9s} {'images/s':>9s} "
@@ -203,7 +205,9 @@ def run(args) -> int:
                             python=platform.python_version()),
               peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, reps=args.reps,
               reference="stock_flax_conv: the same UNet with flax.linen.Conv", ms="median of reps",
-              flops="XLA cost_analysis of the compiled forward and step; sampler: forward FLOPs per image x batch x steps", sampler="DDIM, guidance 1 (one UNet call per step)",
+              flops="XLA cost_analysis of the compiled forward and step; sampler: forward FLOPs per image x batch "
+                    "x steps",
+              sampler="DDIM, guidance 1 (one UNet call per step)",
               batches={k: dict(zip(("forward", "train_step", "sampler", "sampler_steps"), grid[k])) for k in shapes})
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   with open(out_path, "w") as f:

@@ -1,13 +1,13 @@
 """`benchmarks/attention.py` and `benchmarks/attention_memory.py`: FLOP counts, a tiny grid end to end, and
 memory-capped runs where `chunked` fits and `xla` does not."""
 
-import argparse
 import json
 import os
 
 import pytest
 
 from aigc_jax.errors import UserError
+from benchmarks import parse_args
 from benchmarks import attention as bench_attention
 from benchmarks import attention_memory
 
@@ -18,15 +18,10 @@ def test_attention_flops_follow_the_flash_attention_papers():
   assert bench_attention.attention_flops(2, 3, 128, 64, causal=True, mode="fwd_bwd") == 7 * 2 * 3 * 128 ** 2 * 64
 
 
-def _args(*argv):
-  parser = argparse.ArgumentParser()
-  bench_attention.add_arguments(parser)
-  return parser.parse_args(list(argv))
-
-
 def test_tiny_grid_writes_every_cell_against_the_reference_and_a_plot(tmp_path):
   out = str(tmp_path / "attention.json")
-  assert bench_attention.run(_args("--quick", "--lengths", "64,128", "--out", out, "--reps", "1")) == 0
+  args = parse_args(bench_attention, ["--quick", "--lengths", "64,128", "--out", out, "--reps", "1"])
+  assert bench_attention.run(args) == 0
   with open(out) as f:
     report = json.load(f)
   rows = report["rows"]
@@ -49,9 +44,9 @@ def test_tiny_grid_writes_every_cell_against_the_reference_and_a_plot(tmp_path):
 
 def test_unknown_implementation_or_length_is_a_user_error(tmp_path):
   with pytest.raises(UserError, match="Unknown implementation 'fast'"):
-    bench_attention.run(_args("--implementations", "fast", "--out", str(tmp_path / "x.json")))
+    bench_attention.run(parse_args(bench_attention, ["--implementations", "fast", "--out", str(tmp_path / "x.json")]))
   with pytest.raises(UserError, match="--lengths takes positive integers"):
-    bench_attention.run(_args("--lengths", "1k", "--out", str(tmp_path / "x.json")))
+    bench_attention.run(parse_args(bench_attention, ["--lengths", "1k", "--out", str(tmp_path / "x.json")]))
 
 
 def test_a_capped_run_reports_xla_out_of_memory_where_chunked_runs():

@@ -1,6 +1,5 @@
-"""`benchmarks/train.py` and `benchmarks/denoise.py`: the FLOPs formula by hand on the tiny shape, and tiny runs end to end."""
+"""`benchmarks/train.py` and `benchmarks/denoise.py`: the FLOPs formula by hand, and tiny runs end to end."""
 
-import argparse
 import json
 import os
 
@@ -9,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from aigc_jax.errors import UserError
+from benchmarks import parse_args
 from benchmarks import train as bench_train
 
 
@@ -25,9 +25,7 @@ def test_flops_per_token_matches_a_hand_count():
 
 
 def _args(*argv):
-  parser = argparse.ArgumentParser()
-  bench_train.add_arguments(parser)
-  return parser.parse_args(list(argv))
+  return parse_args(bench_train, argv)
 
 
 def test_run_on_the_tiny_shape_writes_rows_and_a_chart(tmp_path):
@@ -73,10 +71,9 @@ def test_torch_reference_refuses_shapes_nanogpt_lacks_and_a_missing_python():
 
 def test_denoise_tiny_shape_writes_every_measurement_against_the_reference_and_a_chart(tmp_path):
   from benchmarks import denoise as bench_denoise
-  parser = argparse.ArgumentParser()
-  bench_denoise.add_arguments(parser)
   out = str(tmp_path / "denoise.json")
-  assert bench_denoise.run(parser.parse_args(["--quick", "--shapes", "tiny", "--out", out, "--reps", "1"])) == 0
+  args = parse_args(bench_denoise, ["--quick", "--shapes", "tiny", "--out", out, "--reps", "1"])
+  assert bench_denoise.run(args) == 0
   with open(out) as f:
     report = json.load(f)
   rows = report["rows"]
@@ -96,4 +93,4 @@ def test_denoise_tiny_shape_writes_every_measurement_against_the_reference_and_a
   assert report["meta"]["batches"] == {"tiny": {"forward": 2, "train_step": 2, "sampler": 2, "sampler_steps": 2}}
   assert os.path.getsize(str(tmp_path / "denoise.png")) > 0
   with pytest.raises(UserError, match="Unknown denoise shape 'unet3d'"):
-    bench_denoise.run(parser.parse_args(["--shapes", "unet3d", "--out", out]))
+    bench_denoise.run(parse_args(bench_denoise, ["--shapes", "unet3d", "--out", out]))
