@@ -58,15 +58,19 @@ def add_arguments(parser: argparse.ArgumentParser):
                       "on a GPU, a quarter of the available RAM on a CPU (others share it)")
 
 
+def parse_lengths(text: str) -> tuple[int, ...]:
+  """`--lengths`: "2048,4096" -> (2048, 4096)."""
+  items = [n.strip() for n in text.split(",")]
+  if not all(n.isdigit() and int(n) > 0 for n in items):
+    raise UserError(f"--lengths takes positive integers separated by commas, like 2048,4096; got {text!r}.")
+  return tuple(map(int, items))
+
+
 def grid_spec(args) -> dict:
+  """The grid's sizes: `--quick`'s or the full one, `--lengths` replacing its lengths."""
   g = dict(QUICK if args.quick else FULL)
   if args.lengths:
-    try:
-      g["lengths"] = tuple(int(n) for n in args.lengths.split(","))
-    except ValueError:
-      g["lengths"] = ()
-    if not g["lengths"] or min(g["lengths"]) < 1:
-      raise UserError(f"--lengths takes positive integers separated by commas, like 2048,4096; got {args.lengths!r}.")
+    g["lengths"] = parse_lengths(args.lengths)
   return g
 
 

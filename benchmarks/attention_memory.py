@@ -31,7 +31,9 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
+from aigc_jax.errors import UserError
 from aigc_jax.nn import attention as attention_lib
+from benchmarks.attention import parse_lengths
 from benchmarks.peak import cpu_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,7 +177,10 @@ def main():
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # before the program allocates anything
     print(json.dumps(run_once(request.pop("implementation"), request.pop("seq_len"), request.pop("mode"), **request)))
     return
-  lengths = [int(n) for n in args.lengths.split(",")] if args.lengths else RUN_LENGTHS if args.run else LENGTHS
+  try:
+    lengths = parse_lengths(args.lengths) if args.lengths else RUN_LENGTHS if args.run else LENGTHS
+  except UserError as e:
+    parser.error(str(e))
   if args.run:
     limit = int(args.memory_limit_gib * 2 ** 30) if args.memory_limit_gib else physical_memory()
     meta, rows = run_all(lengths, limit)

@@ -43,6 +43,7 @@ def test_tiny_grid_writes_every_cell_against_the_reference_and_a_plot(tmp_path):
 
 
 def test_unknown_implementation_or_length_is_a_user_error(tmp_path):
+  assert bench_attention.parse_lengths("64, 128") == (64, 128)
   with pytest.raises(UserError, match="Unknown implementation 'fast'"):
     bench_attention.run(parse_args(bench_attention, ["--implementations", "fast", "--out", str(tmp_path / "x.json")]))
   with pytest.raises(UserError, match="--lengths takes positive integers"):
