@@ -39,7 +39,6 @@ from benchmarks.peak import cpu_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 RUN_LENGTHS = (4096, 8192, 16384)
-SHAPE = dict(batch=1, heads=16, head_dim=128)
 OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "bad_alloc", "Cannot allocate memory", "MemoryError", "Out of memory")
 
 

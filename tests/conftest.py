@@ -52,3 +52,22 @@ def tiny_overrides(text_path: str, model: str = "transformer") -> list[str]:
 @pytest.fixture
 def tiny_config(text_file):
   return config_lib.load_config(CPU_CONFIG, tiny_overrides(text_file))
+
+
+@pytest.fixture
+def run_bench(tmp_path):
+  """Runs a benchmark suite (`benchmarks.NAME`) with `argv` into tmp_path; returns its JSON report.
+
+  Every suite writes a PNG chart beside its JSON: that it is there and not empty is checked here.
+  """
+  import json
+
+  from benchmarks import parse_args
+
+  def run(module, *argv):
+    out = tmp_path / (module.__name__.rsplit(".", 1)[-1] + ".json")
+    assert module.run(parse_args(module, [*argv, "--out", str(out)])) == 0
+    assert os.path.getsize(out.with_suffix(".png")) > 0
+    with open(out) as f:
+      return json.load(f)
+  return run
