@@ -33,7 +33,7 @@ import numpy as np
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn import attention as attention_lib
-from benchmarks.peak import peak_flops
+from benchmarks.peak import default_dtype, peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = dict(tokens=16384, width=2048, lengths=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128))
@@ -48,9 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument("--lengths", default=None, help="comma-separated sequence lengths, replacing the grid's "
                       "(the batch still keeps the grid's tokens per batch)")
   parser.add_argument("--implementations", default=None,
-                      help="comma-separated; default: cudnn,xla,chunked,flash on a GPU, xla,chunked elsewhere")
+                      help="comma-separated; default: cudnn,xla,chunked,flash on a GPU, xla,chunked,flash on a TPU, "
+                      "xla,chunked elsewhere")
   parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                      help="default bfloat16 on a GPU, float32 elsewhere")
+                      help="default bfloat16 on a GPU or TPU, float32 elsewhere")
   parser.add_argument("--reps", type=int, default=3, help="timed repetitions per implementation and cell")
   parser.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling")
   parser.add_argument("--memory-limit-gb", type=float, default=None,
@@ -125,9 +126,10 @@ def time_once(compiled, args) -> float:
 def run(args) -> int:
   backend = jax.default_backend()
   on_gpu = backend == "gpu"
-  dtype = jnp.dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
+  dtype = default_dtype(args.dtype)
   implementations = (args.implementations.split(",") if args.implementations
-                     else ["cudnn", "xla", "chunked", "flash"] if on_gpu else ["xla", "chunked"])
+                     else ["cudnn", "xla", "chunked", "flash"] if on_gpu
+                     else ["xla", "chunked", "flash"] if backend == "tpu" else ["xla", "chunked"])
   for name in implementations:
     if name not in attention_lib.IMPLEMENTATIONS or name == "auto":
       raise UserError(f"Unknown implementation {name!r} for the attention benchmark; use some of "
@@ -155,8 +157,8 @@ def run(args) -> int:
     compiled, times = {}, {}
     for name in implementations:
       reason = None
-      if name == "flash" and not on_gpu:
-        reason = "Pallas interpret mode off GPU: correct but not meant for timing"
+      if name == "flash" and backend not in ("gpu", "tpu"):
+        reason = "Pallas interpret mode off GPU and TPU: correct but not meant for timing"
       else:
         try:
           fn, footprint = build(name, causal, mode, arrays)

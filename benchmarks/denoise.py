@@ -38,7 +38,7 @@ from aigc_jax.tasks.diffusion import unet_config
 from aigc_jax.train.loop import jit_init
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_train_step
-from benchmarks.peak import peak_flops
+from benchmarks.peak import default_dtype, peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # name -> (config file, config overrides, image size, channels, classes)
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
                       help=f"comma-separated, from {', '.join(SHAPES)} ('tiny' is for tests)")
   parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                      help="compute dtype; default bfloat16 on a GPU, float32 elsewhere")
+                      help="compute dtype; default bfloat16 on a GPU or TPU, float32 elsewhere")
   parser.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement")
 
 
@@ -149,7 +149,7 @@ def _time(fn, args) -> float:
 
 def run(args) -> int:
   backend = jax.default_backend()
-  dtype = jnp.dtype(args.dtype or ("bfloat16" if backend == "gpu" else "float32"))
+  dtype = default_dtype(args.dtype)
   shapes = args.shapes.split(",")
   for name in shapes:
     if name not in SHAPES:

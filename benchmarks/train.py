@@ -60,7 +60,7 @@ from aigc_jax.nn.attention import IMPLEMENTATIONS, resolve_implementation
 from aigc_jax.tasks.language_model import LanguageModelTask
 from aigc_jax.train import parallel
 from aigc_jax.train.loop import compile_steps
-from benchmarks.peak import cpu_clock_mhz, cpu_model, peak_flops
+from benchmarks.peak import cpu_clock_mhz, cpu_model, default_dtype, peak_flops
 from benchmarks.train_step import matmul_params, reference_step, time_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument("--out", default=None, help="JSON path (a PNG chart is written next to it); default "
                       "benchmarks/results/train_<backend>[_quick].json")
   parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                      help="compute dtype of both models; default bfloat16 on a GPU, float32 elsewhere")
+                      help="compute dtype of both models; default bfloat16 on a GPU or TPU, float32 elsewhere")
   parser.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
                       help="our attention implementation (the reference always uses einsum attention)")
   parser.add_argument("--reps", type=int, default=None, help="timed repetitions of each step (default 3 quick, 7)")
@@ -209,7 +209,7 @@ def bench_shape(name: str, args, dtype, peak):
 
 def run(args) -> int:
   backend = jax.default_backend()
-  dtype = jnp.dtype(args.dtype or ("bfloat16" if backend == "gpu" else "float32"))
+  dtype = default_dtype(args.dtype)
   names = [s.strip() for s in args.shapes.split(",") if s.strip()]
   for name in names:
     if name not in SHAPES:

@@ -1,8 +1,10 @@
 """`chunked` and `flash` (Pallas, interpret mode on CPU) against the `xla` reference: outputs and gradients.
 
-Blocks of 16 with lengths 24 and 40 make every case run several tiles, a padded last
-tile and (causal) skipped tiles. Gradients are of a fixed random linear functional
-sum(out * w) with respect to q, k and v.
+`flash` is two kernel families: Triton (GPU) and splash attention (TPU, `flash_tpu` here).
+Blocks of 16 with lengths 24 and 40 make every chunked and Triton case run several tiles,
+a padded last tile and (causal) skipped tiles; the TPU kernels' blocks are at least 128
+(the lane width), so there every length is one padded block. Gradients are of a fixed
+random linear functional sum(out * w) with respect to q, k and v.
 """
 
 import jax
@@ -11,6 +13,8 @@ import numpy as np
 import pytest
 
 from aigc_jax.errors import UserError
+from aigc_jax.nn import attention as attention_lib
+from aigc_jax.nn import flash_attention_tpu
 from aigc_jax.nn.attention import CHUNKED_MIN_SCORES, dot_product_attention, resolve_implementation
 from aigc_jax.nn.chunked_attention import chunked_attention
 from aigc_jax.nn.flash_attention import BlockSizes, flash_attention
@@ -19,6 +23,7 @@ TINY_FLASH = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 IMPLS = {
     "chunked": lambda q, k, v, **kw: chunked_attention(q, k, v, block_q=16, block_k=16, **kw),
     "flash": lambda q, k, v, **kw: flash_attention(q, k, v, block_sizes=TINY_FLASH, **kw),
+    "flash_tpu": flash_attention_tpu.flash_attention,
 }
 
 
@@ -90,19 +95,52 @@ def test_chunked_rejects_a_mask_that_does_not_broadcast():
 
 
 # flash runs interpreted here, and each case compiles for seconds: a few cases that cover the features.
-@pytest.mark.parametrize("case", ["causal_gqa_key_padding", "cross_head_dim_128", "causal_bf16"])
-def test_flash_matches_xla(case):
+@pytest.mark.parametrize("impl", ["flash", "flash_tpu"])
+@pytest.mark.parametrize("case", ["causal_gqa_key_padding", "cross_head_dim_128", "cached_causal", "causal_bf16"])
+def test_flash_matches_xla(impl, case):
   if case == "causal_gqa_key_padding":
     q, k, v, w = qkv(h=4, kv_heads=2)
     mask = np.random.default_rng(1).random((2, 1, 1, 40)) > 0.3
     mask[..., 0] = True
-    assert_matches_xla("flash", q, k, v, w, causal=True, mask=mask)
+    assert_matches_xla(impl, q, k, v, w, causal=True, mask=mask)
   elif case == "cross_head_dim_128":
     q, k, v, w = qkv(b=1, t=24, s=40, h=2, kv_heads=1, d=128)
-    assert_matches_xla("flash", q, k, v, w, causal=False)
+    assert_matches_xla(impl, q, k, v, w, causal=False)
+  elif case == "cached_causal":  # the 24 queries are the last 24 of 40 positions
+    q, k, v, w = qkv(b=1, t=24, s=40, h=2, kv_heads=1)
+    assert_matches_xla(impl, q, k, v, w, causal=True)
   else:
     q, k, v, w = qkv(b=1, h=4, kv_heads=2, dtype=jnp.bfloat16)
-    assert_matches_xla("flash", q, k, v, w, causal=True, tol=3e-2)
+    assert_matches_xla(impl, q, k, v, w, causal=True, tol=3e-2)
+
+
+def test_flash_tpu_rows_that_see_no_key_give_zeros_and_finite_gradients():
+  q, k, v, w = qkv(b=2, t=40, s=24, h=2, kv_heads=1)  # causal with more queries than keys: rows 0-15 see none
+  mask = np.ones((2, 1, 1, 24), bool)
+  mask[1] = False  # and batch row 1 sees no key at all
+  out, dq, dk, dv = out_and_grads(lambda q, k, v: IMPLS["flash_tpu"](q, k, v, causal=True, mask=mask), q, k, v, w)
+  assert np.all(out[0, :16] == 0) and np.all(dq[0, :16] == 0) and np.all(out[1] == 0) and np.all(dq[1] == 0)
+  assert np.abs(out[0, 16:]).min(axis=-1).max() > 0  # the rest attend
+  assert np.isfinite(dk).all() and np.isfinite(dv).all() and np.all(dk[1] == 0) and np.all(dv[1] == 0)
+
+
+def test_flash_tpu_rejects_what_its_kernels_lack_in_one_sentence():
+  q, k, v, _ = qkv(b=1, t=8, s=8, h=2, kv_heads=1, d=16)
+  with pytest.raises(UserError, match=r"'flash' on TPU supports float32 and bfloat16 inputs \(got float16\); use"):
+    flash_attention_tpu.flash_attention(q.astype(jnp.float16), k, v)
+  with pytest.raises(UserError, match="only key padding masks.*'chunked' or 'xla'"):
+    flash_attention_tpu.flash_attention(q, k, v, mask=np.ones((8, 8), bool))
+  with pytest.raises(UserError, match="block_q must be a positive multiple of 128 \\(got 64\\)"):
+    flash_attention_tpu.flash_attention(q, k, v, block_sizes=flash_attention_tpu.BlockSizes(block_q=64))
+
+
+def test_flash_picks_its_kernels_by_backend(monkeypatch):
+  assert attention_lib._flash_lib() is attention_lib.flash_lib  # Triton: on a GPU, and interpreted here
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert attention_lib._flash_lib() is flash_attention_tpu
+  with pytest.raises(UserError, match="'flash' on TPU supports float32 and bfloat16.*'chunked' or 'xla'"):
+    resolve_implementation("flash", jnp.float16, 64, q_len=256, kv_len=256)
+  assert resolve_implementation("auto", jnp.bfloat16, 128, q_len=4096, kv_len=4096) == "chunked"
 
 
 def test_flash_rejects_full_masks_and_names_what_works():
@@ -149,3 +187,19 @@ def test_flash_kernels_lower_through_triton_for_a_gpu(causal):
     assert module.count("@__gpu$xla.gpu.triton(") == len(kernels)
     for kernel in kernels:
       assert f'name = "flash_attention_{kernel}"' in module
+
+
+def test_flash_tpu_kernels_lower_through_mosaic_for_a_tpu():
+  """Cross-lowers for TPU on this CPU (`jax.export`): Pallas's Mosaic lowering runs in full, the TPU compiler does not."""
+  from jax import export
+  q = jax.ShapeDtypeStruct((2, 300, 4, 64), jnp.bfloat16)  # grouped heads, head_dim 64, a length no block divides
+  k = jax.ShapeDtypeStruct((2, 300, 2, 64), jnp.bfloat16)
+  mask = jax.ShapeDtypeStruct((2, 1, 1, 300), jnp.bool_)
+  fwd = lambda q, k, v, mask: flash_attention_tpu.flash_attention(q, k, v, causal=True, mask=mask, interpret=False)
+  grad = jax.grad(lambda *args: fwd(*args).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+  for fn, kernels in ((fwd, ["fwd_segmented_no_residuals"]),
+                      (grad, ["fwd_segmented_residuals", "dq_segmented_no_residuals", "dkv_segmented_no_residuals"])):
+    module = export.export(jax.jit(fn), platforms=("tpu",))(q, k, k, mask).mlir_module()
+    assert module.count("tpu_custom_call") == len(kernels)
+    for kernel in kernels:
+      assert f'kernel_name = "splash_mha_{kernel}"' in module

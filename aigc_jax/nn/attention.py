@@ -7,12 +7,14 @@ Shapes follow `jax.nn.dot_product_attention`: q is [B, T, H, D], k and v are
   * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only.
   * `chunked`: FlashAttention's blockwise online softmax in pure JAX
     (`aigc_jax.nn.chunked_attention`), any backend, any mask; O(T + S) memory.
-  * `flash`: Pallas kernels (`aigc_jax.nn.flash_attention`), Triton on a GPU and
-    interpret mode (slow, for checking numerics) elsewhere; key padding masks only.
+  * `flash`: Pallas kernels, key padding masks only. On a TPU, JAX's splash-attention
+    Mosaic kernels (`aigc_jax.nn.flash_attention_tpu`); elsewhere Triton kernels
+    (`aigc_jax.nn.flash_attention`), compiled on a GPU and run in interpret mode (slow,
+    for checking numerics) on a CPU.
   * `auto`: on a GPU, `cudnn` for fp16/bf16 with head_dim <= 128; otherwise (any backend)
     `chunked` once the score matrix reaches `CHUNKED_MIN_SCORES` entries (T * S), else `xla`.
-    `flash` is opt-in until its Triton lowering has been run on a GPU (so far it has been
-    checked in interpret mode only).
+    `flash` is opt-in until it has been timed on a GPU and a TPU (so far both kernel
+    families have been checked in interpret mode and cross-lowered, never run on the hardware).
 `chunked` and `flash` give zeros for a query row that can see no key (`xla` gives the mean of v).
 """
 
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 from aigc_jax.errors import UserError
 from aigc_jax.nn import chunked_attention as chunked_lib
 from aigc_jax.nn import flash_attention as flash_lib
+from aigc_jax.nn import flash_attention_tpu as flash_tpu_lib
 
 IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "flash", "auto")
 # Off GPU, `auto` switches from `xla` to `chunked` at T * S >= 1024 * 1024 (a 4 MiB fp32 score
@@ -46,7 +49,8 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, *, q_len: 
   on_gpu = backend == "gpu"
   cudnn_ok = on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
   q_len, kv_len = q_len or 1, kv_len or 1
-  flash_why_not = flash_lib.unsupported_reason((1, q_len, 1, head_dim), (1, kv_len, 1, head_dim), dtype, mask_shape)
+  flash_why_not = _flash_lib().unsupported_reason((1, q_len, 1, head_dim), (1, kv_len, 1, head_dim), dtype,
+                                                  mask_shape)
   if implementation == "auto":
     long = q_len * kv_len >= CHUNKED_MIN_SCORES
     chosen = "cudnn" if cudnn_ok else "chunked" if long else "xla"
@@ -60,9 +64,14 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, *, q_len: 
   if implementation == "flash":
     if flash_why_not is not None:
       raise UserError(f"{flash_why_not}; use implementation 'chunked' or 'xla' for this call.")
-    if not on_gpu:
+    if backend not in ("gpu", "tpu"):
       _log_interpreted(backend)
   return implementation
+
+
+def _flash_lib():
+  """The module whose kernels `flash` runs on this backend: splash on a TPU, Triton elsewhere."""
+  return flash_tpu_lib if jax.default_backend() == "tpu" else flash_lib
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,7 +83,7 @@ def _log_choice(chosen, backend, dtype, head_dim, length_class):
 @functools.lru_cache(maxsize=None)
 def _log_interpreted(backend):
   logging.warning("attention implementation 'flash' runs its Pallas kernels in interpret mode on %s: correct "
-                  "but slow, meant for checking numerics; use 'chunked' for speed off GPU", backend)
+                  "but slow, meant for checking numerics; use 'chunked' for speed off GPU and TPU", backend)
 
 
 def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, implementation: str = "xla"):
@@ -90,7 +99,7 @@ def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, implement
   if implementation == "chunked":
     return chunked_lib.chunked_attention(q, k, v, causal=causal, mask=mask)
   if implementation == "flash":
-    return flash_lib.flash_attention(q, k, v, causal=causal, mask=mask)
+    return _flash_lib().flash_attention(q, k, v, causal=causal, mask=mask)
   return _xla_attention(q, k, v, causal=causal, mask=mask)
 
 

@@ -1,0 +1,115 @@
+"""FlashAttention on TPU: JAX's Pallas splash-attention kernels behind `aigc_jax.nn.attention`'s API.
+
+`jax.experimental.pallas.ops.tpu.splash_attention` (the kernels MaxText trains with) does
+the work: a forward, a dQ and a dK/dV Mosaic TPU kernel with a `jax.custom_vjp`, grouped
+query heads, block-sparse static masks and segment ids. This module adapts it:
+  * layout: q [B, T, H, D] -> [B, H, T, D], the kernel vmapped over the batch;
+  * the 1/sqrt(D) scale, which the kernel leaves to its caller, is folded into q;
+  * any lengths: q and k/v are padded to whole blocks (multiples of 128, the TPU lane width);
+  * causal with the T queries as the last T of S positions (cached decoding) is the
+    kernel's lazy `CausalMask` with offset S - T, which also hides the padded keys;
+  * key padding masks (broadcastable to [B, 1, 1, S]), and padded keys when not causal,
+    become kv segment ids (0 = hidden) against query segment id 1;
+  * a query row that can see no key gives zeros, as `flash` does on a GPU.
+On a TPU the kernels compile through Mosaic; elsewhere they run in Pallas interpret mode
+(slow, for checking numerics on CPU).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+from aigc_jax.errors import UserError
+from aigc_jax.nn import flash_attention as flash_lib
+
+LANES = 128  # TPU vector lane width: splash blocks are multiples of it
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Query and key block lengths (multiples of 128); None picks by length (128 up to 512 keys or queries)."""
+  block_q: int | None = None
+  block_kv: int | None = None
+
+
+def unsupported_reason(q_shape, k_shape, dtype, mask_shape=None) -> str | None:
+  """Why the TPU `flash` kernels cannot run this call (a sentence fragment), or None if they can."""
+  if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
+    return f"'flash' on TPU supports float32 and bfloat16 inputs (got {jnp.dtype(dtype).name})"
+  return flash_lib.unsupported_reason(q_shape, k_shape, dtype, mask_shape)
+
+
+def default_block(length: int) -> int:
+  """Longer blocks amortise each grid step's overhead; short sequences should not pad far."""
+  return 512 if length >= 2048 else 256 if length >= 512 else LANES
+
+
+def flash_attention(q, k, v, *, causal: bool = False, mask=None, block_sizes: BlockSizes = BlockSizes(),
+                    interpret: bool | None = None):
+  """Attention of q [B, T, H, D] over k, v [B, S, K, D]; `mask` is a key padding mask, boolean [B|1, 1, 1, S]."""
+  b, t, h, d = q.shape
+  s = k.shape[1]
+  reason = unsupported_reason(q.shape, k.shape, q.dtype, None if mask is None else jnp.shape(mask))
+  if reason:
+    raise UserError(f"{reason}; use implementation 'chunked' or 'xla' for this call.")
+  block_q, block_kv = block_sizes.block_q or default_block(t), block_sizes.block_kv or default_block(s)
+  for name, size in (("block_q", block_q), ("block_kv", block_kv)):
+    if size <= 0 or size % LANES:
+      raise UserError(f"TPU flash attention {name} must be a positive multiple of {LANES} (got {size}).")
+  if interpret is None:
+    interpret = jax.default_backend() != "tpu"
+  tp, sp = _round_up(t, block_q), _round_up(s, block_kv)
+  q = jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), ((0, 0), (0, tp - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+  keep = None  # [B|1, S]: the keys each batch row may see
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    keep = mask.reshape(mask.shape[0] if mask.ndim == 4 else 1, s)
+  elif sp > s and not causal:
+    keep = jnp.ones((1, s), bool)
+  kernel = _kernel(h, tp, sp, causal, s - t, block_q, block_kv, interpret)
+  if keep is None:
+    out = jax.vmap(kernel)(q, k, v)
+  else:
+    kv_ids = jnp.pad(jnp.broadcast_to(keep, (b, s)).astype(jnp.int32), ((0, 0), (0, sp - s)))
+    segments = splash.SegmentIds(q=jnp.ones((b, tp), jnp.int32), kv=kv_ids)
+    out = jax.vmap(lambda q, k, v, ids: kernel(q, k, v, segment_ids=ids))(q, k, v, segments)
+  out = out.transpose(0, 2, 1, 3)[:, :t]
+  sees = _rows_that_see_a_key(keep, b, t, s, causal)
+  return out if sees is None else jnp.where(sees[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+def _rows_that_see_a_key(keep, b, t, s, causal):
+  """[B|1, T] bool, or None when every query row sees at least one key."""
+  first = 0  # index of the first visible key
+  if keep is not None:
+    first = jnp.where(jnp.any(keep, axis=-1), jnp.argmax(keep, axis=-1), s)[:, None]  # [B|1, 1]
+  elif not causal or t <= s:
+    return None
+  last = jnp.arange(t)[None, :] + (s - t) if causal else s - 1  # last key each row may see
+  return jnp.broadcast_to(first <= last, (keep.shape[0] if keep is not None else 1, t))
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(heads, tp, sp, causal, offset, block_q, block_kv, interpret):
+  """The splash kernel for one padded shape; building it walks the mask's blocks in numpy, so it is cached.
+
+  Built under `ensure_compile_time_eval`: its mask tables are concrete arrays even when the
+  first call is being traced, so the cached kernel holds no tracer of that trace.
+  """
+  make = splash.CausalMask if causal else splash.FullMask
+  mask = splash.MultiHeadMask([make((tp, sp), offset=offset) if causal else make((tp, sp)) for _ in range(heads)])
+  blocks = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q,
+                             block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block_q,
+                             block_kv_dq=block_kv)
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _round_up(n, multiple):
+  return -(-n // multiple) * multiple
