@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.use_bias = False  # biases in dense layers and LayerNorm
   config.model.tie_embeddings = True  # output head shares the token embedding
   config.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
-  config.model.attention = "auto"  # xla, cudnn or auto (cudnn on GPU when it applies)
+  config.model.attention = "auto"  # xla, cudnn, chunked, flash or auto (see aigc_jax.nn.attention)
   config.model.position_encoding = "rope"  # rope (rotary, on queries and keys) or learned (GPT-2's table)
 
   config.optim = ml_collections.ConfigDict()

@@ -7,6 +7,8 @@ a padded last tile and (causal) skipped tiles; the TPU kernels' blocks are at le
 random linear functional sum(out * w) with respect to q, k and v.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,7 +192,7 @@ def test_flash_kernels_lower_through_triton_for_a_gpu(causal):
 
 
 def test_flash_tpu_kernels_lower_through_mosaic_for_a_tpu():
-  """Cross-lowers for TPU on this CPU (`jax.export`): Pallas's Mosaic lowering runs in full, the TPU compiler does not."""
+  """Cross-lowers for TPU on this CPU (`jax.export`): Pallas's Mosaic lowering runs in full, the TPU compiler not."""
   from jax import export
   q = jax.ShapeDtypeStruct((2, 300, 4, 64), jnp.bfloat16)  # grouped heads, head_dim 64, a length no block divides
   k = jax.ShapeDtypeStruct((2, 300, 2, 64), jnp.bfloat16)
@@ -203,3 +205,44 @@ def test_flash_tpu_kernels_lower_through_mosaic_for_a_tpu():
     assert module.count("tpu_custom_call") == len(kernels)
     for kernel in kernels:
       assert f'kernel_name = "splash_mha_{kernel}"' in module
+
+
+DATA_PARALLEL_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np
+from aigc_jax.nn.attention import dot_product_attention
+from aigc_jax.train import parallel
+assert jax.device_count() == 8, jax.devices()
+rng = np.random.default_rng(0)
+q, w = (jnp.asarray(rng.normal(size=(8, 24, 4, 16)), jnp.float32) for _ in range(2))
+k, v = (jnp.asarray(rng.normal(size=(8, 24, 2, 16)), jnp.float32) for _ in range(2))
+mask = jnp.asarray(rng.random((8, 1, 1, 24)) > 0.3).at[..., 0].set(True)
+
+def loss(impl, q, k, v):
+  return jnp.sum(dot_product_attention(q, k, v, causal=True, mask=mask, implementation=impl) * w)
+
+mesh = parallel.data_mesh()
+rows = parallel.batch_sharding(mesh)
+q, k, v = (jax.device_put(x, rows) for x in (q, k, v))
+with jax.set_mesh(mesh):
+  flash = jax.jit(jax.value_and_grad(lambda *a: loss("flash", *a), argnums=(0, 1, 2)))
+  jaxpr = str(jax.make_jaxpr(flash)(q, k, v))
+  got = flash(q, k, v)
+want = jax.jit(jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2)))(q, k, v)
+assert jaxpr.count("shard_map") == 2, jaxpr  # the forward and the backward, each per batch shard
+assert "pallas_call" in jaxpr and "f32[1,24,4,16]" in jaxpr  # the kernels see one of the 8 rows
+for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+assert got[1][0].sharding.spec == rows.spec  # dq stays split over the batch
+print("per-shard flash == xla")
+"""
+
+
+def test_flash_runs_per_batch_shard_under_a_data_parallel_mesh():
+  """8 simulated devices: the kernels run inside shard_map on each device's row; values and gradients equal xla's."""
+  import subprocess
+  import sys
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", DATA_PARALLEL_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "per-shard flash == xla" in out.stdout

@@ -16,6 +16,12 @@ Shapes follow `jax.nn.dot_product_attention`: q is [B, T, H, D], k and v are
     `flash` is opt-in until it has been timed on a GPU and a TPU (so far both kernel
     families have been checked in interpret mode and cross-lowered, never run on the hardware).
 `chunked` and `flash` give zeros for a query row that can see no key (`xla` gives the mean of v).
+
+Data parallelism: under a mesh set with `jax.set_mesh` (the training loop sets its own)
+whose `data` axis splits the batch, `flash` runs its kernels on each device's slice of
+the batch inside `jax.shard_map`, as MaxText does with splash attention. A Pallas kernel
+is one opaque custom call to XLA, whose partitioner has no rule for splitting it; the
+other implementations are ordinary XLA ops that it partitions by itself.
 """
 
 import functools
@@ -30,6 +36,7 @@ from aigc_jax.nn import flash_attention as flash_lib
 from aigc_jax.nn import flash_attention_tpu as flash_tpu_lib
 
 IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "flash", "auto")
+BATCH_AXIS = "data"  # the mesh axis that splits the batch (aigc_jax.train.parallel's data mesh)
 # Off GPU, `auto` switches from `xla` to `chunked` at T * S >= 1024 * 1024 (a 4 MiB fp32 score
 # matrix per batch-head): on the 2-core EPYC chunked was faster from length 1024 up, forward and
 # backward, causal or not, and even at 512 it was close (benchmarks/results/attention_cpu_quick.json).
@@ -99,8 +106,25 @@ def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, implement
   if implementation == "chunked":
     return chunked_lib.chunked_attention(q, k, v, causal=causal, mask=mask)
   if implementation == "flash":
-    return _flash_lib().flash_attention(q, k, v, causal=causal, mask=mask)
+    return _per_batch_shard(functools.partial(_flash_lib().flash_attention, causal=causal), q, k, v, mask)
   return _xla_attention(q, k, v, causal=causal, mask=mask)
+
+
+def _per_batch_shard(attend, q, k, v, mask):
+  """`attend(q, k, v, mask=mask)`, on each device's rows of the batch when the context mesh splits it."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if (mesh.empty or BATCH_AXIS not in mesh.axis_names or BATCH_AXIS in mesh.manual_axes
+      or q.shape[0] % mesh.shape[BATCH_AXIS]):
+    return attend(q, k, v, mask=mask)
+  rows = jax.sharding.PartitionSpec(BATCH_AXIS)
+  # check_vma=False: Pallas kernels declare no per-axis variance for their outputs.
+  per_shard = functools.partial(jax.shard_map, out_specs=rows, axis_names={BATCH_AXIS}, check_vma=False)
+  if mask is None:
+    return per_shard(lambda q, k, v: attend(q, k, v, mask=None), in_specs=(rows,) * 3)(q, k, v)
+  mask = jnp.asarray(mask)
+  mask_spec = rows if mask.ndim == 4 and mask.shape[0] == q.shape[0] else jax.sharding.PartitionSpec()
+  attend_masked = lambda q, k, v, mask: attend(q, k, v, mask=mask)
+  return per_shard(attend_masked, in_specs=(rows,) * 3 + (mask_spec,))(q, k, v, mask)
 
 
 def _xla_attention(q, k, v, *, causal, mask):

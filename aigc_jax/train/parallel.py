@@ -5,11 +5,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from aigc_jax.errors import UserError
+from aigc_jax.nn.attention import BATCH_AXIS
 
 
 def data_mesh() -> jax.sharding.Mesh:
   # Auto axes: XLA propagates the batch sharding through the model, which stays sharding-agnostic.
-  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh((jax.device_count(),), (BATCH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh) -> NamedSharding:
@@ -17,7 +18,7 @@ def replicated(mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P("data"))
+  return NamedSharding(mesh, P(BATCH_AXIS))
 
 
 def check_batch_size(batch_size: int, mesh, grad_accum_steps: int = 1) -> None:
