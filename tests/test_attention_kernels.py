@@ -192,7 +192,7 @@ def test_flash_kernels_lower_through_triton_for_a_gpu(causal):
 
 
 def test_flash_tpu_kernels_lower_through_mosaic_for_a_tpu():
-  """Cross-lowers for TPU on this CPU (`jax.export`): Pallas's Mosaic lowering runs in full, the TPU compiler not."""
+  """Cross-lowers for TPU here (`jax.export`): Pallas's Mosaic lowering runs in full; the TPU compiler does not."""
   from jax import export
   q = jax.ShapeDtypeStruct((2, 300, 4, 64), jnp.bfloat16)  # grouped heads, head_dim 64, a length no block divides
   k = jax.ShapeDtypeStruct((2, 300, 2, 64), jnp.bfloat16)

@@ -70,7 +70,7 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, *, q_len: 
         f"long sequences).")
   if implementation == "flash":
     if flash_why_not is not None:
-      raise UserError(f"{flash_why_not}; use implementation 'chunked' or 'xla' for this call.")
+      raise flash_lib.unsupported_error(flash_why_not)
     if backend not in ("gpu", "tpu"):
       _log_interpreted(backend)
   return implementation

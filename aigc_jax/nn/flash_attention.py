@@ -57,6 +57,17 @@ def unsupported_reason(q_shape, k_shape, dtype, mask_shape=None) -> str | None:
   return None
 
 
+def check_supported(reason_fn, q, k, mask) -> None:
+  """Raises the one-sentence error for a call `reason_fn` (a kernel family's `unsupported_reason`) rejects."""
+  reason = reason_fn(q.shape, k.shape, q.dtype, None if mask is None else jnp.shape(mask))
+  if reason:
+    raise unsupported_error(reason)
+
+
+def unsupported_error(reason: str) -> UserError:
+  return UserError(f"{reason}; use implementation 'chunked' or 'xla' for this call.")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
   """Trace-time facts of a call (hashable, for `nondiff_argnums` and the kernels' partials)."""
@@ -74,9 +85,7 @@ def flash_attention(q, k, v, *, causal: bool = False, mask=None, block_sizes: Bl
   """Attention of q [B, T, H, D] over k, v [B, S, K, D]; `mask` is a key padding mask, boolean [B|1, 1, 1, S]."""
   b, t, h, d = q.shape
   s = k.shape[1]
-  reason = unsupported_reason(q.shape, k.shape, q.dtype, None if mask is None else jnp.shape(mask))
-  if reason:
-    raise UserError(f"{reason}; use implementation 'chunked' or 'xla' for this call.")
+  check_supported(unsupported_reason, q, k, mask)
   for name, size in dataclasses.asdict(block_sizes).items():
     if size < 16 or size & (size - 1):
       raise UserError(f"Flash attention {name} must be a power of 2 and at least 16 (got {size}).")

@@ -52,9 +52,7 @@ def flash_attention(q, k, v, *, causal: bool = False, mask=None, block_sizes: Bl
   """Attention of q [B, T, H, D] over k, v [B, S, K, D]; `mask` is a key padding mask, boolean [B|1, 1, 1, S]."""
   b, t, h, d = q.shape
   s = k.shape[1]
-  reason = unsupported_reason(q.shape, k.shape, q.dtype, None if mask is None else jnp.shape(mask))
-  if reason:
-    raise UserError(f"{reason}; use implementation 'chunked' or 'xla' for this call.")
+  flash_lib.check_supported(unsupported_reason, q, k, mask)
   block_q, block_kv = block_sizes.block_q or default_block(t), block_sizes.block_kv or default_block(s)
   for name, size in (("block_q", block_q), ("block_kv", block_kv)):
     if size <= 0 or size % LANES:
