@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from aigc_jax import config as config_lib
 from aigc_jax.errors import UserError
 from aigc_jax.tasks import make_task
 from aigc_jax.train import loop, parallel
@@ -170,3 +171,19 @@ def test_sharded_step_on_8_devices_matches_one_device(family, text_file):
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "sharded == single" in out.stdout
+
+
+def test_train_step_runs_flash_kernels_per_batch_shard(text_file):
+  """The loop traces its steps under its mesh, so `flash` attention runs inside shard_map; the step equals xla's."""
+  losses = {}
+  for attention in ("flash", "xla"):
+    config = config_lib.load_config(CPU_CONFIG, tiny_overrides(text_file) + [f"model.attention={attention}"])
+    task, mesh = make_task(config), parallel.data_mesh()
+    steps = loop.compile_steps(task, config, mesh)
+    state = steps.init(jax.random.PRNGKey(0))
+    batch = parallel.shard_batch(task.train_batch(0), mesh)
+    shard_maps = str(steps.train.trace(state, batch).jaxpr).count("shard_map")
+    assert shard_maps == (4 if attention == "flash" else 0)  # 2 layers, forward and backward
+    _, metrics = steps.train(state, batch)
+    losses[attention] = float(metrics["loss"][0])  # (sum, count) over the batch
+  assert losses["flash"] == pytest.approx(losses["xla"], rel=1e-5)

@@ -4,7 +4,8 @@
 the work: a forward, a dQ and a dK/dV Mosaic TPU kernel with a `jax.custom_vjp`, grouped
 query heads, block-sparse static masks and segment ids. This module adapts it:
   * layout: q [B, T, H, D] -> [B, H, T, D], the kernel vmapped over the batch;
-  * the 1/sqrt(D) scale, which the kernel leaves to its caller, is folded into q;
+  * the 1/sqrt(D) scale, which the kernel leaves to its caller, is folded into q (in q's
+    dtype: for bf16 one more rounding of q, as in MaxText);
   * any lengths: q and k/v are padded to whole blocks (multiples of 128, the TPU lane width);
   * causal with the T queries as the last T of S positions (cached decoding) is the
     kernel's lazy `CausalMask` with offset S - T, which also hides the padded keys;
@@ -30,7 +31,7 @@ LANES = 128  # TPU vector lane width: splash blocks are multiples of it
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Query and key block lengths (multiples of 128); None picks by length (128 up to 512 keys or queries)."""
+  """Query and key block lengths (multiples of 128); None: `default_block` of the length."""
   block_q: int | None = None
   block_kv: int | None = None
 
@@ -100,8 +101,8 @@ def _kernel(heads, tp, sp, causal, offset, block_q, block_kv, interpret):
   Built under `ensure_compile_time_eval`: its mask tables are concrete arrays even when the
   first call is being traced, so the cached kernel holds no tracer of that trace.
   """
-  make = splash.CausalMask if causal else splash.FullMask
-  mask = splash.MultiHeadMask([make((tp, sp), offset=offset) if causal else make((tp, sp)) for _ in range(heads)])
+  head_mask = splash.CausalMask((tp, sp), offset=offset) if causal else splash.FullMask((tp, sp))
+  mask = splash.MultiHeadMask([head_mask] * heads)
   blocks = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q,
                              block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block_q,
                              block_kv_dq=block_kv)

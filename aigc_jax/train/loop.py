@@ -1,6 +1,5 @@
 """`train_and_evaluate(config, workdir)`: the one training loop every family runs through."""
 
-import functools
 import logging
 import math
 import os
@@ -61,18 +60,27 @@ def compile_steps(task, config, mesh) -> Steps:
   eval_step = jax.jit(task.make_eval_step(), in_shardings=(state_sharding.params, batch_sharding),
                       out_shardings=replicated)
   return Steps(jit_init(init, mesh.devices.flat[0].platform, out_shardings=state_sharding),
-               abstract_with_sharding(abstract, state_sharding), under_mesh(train_step, mesh),
-               under_mesh(eval_step, mesh))
+               abstract_with_sharding(abstract, state_sharding), MeshBound(train_step, mesh),
+               MeshBound(eval_step, mesh))
 
 
-def under_mesh(fn: Callable, mesh) -> Callable:
-  """`fn` called (so traced) with `mesh` as the context mesh: layers that place work per device
-  (`flash` attention's per-shard kernels) read it from there."""
-  @functools.wraps(fn)
-  def call(*args):
-    with jax.set_mesh(mesh):
-      return fn(*args)
-  return call
+class MeshBound:
+  """A jitted function called (so traced) and lowered with `mesh` as the context mesh: layers that
+  place work per device (`flash` attention's per-shard kernels) read the mesh from there."""
+
+  def __init__(self, jitted: Callable, mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def trace(self, *args):  # jit's staged API: .trace(...).lower().compile()
+    with jax.set_mesh(self.mesh):
+      return self.jitted.trace(*args)
+
+  def lower(self, *args):
+    return self.trace(*args).lower()
 
 
 def jit_init(init: Callable, platform: str, **jit_kwargs) -> Callable:
