@@ -16,7 +16,7 @@ import pytest
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn import attention as attention_lib
-from aigc_jax.nn import flash_attention_tpu
+from aigc_jax.nn import flash_attention_tpu, segments
 from aigc_jax.nn.attention import CHUNKED_MIN_SCORES, dot_product_attention, resolve_implementation
 from aigc_jax.nn.chunked_attention import chunked_attention
 from aigc_jax.nn.flash_attention import BlockSizes, flash_attention
@@ -46,15 +46,17 @@ def out_and_grads(fn, q, k, v, w):
   return [np.asarray(x, np.float32) for x in run(q, k, v)]
 
 
-def assert_matches_xla(impl, q, k, v, w, *, causal, mask=None, tol=None):
-  got = out_and_grads(lambda q, k, v: IMPLS[impl](q, k, v, causal=causal, mask=mask), q, k, v, w)
+def assert_matches_xla(impl, q, k, v, w, *, causal, mask=None, tol=None, **kwargs):
+  got = out_and_grads(lambda q, k, v: IMPLS[impl](q, k, v, causal=causal, mask=mask, **kwargs), q, k, v, w)
   if tol is None:  # fp32: the same sums in another order
-    want = out_and_grads(lambda q, k, v: dot_product_attention(q, k, v, causal=causal, mask=mask), q, k, v, w)
+    want = out_and_grads(lambda q, k, v: dot_product_attention(q, k, v, causal=causal, mask=mask, **kwargs),
+                         q, k, v, w)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
   else:  # bf16: against xla in fp32 on the same rounded inputs, relative to the largest entry
     as32 = (x.astype(jnp.float32) for x in (q, k, v))
-    want = out_and_grads(lambda q, k, v: dot_product_attention(q, k, v, causal=causal, mask=mask), *as32, w)
+    want = out_and_grads(lambda q, k, v: dot_product_attention(q, k, v, causal=causal, mask=mask, **kwargs),
+                         *as32, w)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
       assert np.abs(a - b).max() <= tol * np.abs(b).max(), name
 
@@ -114,6 +116,52 @@ def test_flash_matches_xla(impl, case):
   else:
     q, k, v, w = qkv(b=1, h=4, kv_heads=2, dtype=jnp.bfloat16)
     assert_matches_xla(impl, q, k, v, w, causal=True, tol=3e-2)
+
+
+def packed(b, t, seed=3):
+  """Sorted segment ids [B, T] (up to 4 packed sequences per row) and a key padding mask that keeps
+  each sequence's first key, so every query row sees a key, causal or not."""
+  rng = np.random.default_rng(seed)
+  seg = np.sort(rng.integers(0, 4, size=(b, t)), axis=1).astype(np.int32)
+  starts = np.concatenate([np.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  return seg, ((rng.random((b, t)) > 0.3) | starts)[:, None, None]
+
+
+def test_xla_segment_ids_are_the_mask_they_stand_for():
+  q, k, v, _ = qkv()
+  seg, _ = packed(2, 40)
+  want = dot_product_attention(q, k, v, causal=True, mask=seg[:, None, :, None] == seg[:, None, None, :])
+  np.testing.assert_array_equal(dot_product_attention(q, k, v, causal=True, segment_ids=seg), want)
+  q_ids = seg[:, :24]  # a pair: 24 queries over the 40 keys
+  want = dot_product_attention(q[:, :24], k, v, mask=q_ids[:, None, :, None] == seg[:, None, None, :])
+  np.testing.assert_array_equal(dot_product_attention(q[:, :24], k, v, segment_ids=(q_ids, seg)), want)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "flash", "flash_tpu"])
+def test_segment_ids_match_xla(impl):
+  q, k, v, w = qkv(h=4, kv_heads=2)
+  seg, mask = packed(2, 40)
+  assert_matches_xla(impl, q, k, v, w, causal=True, mask=mask, segment_ids=seg)
+  q, k, v, w = qkv(b=2, t=24, s=40, h=2, kv_heads=1)  # cross attention with a pair of ids
+  assert_matches_xla(impl, q, k, v, w, causal=False, segment_ids=(seg[:, :24], seg))
+
+
+def test_bad_segment_ids_are_one_sentence():
+  q, k, v, _ = qkv()
+  with pytest.raises(UserError, match=r"segment_ids must be integer \[B, T\] = \[2, 40\] \(self-attention\)"):
+    dot_product_attention(q, k, v, segment_ids=np.zeros((2, 39), np.int32))
+  with pytest.raises(UserError, match="segment_ids must be integer"):
+    dot_product_attention(q, k, v, segment_ids=np.zeros((2, 40), np.float32), implementation="chunked")
+
+
+def test_rows_that_see_a_key_without_a_score_matrix():
+  q_ids = np.array([[0, 0, 1, 2, 2]], np.int32)
+  kv_ids = np.array([[segments.HIDDEN, 0, 1, 1, 3]], np.int32)  # key 0 hidden; segment 2 has no key
+  sees = lambda causal, t=5, s=5: np.asarray(segments.rows_that_see_a_key((q_ids, kv_ids), t, s, causal))
+  np.testing.assert_array_equal(sees(False), [[True, True, True, False, False]])
+  np.testing.assert_array_equal(sees(True), [[False, True, True, False, False]])  # row 0 sees key 0 only
+  assert segments.rows_that_see_a_key(None, 5, 5, True) is None
+  np.testing.assert_array_equal(segments.rows_that_see_a_key(None, 5, 3, True), [[False, False, True, True, True]])
 
 
 def test_flash_tpu_rows_that_see_no_key_give_zeros_and_finite_gradients():
@@ -218,10 +266,14 @@ assert jax.device_count() == 8, jax.devices()
 rng = np.random.default_rng(0)
 q, w = (jnp.asarray(rng.normal(size=(8, 24, 4, 16)), jnp.float32) for _ in range(2))
 k, v = (jnp.asarray(rng.normal(size=(8, 24, 2, 16)), jnp.float32) for _ in range(2))
-mask = jnp.asarray(rng.random((8, 1, 1, 24)) > 0.3).at[..., 0].set(True)
+seg = np.sort(rng.integers(0, 3, size=(8, 24)), axis=1)  # packed: up to 3 sequences per row
+starts = np.concatenate([np.ones((8, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+mask = jnp.asarray((rng.random((8, 24)) > 0.3) | starts)[:, None, None]  # each sequence's first key is kept
+seg = jnp.asarray(seg, jnp.int32)
 
 def loss(impl, q, k, v):
-  return jnp.sum(dot_product_attention(q, k, v, causal=True, mask=mask, implementation=impl) * w)
+  out = dot_product_attention(q, k, v, causal=True, mask=mask, segment_ids=seg, implementation=impl)
+  return jnp.sum(out * w)
 
 mesh = parallel.data_mesh()
 rows = parallel.batch_sharding(mesh)
@@ -242,7 +294,7 @@ allow_triton = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
 for platform, lib, call in (("cuda", flash_attention, "@__gpu$xla.gpu.triton("),
                             ("tpu", flash_attention_tpu, "tpu_custom_call")):
   attend = functools.partial(lib.flash_attention, causal=True, interpret=False)
-  grad = jax.grad(lambda *a: jnp.sum(_per_batch_shard(attend, *a, mask)), argnums=(0, 1, 2))
+  grad = jax.grad(lambda *a: jnp.sum(_per_batch_shard(attend, *a, mask, None)), argnums=(0, 1, 2))
   with jax.set_mesh(mesh):
     module = export.export(jax.jit(grad), platforms=(platform,), disabled_checks=allow_triton)(q, k, v).mlir_module()
   assert module.count("sdy.manual_computation") == 2 and module.count(call) == 3, platform  # fwd; bwd: dq, dkv

@@ -34,6 +34,7 @@ from aigc_jax.errors import UserError
 from aigc_jax.nn import chunked_attention as chunked_lib
 from aigc_jax.nn import flash_attention as flash_lib
 from aigc_jax.nn import flash_attention_tpu as flash_tpu_lib
+from aigc_jax.nn import segments as segments_lib
 
 IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "flash", "auto")
 BATCH_AXIS = "data"  # the mesh axis that splits the batch (aigc_jax.train.parallel's data mesh)
@@ -93,38 +94,51 @@ def _log_interpreted(backend):
                   "but slow, meant for checking numerics; use 'chunked' for speed off GPU and TPU", backend)
 
 
-def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, implementation: str = "xla"):
-  """Attention of q [B, T, H, D] over k, v [B, S, K, D]; `mask` is boolean, broadcastable to [B, H, T, S]."""
+def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=None, implementation: str = "xla"):
+  """Attention of q [B, T, H, D] over k, v [B, S, K, D].
+
+  `mask` is boolean, broadcastable to [B, H, T, S]. `segment_ids` (packed sequences) is an
+  integer [B, T] array for self-attention or a pair (query ids [B, T], key ids [B, S]): a
+  query sees only keys with its id (see `aigc_jax.nn.segments`). Causal, mask and segments
+  combine: a score is kept where all of them keep it.
+  """
   if q.ndim != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
     raise ValueError(f"attention wants q [B, T, H, D] and k, v [B, S, K, D]; got {q.shape}, {k.shape}, {v.shape}")
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+  pair = segments_lib.segment_pair(segment_ids, q.shape[0], q.shape[1], k.shape[1])
   implementation = resolve_implementation(implementation, q.dtype, q.shape[-1], q_len=q.shape[1], kv_len=k.shape[1],
                                           mask_shape=None if mask is None else jnp.shape(mask))
+  if implementation == "chunked":
+    return chunked_lib.chunked_attention(q, k, v, causal=causal, mask=mask, segment_ids=pair)
+  if implementation == "flash":
+    return _per_batch_shard(functools.partial(_flash_lib().flash_attention, causal=causal), q, k, v, mask, pair)
+  if pair is not None:  # xla and cudnn take the segments as a mask
+    seg = segments_lib.segment_mask(pair)
+    mask = seg if mask is None else jnp.logical_and(_as_rank4(mask), seg)
   if implementation == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
-  if implementation == "chunked":
-    return chunked_lib.chunked_attention(q, k, v, causal=causal, mask=mask)
-  if implementation == "flash":
-    return _per_batch_shard(functools.partial(_flash_lib().flash_attention, causal=causal), q, k, v, mask)
   return _xla_attention(q, k, v, causal=causal, mask=mask)
 
 
-def _per_batch_shard(attend, q, k, v, mask):
-  """`attend(q, k, v, mask=mask)`, on each device's rows of the batch when the context mesh splits it."""
+def _as_rank4(mask):
+  mask = jnp.asarray(mask, bool)
+  return mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+
+
+def _per_batch_shard(attend, q, k, v, mask, pair):
+  """`attend(q, k, v, mask=mask, segment_ids=pair)`, on each device's rows of the batch when the context
+  mesh splits it."""
   mesh = jax.sharding.get_abstract_mesh()
   if (mesh.empty or BATCH_AXIS not in mesh.axis_names or BATCH_AXIS in mesh.manual_axes
       or q.shape[0] % mesh.shape[BATCH_AXIS]):
-    return attend(q, k, v, mask=mask)
-  rows = jax.sharding.PartitionSpec(BATCH_AXIS)
+    return attend(q, k, v, mask=mask, segment_ids=pair)
+  rows, whole = jax.sharding.PartitionSpec(BATCH_AXIS), jax.sharding.PartitionSpec()
+  mask_spec = rows if mask is not None and jnp.ndim(mask) == 4 and jnp.shape(mask)[0] == q.shape[0] else whole
   # check_vma=False: Pallas kernels declare no per-axis variance for their outputs.
-  per_shard = functools.partial(jax.shard_map, out_specs=rows, axis_names={BATCH_AXIS}, check_vma=False)
-  if mask is None:
-    return per_shard(lambda q, k, v: attend(q, k, v, mask=None), in_specs=(rows,) * 3)(q, k, v)
-  mask = jnp.asarray(mask)
-  mask_spec = rows if mask.ndim == 4 and mask.shape[0] == q.shape[0] else jax.sharding.PartitionSpec()
-  attend_masked = lambda q, k, v, mask: attend(q, k, v, mask=mask)
-  return per_shard(attend_masked, in_specs=(rows,) * 3 + (mask_spec,))(q, k, v, mask)
+  return jax.shard_map(lambda q, k, v, mask, pair: attend(q, k, v, mask=mask, segment_ids=pair),
+                       in_specs=(rows, rows, rows, mask_spec, rows), out_specs=rows, axis_names={BATCH_AXIS},
+                       check_vma=False)(q, k, v, mask, pair)
 
 
 def _xla_attention(q, k, v, *, causal, mask):

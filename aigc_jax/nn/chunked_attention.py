@@ -8,8 +8,9 @@ and the saved logsumexp. Memory is O(T + S) per batch-head, not the O(T * S) of 
 
 Conventions follow `aigc_jax.nn.attention`: q [B, T, H, D], k/v [B, S, K, D] with H a
 multiple of K; `causal` treats the T queries as the last T of the S positions; `mask`
-is boolean and broadcastable to [B, H, T, S] (any such shape). A query row that can
-see no key at all gives zeros (the `xla` path gives the mean of v there).
+is boolean and broadcastable to [B, H, T, S] (any such shape); `segment_ids` (packed
+sequences, `aigc_jax.nn.segments`) are compared tile by tile, never expanded to [T, S].
+A query row that can see no key at all gives zeros (the `xla` path gives the mean of v there).
 """
 
 import dataclasses
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from aigc_jax.errors import UserError
+from aigc_jax.nn import segments as segments_lib
 
 # Measured on a 2-core EPYC (benchmarks/attention.py): square 512 tiles skip most causal work
 # and keep a [512, 512] fp32 tile per batch-head (1 MiB) in cache-sized pieces.
@@ -39,7 +41,7 @@ class _Static:
   scale: float
 
 
-def chunked_attention(q, k, v, *, causal: bool = False, mask=None, block_q: int = DEFAULT_BLOCK_Q,
+def chunked_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=None, block_q: int = DEFAULT_BLOCK_Q,
                       block_k: int = DEFAULT_BLOCK_K):
   """Attention of q [B, T, H, D] over k, v [B, S, K, D] in [block_q, block_k] tiles; lengths need not divide."""
   b, t, h, d = q.shape
@@ -60,7 +62,9 @@ def chunked_attention(q, k, v, *, causal: bool = False, mask=None, block_q: int 
     k4 = jnp.pad(k4, ((0, 0), (0, 0), (0, sp - s), (0, 0)))
     v4 = jnp.pad(v4, ((0, 0), (0, 0), (0, sp - s), (0, 0)))
   mask5 = None if mask is None else _grouped_mask(mask, b, h, kv_heads, t, s, tp, sp)
-  out = _attention(q5, k4, v4, mask5, _Static(causal, t, s, bq, bk, d ** -0.5))  # [B, K, Tp, G, D]
+  pair = segments_lib.segment_pair(segment_ids, b, t, s)
+  masks = (mask5, None if pair is None else segments_lib.padded(pair, tp, sp))
+  out = _attention(q5, k4, v4, masks, _Static(causal, t, s, bq, bk, d ** -0.5))  # [B, K, Tp, G, D]
   return out[:, :, :t].transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
 
 
@@ -84,8 +88,12 @@ def _grouped_mask(mask, b, h, kv_heads, t, s, tp, sp):
   return jnp.pad(mask, pads) if any(p != (0, 0) for p in pads) else mask
 
 
-def _tile_keep(mask5, i, j, st: _Static, sp: int):
-  """Which scores of tile (query block i, key block j) are kept: bool broadcastable to [B, K, bq, G, bk], or None."""
+def _tile_keep(masks, i, j, st: _Static, sp: int):
+  """Which scores of tile (query block i, key block j) are kept: bool broadcastable to [B, K, bq, G, bk], or None.
+
+  `masks` is (mask5 as `_grouped_mask` or None, (query ids [B, Tp], key ids [B, Sp]) or None).
+  """
+  mask5, pair = masks
   keep = None
   if st.causal or sp > st.s:
     kpos = j * st.block_k + jnp.arange(st.block_k)  # [bk]
@@ -100,6 +108,11 @@ def _tile_keep(mask5, i, j, st: _Static, sp: int):
       m = lax.dynamic_slice_in_dim(m, i * st.block_q, st.block_q, axis=2)
     if m.shape[4] > 1:
       m = lax.dynamic_slice_in_dim(m, j * st.block_k, st.block_k, axis=4)
+    keep = m if keep is None else keep & m
+  if pair is not None:
+    q_ids = lax.dynamic_slice_in_dim(pair[0], i * st.block_q, st.block_q, axis=1)  # [B, bq]
+    kv_ids = lax.dynamic_slice_in_dim(pair[1], j * st.block_k, st.block_k, axis=1)  # [B, bk]
+    m = (q_ids[:, :, None] == kv_ids[:, None, :])[:, None, :, None, :]  # [B, 1, bq, 1, bk]
     keep = m if keep is None else keep & m
   return keep
 
@@ -126,12 +139,12 @@ def _first_query_block(j, st: _Static, nq: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, mask5, st: _Static):
-  """q [B, K, Tp, G, D], k/v [B, K, Sp, D], mask5 as `_grouped_mask` or None -> out [B, K, Tp, G, D]."""
-  return _forward(q, k, v, mask5, st)[0]
+def _attention(q, k, v, masks, st: _Static):
+  """q [B, K, Tp, G, D], k/v [B, K, Sp, D], masks as `_tile_keep`'s -> out [B, K, Tp, G, D]."""
+  return _forward(q, k, v, masks, st)[0]
 
 
-def _forward(q, k, v, mask5, st: _Static):
+def _forward(q, k, v, masks, st: _Static):
   b, kv_heads, tp, g, d = q.shape
   sp = k.shape[2]
   nq, nk = tp // st.block_q, sp // st.block_k
@@ -144,7 +157,7 @@ def _forward(q, k, v, mask5, st: _Static):
       acc, m, l = carry  # [B, K, rows, D], [B, K, rows], [B, K, rows] fp32
       k_tile = lax.dynamic_slice_in_dim(k, j * st.block_k, st.block_k, axis=2)  # [B, K, bk, D]
       v_tile = lax.dynamic_slice_in_dim(v, j * st.block_k, st.block_k, axis=2)
-      scores = _scores(q_tile, k_tile, _tile_keep(mask5, i, j, st, sp), st)  # [B, K, rows, bk]
+      scores = _scores(q_tile, k_tile, _tile_keep(masks, i, j, st, sp), st)  # [B, K, rows, bk]
       m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
       probs = jnp.exp(scores - m_new[..., None])
       rescale = jnp.exp(m - m_new)
@@ -165,11 +178,11 @@ def _forward(q, k, v, mask5, st: _Static):
   out, lse = lax.map(query_block, jnp.arange(nq))  # [nq, B, K, bq, G, D], [nq, B, K, bq, G]
   out = jnp.moveaxis(out, 0, 2).reshape(b, kv_heads, tp, g, d)
   lse = jnp.moveaxis(lse, 0, 2).reshape(b, kv_heads, tp, g)
-  return out, (q, k, v, mask5, out, lse)
+  return out, (q, k, v, masks, out, lse)
 
 
 def _backward(st: _Static, residuals, d_out):
-  q, k, v, mask5, out, lse = residuals
+  q, k, v, masks, out, lse = residuals
   b, kv_heads, tp, g, d = q.shape
   sp = k.shape[2]
   nq, nk = tp // st.block_q, sp // st.block_k
@@ -187,7 +200,7 @@ def _backward(st: _Static, residuals, d_out):
     def query_step(i, carry):
       d_q, d_k, d_v = carry
       q_tile, do_tile = rows_of(q, i), rows_of(d_out, i)  # [B, K, rows, D]
-      scores = _scores(q_tile, k_tile, _tile_keep(mask5, i, j, st, sp), st)  # [B, K, rows, bk]
+      scores = _scores(q_tile, k_tile, _tile_keep(masks, i, j, st, sp), st)  # [B, K, rows, bk]
       probs = jnp.exp(scores - rows_of(lse, i)[..., None])
       d_v = d_v + jnp.einsum("bkms,bkmd->bksd", probs.astype(d_out.dtype), do_tile, preferred_element_type=jnp.float32)
       d_probs = jnp.einsum("bkmd,bksd->bkms", do_tile, v_tile, preferred_element_type=jnp.float32)

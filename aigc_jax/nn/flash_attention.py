@@ -11,7 +11,9 @@ Apache-2.0), with these changes for `aigc_jax.nn.attention`'s API:
   * causal with the T queries as the last T of S positions (cached decoding), skipping
     key blocks above the diagonal in the forward and dQ loops and query blocks below it
     in the dK/dV loop;
-  * key padding masks (broadcastable to [B, 1, 1, S]) as one int32 keep-vector per batch row;
+  * segment ids (`aigc_jax.nn.segments`) and key padding masks (broadcastable to
+    [B, 1, 1, S]) as two int32 id vectors per batch row, queries' and keys' (a hidden key
+    gets an id no query has), compared tile by tile;
   * separate dK/dV and dQ kernels, so T and S may have different block counts;
   * a query row that can see no key gives zeros (the `xla` path gives the mean of v there).
 """
@@ -27,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from aigc_jax.errors import UserError
+from aigc_jax.nn import segments as segments_lib
 
 _LOG2E = math.log2(math.e)  # the kernels work in base 2: e^x = 2^(x log2 e), and exp2 is the cheap one
 _M_START = -1e30  # running max starts finite, so a fully masked tile gives exp2(-inf - _M_START) = 0, never NaN
@@ -72,7 +75,7 @@ def unsupported_error(reason: str) -> UserError:
 class _Static:
   """Trace-time facts of a call (hashable, for `nondiff_argnums` and the kernels' partials)."""
   causal: bool
-  has_mask: bool
+  has_ids: bool  # query and key segment ids come after q, k, v
   t: int  # true lengths; arrays arrive padded
   s: int
   scale: float  # 1 / sqrt(true head_dim)
@@ -80,9 +83,10 @@ class _Static:
   interpret: bool
 
 
-def flash_attention(q, k, v, *, causal: bool = False, mask=None, block_sizes: BlockSizes = BlockSizes(),
-                    interpret: bool | None = None):
-  """Attention of q [B, T, H, D] over k, v [B, S, K, D]; `mask` is a key padding mask, boolean [B|1, 1, 1, S]."""
+def flash_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=None,
+                    block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None):
+  """Attention of q [B, T, H, D] over k, v [B, S, K, D]; `mask` is a key padding mask, boolean [B|1, 1, 1, S];
+  `segment_ids` as `aigc_jax.nn.attention.dot_product_attention`'s."""
   b, t, h, d = q.shape
   s = k.shape[1]
   check_supported(unsupported_reason, q, k, mask)
@@ -102,30 +106,30 @@ def flash_attention(q, k, v, *, causal: bool = False, mask=None, block_sizes: Bl
   q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, dp - d)))
   k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, dp - d)))
   v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, dp - d)))
-  keep = None
-  if mask is not None:
-    mask = jnp.asarray(mask, bool)
-    keep = jnp.broadcast_to(mask.reshape(mask.shape[0] if mask.ndim == 4 else 1, mask.shape[-1]), (b, s))
-    keep = jnp.pad(keep.astype(jnp.int32), ((0, 0), (0, sp - s)))  # [B, Sp], 1 = attend
-  st = _Static(causal, keep is not None, t, s, d ** -0.5, blocks, interpret)
-  return _flash(q, k, v, keep, st)[:, :t, :, :d]
+  ids = segments_lib.with_key_padding(segments_lib.segment_pair(segment_ids, b, t, s), mask, b, t, s)
+  ids = None if ids is None else segments_lib.padded(ids, tp, sp)  # [B, Tp], [B, Sp]
+  st = _Static(causal, ids is not None, t, s, d ** -0.5, blocks, interpret)
+  return _flash(q, k, v, ids, st)[:, :t, :, :d]
 
 
 def _round_up(n, multiple):
   return -(-n // multiple) * multiple
 
 
-def _keep(q_pos, k_start, block_k, keep_ref, st: _Static):
-  """Kept scores of a [len(q_pos), block_k] tile: bool array broadcastable to it, or None."""
+def _keep(q_pos, q_ids, k_start, block_k, kv_ids_ref, st: _Static):
+  """Kept scores of a [len(q_pos), block_k] tile: bool array broadcastable to it, or None.
+
+  `q_ids` are the tile's query segment ids, `kv_ids_ref` every key's (both None without ids).
+  """
   k_pos = k_start + jnp.arange(block_k)
   keep = None
   if st.causal:  # also drops the padded keys for every real query
     keep = k_pos[None, :] <= q_pos[:, None]
   elif _padded_kv_len(st) > st.s:
     keep = (k_pos < st.s)[None, :]
-  if keep_ref is not None:
-    row = keep_ref[pl.ds(k_start, block_k)][None, :] != 0
-    keep = row if keep is None else jnp.logical_and(keep, row)
+  if kv_ids_ref is not None:
+    same = q_ids[:, None] == kv_ids_ref[pl.ds(k_start, block_k)][None, :]
+    keep = same if keep is None else jnp.logical_and(keep, same)
   return keep
 
 
@@ -136,22 +140,20 @@ def _key_blocks_seen(q_start, block_q, block_k, nk, st: _Static):
 
 
 def _forward_kernel(*refs, st: _Static):
-  if st.has_mask:
-    q_ref, k_ref, v_ref, keep_ref, o_ref, lse_ref = refs
-  else:
-    (q_ref, k_ref, v_ref, o_ref, lse_ref), keep_ref = refs, None
+  (q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref), (o_ref, lse_ref) = _split_inputs(refs, st), refs[-2:]
   block_q, block_k = st.blocks.block_q, st.blocks.block_k
   sp, dp = k_ref.shape
   q_start = pl.program_id(0) * block_q
   q = q_ref[...]  # [bq, Dp]
   q_pos = q_start + jnp.arange(block_q) + (st.s - st.t)
+  q_ids = None if q_ids_ref is None else q_ids_ref[pl.ds(q_start, block_q)]
 
   def body(j, carry):
     acc, m, l = carry  # [bq, Dp], [bq], [bq] fp32
     k_start = j * block_k
     k = k_ref[pl.ds(k_start, block_k), :]  # [bk, Dp]
     scores = plgpu.dot(q, k, trans_b=True) * (st.scale * _LOG2E)  # [bq, bk] base-2 logits
-    keep = _keep(q_pos, k_start, block_k, keep_ref, st)
+    keep = _keep(q_pos, q_ids, k_start, block_k, kv_ids_ref, st)
     if keep is not None:
       scores = jnp.where(keep, scores, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
@@ -184,10 +186,8 @@ def _probs_and_dscores(q, k, v, do, lse, delta, keep, st: _Static):
 
 def _dkv_kernel(*refs, st: _Static):
   """One key block of one query head: loops over the query blocks that can see it."""
-  if st.has_mask:
-    q_ref, k_ref, v_ref, keep_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
-  else:
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref), keep_ref = refs, None
+  (q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref), (do_ref, lse_ref, delta_ref, dk_ref, dv_ref) = (
+      _split_inputs(refs[:-5], st), refs[-5:])
   block_q, block_k = st.blocks.block_q_bwd, st.blocks.block_k_bwd
   tp, dp = q_ref.shape
   k_start = pl.program_id(2) * block_k
@@ -199,7 +199,8 @@ def _dkv_kernel(*refs, st: _Static):
     q = q_ref[pl.ds(q_start, block_q), :]
     do = do_ref[pl.ds(q_start, block_q), :]
     q_pos = q_start + jnp.arange(block_q) + (st.s - st.t)
-    keep = _keep(q_pos, k_start, block_k, keep_ref, st)
+    q_ids = None if q_ids_ref is None else q_ids_ref[pl.ds(q_start, block_q)]
+    keep = _keep(q_pos, q_ids, k_start, block_k, kv_ids_ref, st)
     probs, d_scores = _probs_and_dscores(q, k, v, do, lse_ref[pl.ds(q_start, block_q)],
                                          delta_ref[pl.ds(q_start, block_q)], keep, st)
     dv = dv + plgpu.dot(probs.astype(do.dtype), do, trans_a=True)
@@ -223,21 +224,20 @@ def _padded_kv_len(st: _Static) -> int:
 
 def _dq_kernel(*refs, st: _Static):
   """One query block of one query head: loops over the key blocks it can see."""
-  if st.has_mask:
-    q_ref, k_ref, v_ref, keep_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-  else:
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref), keep_ref = refs, None
+  (q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref), (do_ref, lse_ref, delta_ref, dq_ref) = (
+      _split_inputs(refs[:-4], st), refs[-4:])
   block_q, block_k = st.blocks.block_q_bwd, st.blocks.block_k_bwd
   sp, dp = k_ref.shape
   q_start = pl.program_id(2) * block_q
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
   q_pos = q_start + jnp.arange(block_q) + (st.s - st.t)
+  q_ids = None if q_ids_ref is None else q_ids_ref[pl.ds(q_start, block_q)]
 
   def body(j, dq):
     k_start = j * block_k
     k = k_ref[pl.ds(k_start, block_k), :]
     v = v_ref[pl.ds(k_start, block_k), :]
-    keep = _keep(q_pos, k_start, block_k, keep_ref, st)
+    keep = _keep(q_pos, q_ids, k_start, block_k, kv_ids_ref, st)
     _, d_scores = _probs_and_dscores(q, k, v, do, lse, delta, keep, st)
     return dq + plgpu.dot(d_scores.astype(k.dtype), k)
 
@@ -251,38 +251,47 @@ def _compiler_params(block_a, block_b, dp):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, keep, st: _Static):
-  """q [B, Tp, H, Dp], k/v [B, Sp, K, Dp], keep [B, Sp] int32 or None -> out [B, Tp, H, Dp]."""
-  return _forward(q, k, v, keep, st)[0]
+def _flash(q, k, v, ids, st: _Static):
+  """q [B, Tp, H, Dp], k/v [B, Sp, K, Dp], ids (query [B, Tp], key [B, Sp]) int32 or None -> out [B, Tp, H, Dp]."""
+  return _forward(q, k, v, ids, st)[0]
 
 
-def _forward(q, k, v, keep, st: _Static):
+def _split_inputs(refs, st: _Static):
+  """A kernel's q, k, v refs and its query and key id refs (None, None without ids)."""
+  return (*refs[:3], *(refs[3:5] if st.has_ids else (None, None)))
+
+
+def _id_specs(ids, index_map):
+  """BlockSpecs and arguments for the query and key id vectors: each program reads its batch row whole."""
+  if ids is None:
+    return [], []
+  return [pl.BlockSpec((None, x.shape[1]), index_map) for x in ids], list(ids)
+
+
+def _forward(q, k, v, ids, st: _Static):
   b, tp, h, dp = q.shape
   sp, g = k.shape[1], h // k.shape[2]
   bq = st.blocks.block_q
   in_specs = [pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, i, hi, 0)),  # q tile
               pl.BlockSpec((None, sp, None, dp), lambda i, bi, hi: (bi, 0, hi // g, 0)),  # all of k for its kv head
               pl.BlockSpec((None, sp, None, dp), lambda i, bi, hi: (bi, 0, hi // g, 0))]
-  args = [q, k, v]
-  if keep is not None:
-    in_specs.append(pl.BlockSpec((None, sp), lambda i, bi, hi: (bi, 0)))
-    args.append(keep)
+  id_specs, id_args = _id_specs(ids, lambda i, bi, hi: (bi, 0))
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, st=st),
       grid=(tp // bq, b, h),
-      in_specs=in_specs,
+      in_specs=in_specs + id_specs,
       out_specs=[pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, i, hi, 0)),
                  pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
       compiler_params=_compiler_params(bq, st.blocks.block_k, dp),
       interpret=st.interpret,
       name="flash_attention_forward",
-  )(*args)
-  return out, (q, k, v, keep, out, lse)
+  )(q, k, v, *id_args)
+  return out, (q, k, v, ids, out, lse)
 
 
 def _backward(st: _Static, residuals, d_out):
-  q, k, v, keep, out, lse = residuals
+  q, k, v, ids, out, lse = residuals
   b, tp, h, dp = q.shape
   sp, kv_heads = k.shape[1], k.shape[2]
   g = h // kv_heads
@@ -294,34 +303,32 @@ def _backward(st: _Static, residuals, d_out):
   q_tile = pl.BlockSpec((None, bq, None, dp), lambda bi, hi, n: (bi, n, hi, 0))
   kv_tile = pl.BlockSpec((None, bk, None, dp), lambda bi, hi, n: (bi, n, hi // g, 0))
   rows_tile = pl.BlockSpec((None, None, bq), lambda bi, hi, n: (bi, hi, n))
-  keep_specs, keep_args = [], []
-  if keep is not None:
-    keep_specs, keep_args = [pl.BlockSpec((None, sp), lambda bi, hi, n: (bi, 0))], [keep]
+  id_specs, id_args = _id_specs(ids, lambda bi, hi, n: (bi, 0))
 
   dk_per_head = pl.BlockSpec((None, bk, None, dp), lambda bi, hi, n: (bi, n, hi, 0))
   d_k, d_v = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st),
       grid=(b, h, sp // bk),
-      in_specs=[whole_q, kv_tile, kv_tile, *keep_specs, whole_q, whole_rows, whole_rows],
+      in_specs=[whole_q, kv_tile, kv_tile, *id_specs, whole_q, whole_rows, whole_rows],
       out_specs=[dk_per_head, dk_per_head],
       out_shape=[jax.ShapeDtypeStruct((b, sp, h, dp), jnp.float32)] * 2,  # per query head, summed below
       compiler_params=_compiler_params(bq, bk, dp),
       interpret=st.interpret,
       name="flash_attention_dkv",
-  )(q, k, v, *keep_args, d_out, lse, delta)
+  )(q, k, v, *id_args, d_out, lse, delta)
   d_k = d_k.reshape(b, sp, kv_heads, g, dp).sum(3).astype(k.dtype)
   d_v = d_v.reshape(b, sp, kv_heads, g, dp).sum(3).astype(v.dtype)
 
   d_q = pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
       grid=(b, h, tp // bq),
-      in_specs=[q_tile, whole_kv, whole_kv, *keep_specs, q_tile, rows_tile, rows_tile],
+      in_specs=[q_tile, whole_kv, whole_kv, *id_specs, q_tile, rows_tile, rows_tile],
       out_specs=q_tile,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_compiler_params(bq, bk, dp),
       interpret=st.interpret,
       name="flash_attention_dq",
-  )(q, k, v, *keep_args, d_out, lse, delta)
+  )(q, k, v, *id_args, d_out, lse, delta)
   return d_q, d_k, d_v, None
 
 

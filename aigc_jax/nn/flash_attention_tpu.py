@@ -9,8 +9,9 @@ query heads, block-sparse static masks and segment ids. This module adapts it:
   * any lengths: q and k/v are padded to whole blocks (multiples of 128, the TPU lane width);
   * causal with the T queries as the last T of S positions (cached decoding) is the
     kernel's lazy `CausalMask` with offset S - T, which also hides the padded keys;
-  * key padding masks (broadcastable to [B, 1, 1, S]), and padded keys when not causal,
-    become kv segment ids (0 = hidden) against query segment id 1;
+  * segment ids go to the kernel as they are; key padding masks (broadcastable to
+    [B, 1, 1, S]), and padded keys when not causal, become key ids no query has
+    (`aigc_jax.nn.segments`);
   * a query row that can see no key gives zeros, as `flash` does on a GPU.
 On a TPU the kernels compile through Mosaic; elsewhere they run in Pallas interpret mode
 (slow, for checking numerics on CPU).
@@ -25,6 +26,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn import flash_attention as flash_lib
+from aigc_jax.nn import segments as segments_lib
 
 LANES = 128  # TPU vector lane width: splash blocks are multiples of it
 
@@ -48,9 +50,10 @@ def default_block(length: int) -> int:
   return 512 if length >= 2048 else 256 if length >= 512 else LANES
 
 
-def flash_attention(q, k, v, *, causal: bool = False, mask=None, block_sizes: BlockSizes = BlockSizes(),
-                    interpret: bool | None = None):
-  """Attention of q [B, T, H, D] over k, v [B, S, K, D]; `mask` is a key padding mask, boolean [B|1, 1, 1, S]."""
+def flash_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=None,
+                    block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None):
+  """Attention of q [B, T, H, D] over k, v [B, S, K, D]; `mask` is a key padding mask, boolean [B|1, 1, 1, S];
+  `segment_ids` as `aigc_jax.nn.attention.dot_product_attention`'s."""
   b, t, h, d = q.shape
   s = k.shape[1]
   flash_lib.check_supported(unsupported_reason, q, k, mask)
@@ -65,33 +68,19 @@ def flash_attention(q, k, v, *, causal: bool = False, mask=None, block_sizes: Bl
   k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
-  keep = None  # [B|1, S]: the keys each batch row may see
-  if mask is not None:
-    mask = jnp.asarray(mask, bool)
-    keep = mask.reshape(mask.shape[0] if mask.ndim == 4 else 1, s)
-  elif sp > s and not causal:
-    keep = jnp.ones((1, s), bool)
+  ids = segments_lib.with_key_padding(segments_lib.segment_pair(segment_ids, b, t, s), mask, b, t, s)
+  if ids is None and sp > s and not causal:  # causal hides the padded keys by itself
+    ids = segments_lib.with_key_padding(None, jnp.ones((1, 1, 1, s), bool), b, t, s)
   kernel = _kernel(h, tp, sp, causal, s - t, block_q, block_kv, interpret)
-  if keep is None:
+  if ids is None:
     out = jax.vmap(kernel)(q, k, v)
   else:
-    kv_ids = jnp.pad(jnp.broadcast_to(keep, (b, s)).astype(jnp.int32), ((0, 0), (0, sp - s)))
-    segments = splash.SegmentIds(q=jnp.ones((b, tp), jnp.int32), kv=kv_ids)
-    out = jax.vmap(lambda q, k, v, ids: kernel(q, k, v, segment_ids=ids))(q, k, v, segments)
+    q_ids, kv_ids = segments_lib.padded(ids, tp, sp)
+    out = jax.vmap(lambda q, k, v, ids: kernel(q, k, v, segment_ids=ids))(q, k, v, splash.SegmentIds(q_ids, kv_ids))
   out = out.transpose(0, 2, 1, 3)[:, :t]
-  sees = _rows_that_see_a_key(keep, b, t, s, causal)
+  # The kernel gives a row that sees no key the mean of v (masked scores are finite); flash gives zeros.
+  sees = segments_lib.rows_that_see_a_key(ids, t, s, causal)
   return out if sees is None else jnp.where(sees[:, :, None, None], out, jnp.zeros((), out.dtype))
-
-
-def _rows_that_see_a_key(keep, b, t, s, causal):
-  """[B|1, T] bool, or None when every query row sees at least one key."""
-  first = 0  # index of the first visible key
-  if keep is not None:
-    first = jnp.where(jnp.any(keep, axis=-1), jnp.argmax(keep, axis=-1), s)[:, None]  # [B|1, 1]
-  elif not causal or t <= s:
-    return None
-  last = jnp.arange(t)[None, :] + (s - t) if causal else s - 1  # last key each row may see
-  return jnp.broadcast_to(first <= last, (keep.shape[0] if keep is not None else 1, t))
 
 
 @functools.lru_cache(maxsize=64)

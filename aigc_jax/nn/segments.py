@@ -1,0 +1,72 @@
+"""Segment ids for packed sequences: a query attends only to keys of its own segment.
+
+`segment_ids` is an integer [B, T] array for self-attention (queries and keys share it),
+or a pair (query ids [B, T], key ids [B, S]). The kernels (`chunked`, `flash`) compare
+ids tile by tile instead of holding a [T, S] mask, and they carry a key padding mask the
+same way: a hidden key gets the id `HIDDEN`, which no query has.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from aigc_jax.errors import UserError
+
+HIDDEN = int(jnp.iinfo(jnp.int32).min)  # the id of a key no query may see; not a valid segment id
+
+
+def segment_pair(segment_ids, b: int, t: int, s: int):
+  """(query ids [B, T], key ids [B, S]) as int32, or None; one sentence for anything else."""
+  if segment_ids is None:
+    return None
+  pair = tuple(segment_ids) if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+  pair = tuple(jnp.asarray(x) for x in pair)
+  if (len(pair) != 2 or pair[0].shape != (b, t) or pair[1].shape != (b, s)
+      or not all(jnp.issubdtype(x.dtype, jnp.integer) for x in pair)):
+    raise UserError(f"segment_ids must be integer [B, T] = {[b, t]} (self-attention) or a pair of query ids "
+                    f"{[b, t]} and key ids {[b, s]}; got {[(x.shape, x.dtype.name) for x in pair]}.")
+  return tuple(x.astype(jnp.int32) for x in pair)
+
+
+def segment_mask(pair):
+  """The boolean [B, 1, T, S] mask of a (query ids, key ids) pair."""
+  q_ids, kv_ids = pair
+  return (q_ids[:, :, None] == kv_ids[:, None, :])[:, None]
+
+
+def with_key_padding(pair, mask, b: int, t: int, s: int):
+  """Ids that also carry a key padding mask (broadcastable to [B, 1, 1, S]), or None if there is neither."""
+  if mask is None and pair is None:
+    return None
+  q_ids, kv_ids = pair or (jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32))
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    keep = jnp.broadcast_to(mask.reshape(mask.shape[0] if mask.ndim == 4 else 1, s), (b, s))
+    kv_ids = jnp.where(keep, kv_ids, HIDDEN)
+  return q_ids, kv_ids
+
+
+def padded(pair, tp: int, sp: int):
+  """Ids padded to Tp queries (id 0: their rows are dropped) and Sp keys (hidden)."""
+  q_ids, kv_ids = pair
+  return (jnp.pad(q_ids, ((0, 0), (0, tp - q_ids.shape[1]))),
+          jnp.pad(kv_ids, ((0, 0), (0, sp - kv_ids.shape[1])), constant_values=HIDDEN))
+
+
+def rows_that_see_a_key(pair, t: int, s: int, causal: bool):
+  """[B|1, T] bool: whether each query row sees any key (causal: the T queries are the last T of S), or None
+  when all do. A row sees a key when its segment's first key is in its causal window: found by a stable
+  argsort of the key ids and a binary search per query, O((T + S) log S), never a [T, S] mask."""
+  if pair is None:
+    return None if not causal or t <= s else (jnp.arange(t) + (s - t) >= 0)[None]
+  q_ids, kv_ids = pair
+  order = jnp.argsort(kv_ids, axis=-1, stable=True)  # equal ids stay in position order
+  sorted_ids = jnp.take_along_axis(kv_ids, order, axis=-1)
+  at = jnp.clip(jax.vmap(functools.partial(jnp.searchsorted, side="left"))(sorted_ids, q_ids), 0, s - 1)
+  present = jnp.take_along_axis(sorted_ids, at, axis=-1) == q_ids
+  if not causal:
+    return present
+  first = jnp.take_along_axis(order, at, axis=-1)  # position of the segment's first key
+  return present & (first <= jnp.arange(t)[None] + (s - t))
+
