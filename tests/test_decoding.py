@@ -141,3 +141,30 @@ def test_rope_transformer_has_no_position_table_and_unknown_encodings_are_refuse
   assert "position" not in params_of(MODELS["transformer_rope"])["embed"]
   with pytest.raises(UserError, match="Unknown position_encoding 'alibi'; use one of learned, rope"):
     transformer(position_encoding="alibi")
+
+
+@pytest.mark.parametrize("position_encoding,attention", [("learned", "xla"), ("rope", "chunked"), ("rope", "flash")])
+def test_packed_sequences_give_the_logits_they_give_alone(position_encoding, attention):
+  """Two rows, each packing sequences of lengths 3+5 and 8: positions restart and attention stays inside each."""
+  model = transformer(position_encoding=position_encoding, attention=attention)
+  params = params_of(model)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, size=(2, 8)), jnp.int32)
+  segment_ids = jnp.asarray([[4, 4, 4, 9, 9, 9, 9, 9], [1] * 8], jnp.int32)
+  packed = model.apply({"params": params}, tokens, segment_ids=segment_ids)
+  alone = [model.apply({"params": params}, tokens[:1, :3]), model.apply({"params": params}, tokens[:1, 3:]),
+           model.apply({"params": params}, tokens[1:])]
+  np.testing.assert_allclose(packed[0, :3], alone[0][0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(packed[0, 3:], alone[1][0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(packed[1], alone[2][0], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(packed[0, 3:], model.apply({"params": params}, tokens[:1])[0, 3:], atol=1e-3)  # not a no-op
+
+
+def test_positions_restart_in_each_segment_and_decoding_refuses_segments():
+  from aigc_jax.models.transformer import positions_in_segments
+  np.testing.assert_array_equal(positions_in_segments(jnp.asarray([[0, 0, 1, 1, 1, 0], [5, 5, 5, 5, 5, 5]])),
+                                [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]])
+  model = MODELS["transformer"]
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), decode=True)
+  with pytest.raises(UserError, match="segment_ids mark packed sequences.*decode without them"):
+    model.apply(variables, jnp.zeros((1, 1), jnp.int32), segment_ids=jnp.zeros((1, 1), jnp.int32), decode=True,
+                mutable=["cache"])

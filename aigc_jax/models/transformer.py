@@ -5,6 +5,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from aigc_jax import nn as ann
 from aigc_jax.errors import UserError
@@ -46,7 +47,7 @@ class Block(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, *, positions, deterministic, decode, decode_index):
+  def __call__(self, x, *, positions, segment_ids, deterministic, decode, decode_index):
     c = self.config
     residual_scale = (2 * c.num_layers) ** -0.5  # GPT-2: residual projections scaled by depth
     y = ann_layers.LayerNorm(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_attn")(x)
@@ -54,7 +55,8 @@ class Block(nn.Module):
         num_heads=c.num_heads, num_kv_heads=c.num_kv_heads or c.num_heads, head_dim=c.head_dim, max_len=c.max_len,
         dtype=c.dtype, param_dtype=c.param_dtype, use_bias=c.use_bias, dropout_rate=c.dropout_rate,
         out_init_scale=residual_scale, implementation=c.attention, rotary=c.position_encoding == "rope", name="attn",
-    )(y, positions=positions, deterministic=deterministic, decode=decode, decode_index=decode_index)
+    )(y, positions=positions, segment_ids=segment_ids, deterministic=deterministic, decode=decode,
+      decode_index=decode_index)
     x = x + y
     y = ann_layers.LayerNorm(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_mlp")(x)
     y = ann.MLP(c.mlp_ratio * c.emb_dim, dtype=c.dtype, param_dtype=c.param_dtype, use_bias=c.use_bias,
@@ -68,11 +70,15 @@ class Transformer(nn.Module):
   With `decode=True` the model keeps a KV cache (collection `cache`, made by
   `init` with `decode=True`) and takes the next T tokens of the sequences it has
   seen so far; call `apply(..., decode=True, mutable=["cache"])`.
+
+  `segment_ids` [B, T] (integers, each sequence contiguous) pack several sequences into
+  one row: each attends only to itself and its positions restart at 0, so a packed row
+  gives the logits its sequences would give alone.
   """
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens, *, train: bool = False, decode: bool = False):
+  def __call__(self, tokens, *, segment_ids=None, train: bool = False, decode: bool = False):
     c = self.config
     t = tokens.shape[1]
     decode_index = None
@@ -82,6 +88,8 @@ class Transformer(nn.Module):
       if not self.is_initializing():
         index.value = decode_index + t
       positions = decode_index + jnp.arange(t)
+    elif segment_ids is not None:
+      positions = positions_in_segments(segment_ids)  # [B, T]
     else:
       positions = jnp.arange(t)
     embed = ann.TokenAndPositionEmbed(c.vocab_size, c.max_len if c.position_encoding == "learned" else 0, c.emb_dim,
@@ -89,8 +97,8 @@ class Transformer(nn.Module):
     x = embed(tokens, positions)
     x = nn.Dropout(c.dropout_rate)(x, deterministic=not train)
     for i in range(c.num_layers):
-      x = Block(c, name=f"block_{i}")(x, positions=positions, deterministic=not train, decode=decode,
-                                      decode_index=decode_index)
+      x = Block(c, name=f"block_{i}")(x, positions=positions, segment_ids=segment_ids, deterministic=not train,
+                                      decode=decode, decode_index=decode_index)
     x = ann_layers.LayerNorm(use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="ln_final")(x)
     if c.tie_embeddings:
       logits = embed.attend(x)
@@ -99,3 +107,11 @@ class Transformer(nn.Module):
                         param_dtype=c.param_dtype, name="head")(x.reshape(-1, c.emb_dim))  # 2-D matmul: [B*T, F]
       logits = logits.reshape(*x.shape[:-1], c.vocab_size)
     return logits.astype(jnp.float32)
+
+
+def positions_in_segments(segment_ids):
+  """[B, T] position of each token within its (contiguous) segment: 0 where a new segment starts."""
+  segment_ids = jnp.asarray(segment_ids)
+  index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  return index - lax.cummax(jnp.where(starts, index, 0), axis=1)

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aigc_jax.errors import UserError
 from aigc_jax.nn.attention import dot_product_attention
 
 Dtype = Any
@@ -156,9 +157,9 @@ class TokenAndPositionEmbed(nn.Module):
     if self.max_len:
       self.position = self.param("position", dense_init(), (self.max_len, self.features), self.param_dtype)
 
-  def __call__(self, tokens, positions):  # [B, T] int, [T] int -> [B, T, F]
+  def __call__(self, tokens, positions):  # [B, T] int, [T] or [B, T] int -> [B, T, F]
     x = self.token(tokens)
-    return x + jnp.take(self.position, positions, axis=0).astype(self.dtype)[None] if self.max_len else x
+    return x + jnp.take(self.position, positions, axis=0).astype(self.dtype) if self.max_len else x
 
   def attend(self, x):  # [B, T, F] -> [B, T, vocab]: the output head tied to the embedding
     return self.token.attend(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.vocab_size)  # 2-D matmul
@@ -167,7 +168,7 @@ class TokenAndPositionEmbed(nn.Module):
 def rotary_embedding(x, positions, max_wavelength: float = 10_000.0):
   """Rotary position embedding (RoFormer; the rotate-half layout of GPT-NeoX and LLaMA).
 
-  x is [B, T, H, D] with D even, positions [T]. Feature pairs (i, i + D/2) are rotated by
+  x is [B, T, H, D] with D even, positions [T] or [B, T]. Feature pairs (i, i + D/2) are rotated by
   angle position * max_wavelength ** (-2i / D), in fp32, so the dot product of a rotated
   query and key depends on their positions only through the difference.
   """
@@ -175,8 +176,9 @@ def rotary_embedding(x, positions, max_wavelength: float = 10_000.0):
   if d % 2:
     raise ValueError(f"rotary position embedding needs an even head_dim; got {d}")
   inv_freq = max_wavelength ** (-jnp.arange(d // 2, dtype=jnp.float32) / (d // 2))
-  angle = positions.astype(jnp.float32)[:, None] * inv_freq  # [T, D/2]
-  sin, cos = jnp.sin(angle)[None, :, None], jnp.cos(angle)[None, :, None]
+  angle = positions.astype(jnp.float32)[..., None] * inv_freq  # [T, D/2] or [B, T, D/2]
+  angle = angle.reshape(-1 if angle.ndim == 3 else 1, x.shape[1], 1, d // 2)  # [B|1, T, 1, D/2]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -188,7 +190,8 @@ class MultiHeadAttention(nn.Module):
   `max_len` positions starting at `decode_index`, and the queries attend to every
   cached position at or before their own. Prefill (many tokens) and one-token steps
   share this path. With `rotary`, queries and keys are rotated by their `positions` [T]
-  (`rotary_embedding`) before the keys are cached.
+  or [B, T] (`rotary_embedding`) before the keys are cached. Outside decode mode,
+  `segment_ids` [B, T] keep each packed sequence's attention to itself.
   """
   num_heads: int
   num_kv_heads: int
@@ -203,7 +206,8 @@ class MultiHeadAttention(nn.Module):
   rotary: bool = False
 
   @nn.compact
-  def __call__(self, x, *, positions=None, deterministic: bool = True, decode: bool = False, decode_index=None):
+  def __call__(self, x, *, positions=None, segment_ids=None, deterministic: bool = True, decode: bool = False,
+               decode_index=None):
     b, t, features = x.shape
     h, k, d = self.num_heads, self.num_kv_heads, self.head_dim
     qkv = nn.Dense((h + 2 * k) * d, use_bias=self.use_bias, kernel_init=dense_init(), dtype=self.dtype,
@@ -215,6 +219,9 @@ class MultiHeadAttention(nn.Module):
     if self.rotary:
       q, key = rotary_embedding(q, positions), rotary_embedding(key, positions)
     if decode:
+      if segment_ids is not None:
+        raise UserError("segment_ids mark packed sequences for training and scoring; decode without them, one "
+                        "sequence per batch row.")
       cached_key = self.variable("cache", "cached_key", jnp.zeros, (b, self.max_len, k, d), key.dtype)
       cached_value = self.variable("cache", "cached_value", jnp.zeros, (b, self.max_len, k, d), value.dtype)
       if not self.is_initializing():
@@ -224,7 +231,8 @@ class MultiHeadAttention(nn.Module):
       out = dot_product_attention(q, cached_key.value, cached_value.value, mask=mask[None, None],
                                   implementation="xla")
     else:
-      out = dot_product_attention(q, key, value, causal=True, implementation=self.implementation)
+      out = dot_product_attention(q, key, value, causal=True, segment_ids=segment_ids,
+                                  implementation=self.implementation)
     out = nn.Dense(features, use_bias=self.use_bias, kernel_init=dense_init(self.out_init_scale), dtype=self.dtype,
                    param_dtype=self.param_dtype, name="out")(out.reshape(b * t, h * d))
     return nn.Dropout(self.dropout_rate)(out.reshape(b, t, features), deterministic=deterministic)
