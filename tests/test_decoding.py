@@ -5,6 +5,7 @@ import pytest
 
 from aigc_jax import decoding
 from aigc_jax.errors import UserError
+from aigc_jax.nn import segments
 from aigc_jax.models import LSTM, LSTMConfig, Transformer, TransformerConfig
 
 VOCAB = 11
@@ -160,8 +161,7 @@ def test_packed_sequences_give_the_logits_they_give_alone(position_encoding, att
 
 
 def test_positions_restart_in_each_segment_and_decoding_refuses_segments():
-  from aigc_jax.models.transformer import positions_in_segments
-  np.testing.assert_array_equal(positions_in_segments(jnp.asarray([[0, 0, 1, 1, 1, 0], [5, 5, 5, 5, 5, 5]])),
+  np.testing.assert_array_equal(segments.positions_in_segments(jnp.asarray([[0, 0, 1, 1, 1, 0], [5, 5, 5, 5, 5, 5]])),
                                 [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]])
   model = MODELS["transformer"]
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), decode=True)

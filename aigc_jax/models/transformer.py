@@ -5,11 +5,11 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax import lax
 
 from aigc_jax import nn as ann
 from aigc_jax.errors import UserError
 from aigc_jax.nn import layers as ann_layers
+from aigc_jax.nn import segments
 
 
 POSITION_ENCODINGS = ("learned", "rope")
@@ -89,7 +89,7 @@ class Transformer(nn.Module):
         index.value = decode_index + t
       positions = decode_index + jnp.arange(t)
     elif segment_ids is not None:
-      positions = positions_in_segments(segment_ids)  # [B, T]
+      positions = segments.positions_in_segments(segment_ids)  # [B, T]
     else:
       positions = jnp.arange(t)
     embed = ann.TokenAndPositionEmbed(c.vocab_size, c.max_len if c.position_encoding == "learned" else 0, c.emb_dim,
@@ -107,11 +107,3 @@ class Transformer(nn.Module):
                         param_dtype=c.param_dtype, name="head")(x.reshape(-1, c.emb_dim))  # 2-D matmul: [B*T, F]
       logits = logits.reshape(*x.shape[:-1], c.vocab_size)
     return logits.astype(jnp.float32)
-
-
-def positions_in_segments(segment_ids):
-  """[B, T] position of each token within its (contiguous) segment: 0 where a new segment starts."""
-  segment_ids = jnp.asarray(segment_ids)
-  index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
-  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-  return index - lax.cummax(jnp.where(starts, index, 0), axis=1)

@@ -70,3 +70,10 @@ def rows_that_see_a_key(pair, t: int, s: int, causal: bool):
   first = jnp.take_along_axis(order, at, axis=-1)  # position of the segment's first key
   return present & (first <= jnp.arange(t)[None] + (s - t))
 
+
+def positions_in_segments(segment_ids):
+  """[B, T] position of each token within its (contiguous) segment: 0 where a new segment starts."""
+  segment_ids = jnp.asarray(segment_ids)
+  index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
