@@ -17,6 +17,10 @@ median. `ratio_to_reference` is the reference's ms over this row's ms (above 1: 
 than the reference; cudnn on a GPU, xla elsewhere). A cell whose compiled memory
 (XLA's memory analysis) would exceed `--memory-limit-gb`, or that is unsupported or runs
 out of memory, is recorded with `ms` null and the reason in `meta.not_run`.
+
+On a Hopper GPU `flash`'s forward is FlashAttention-3's Mosaic GPU kernel; the grid also
+times `flash_triton` there, `flash` with its Triton forward, so both forwards are measured
+side by side (their backward is the same Triton kernels).
 """
 
 import argparse
@@ -33,12 +37,15 @@ import numpy as np
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn import attention as attention_lib
+from aigc_jax.nn import flash_attention as flash_lib
+from aigc_jax.nn import flash_attention_hopper as hopper_lib
 from benchmarks.peak import default_dtype, peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = dict(tokens=16384, width=2048, lengths=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128))
 QUICK = dict(tokens=2048, width=256, lengths=(512, 1024, 2048, 4096), head_dims=(64,))
 MODES = ("fwd", "fwd_bwd")
+FLASH_TRITON = "flash_triton"  # `flash` with its Triton forward even on a Hopper GPU
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -48,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument("--lengths", default=None, help="comma-separated sequence lengths, replacing the grid's "
                       "(the batch still keeps the grid's tokens per batch)")
   parser.add_argument("--implementations", default=None,
-                      help="comma-separated; default: cudnn,xla,chunked,flash on a GPU, xla,chunked,flash on a TPU, "
-                      "xla,chunked elsewhere")
+                      help="comma-separated; default: cudnn,xla,chunked,flash on a GPU (and flash_triton on a "
+                      "Hopper GPU), xla,chunked,flash on a TPU, xla,chunked elsewhere")
   parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                       help="default bfloat16 on a GPU or TPU, float32 elsewhere")
   parser.add_argument("--reps", type=int, default=3, help="timed repetitions per implementation and cell")
@@ -102,6 +109,8 @@ def default_memory_limit() -> float:
 def build(implementation, causal, mode, args):
   """A compiled function of `args` for one implementation and mode, and its memory footprint in bytes."""
   def attend(q, k, v):
+    if implementation == FLASH_TRITON:
+      return flash_lib.flash_attention(q, k, v, causal=causal, hopper=False)
     return attention_lib.dot_product_attention(q, k, v, causal=causal, implementation=implementation)
 
   if mode == "fwd":
@@ -128,12 +137,12 @@ def run(args) -> int:
   on_gpu = backend == "gpu"
   dtype = default_dtype(args.dtype)
   implementations = (args.implementations.split(",") if args.implementations
-                     else ["cudnn", "xla", "chunked", "flash"] if on_gpu
+                     else ["cudnn", "xla", "chunked", "flash"] + [FLASH_TRITON] * hopper_lib.on_hopper() if on_gpu
                      else ["xla", "chunked", "flash"] if backend == "tpu" else ["xla", "chunked"])
+  known = [i for i in attention_lib.IMPLEMENTATIONS if i != "auto"] + [FLASH_TRITON]
   for name in implementations:
-    if name not in attention_lib.IMPLEMENTATIONS or name == "auto":
-      raise UserError(f"Unknown implementation {name!r} for the attention benchmark; use some of "
-                      f"{', '.join(i for i in attention_lib.IMPLEMENTATIONS if i != 'auto')}.")
+    if name not in known:
+      raise UserError(f"Unknown implementation {name!r} for the attention benchmark; use some of {', '.join(known)}.")
   g = grid_spec(args)
   reference = "cudnn" if on_gpu else "xla"
   if reference not in implementations:
@@ -157,7 +166,9 @@ def run(args) -> int:
     compiled, times = {}, {}
     for name in implementations:
       reason = None
-      if name == "flash" and backend not in ("gpu", "tpu"):
+      if name == FLASH_TRITON and not on_gpu:
+        reason = "flash_triton times flash's Triton forward, a GPU kernel"
+      elif name == "flash" and backend not in ("gpu", "tpu"):
         reason = "Pallas interpret mode off GPU and TPU: correct but not meant for timing"
       else:
         try:

@@ -255,7 +255,74 @@ def test_flash_tpu_kernels_lower_through_mosaic_for_a_tpu():
       assert f'kernel_name = "splash_mha_{kernel}"' in module
 
 
+def _gpu_module(fn, *args):
+  """fn cross-lowered for CUDA here (`jax.export`): the Pallas lowerings run in full, compiling for the GPU does not."""
+  from jax import export
+  allow = [export.DisabledSafetyCheck.custom_call(name) for name in ("__gpu$xla.gpu.triton", "mosaic_gpu_v2")]
+  return export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=allow)(*args).mlir_module()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_hopper_forward_lowers_with_the_triton_backward_for_an_h100(causal):
+  """The Mosaic GPU kernel for bf16, grouped heads and a padded length; its gradient is the two Triton kernels."""
+  t = 300 if causal else 200  # causal: queries and keys padded alike to 384; else the keys must need no padding
+  q = jax.ShapeDtypeStruct((2, t, 4, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 300 if causal else 384, 2, 128), jnp.bfloat16)
+  fwd = lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=False, hopper=True)
+  grad = jax.grad(lambda *args: fwd(*args).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+  module = _gpu_module(fwd, q, k, k)
+  assert module.count("@mosaic_gpu_v2(") == 1 and "@__gpu$xla.gpu.triton(" not in module
+  module = _gpu_module(grad, q, k, k)
+  assert module.count("@mosaic_gpu_v2(") == 1 and module.count("@__gpu$xla.gpu.triton(") == 2
+  assert 'name = "flash_attention_dkv"' in module and 'name = "flash_attention_dq"' in module
+
+
+def test_flash_takes_the_hopper_forward_only_where_it_can_run(monkeypatch):
+  from aigc_jax.nn import flash_attention_hopper
+  monkeypatch.setattr(flash_attention_hopper, "on_hopper", lambda: True)
+  bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  q, k = bf16(1, 256, 2, 64), bf16(1, 256, 1, 64)
+  forward = lambda causal=True, **kw: (lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=False, **kw))
+  uses_hopper = lambda fn, *args: "@mosaic_gpu_v2(" in _gpu_module(fn, *args)
+  assert uses_hopper(forward(), q, k, k)
+  assert uses_hopper(forward(causal=False), bf16(1, 100, 2, 64), k, k)
+  mask = jax.ShapeDtypeStruct((1, 1, 1, 256), jnp.bool_)
+  assert not uses_hopper(lambda q, k, v, m: forward(mask=m)(q, k, v), q, k, k, mask)  # masks: Triton
+  assert not uses_hopper(forward(), bf16(1, 128, 2, 64), k, k)  # causal over a cache: Triton
+  assert not uses_hopper(forward(causal=False), q, bf16(1, 200, 1, 64), bf16(1, 200, 1, 64))  # padded keys
+  f32 = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.float32)
+  assert not uses_hopper(forward(), f32, f32, f32)
+  assert uses_hopper(forward(), bf16(1, 256, 2, 80), bf16(1, 256, 1, 80), bf16(1, 256, 1, 80))  # D zero-padded
+  assert not uses_hopper(forward(), bf16(1, 256, 2, 32), bf16(1, 256, 1, 32), bf16(1, 256, 1, 32))
+
+  with pytest.raises(UserError, match="Hopper flash forward cannot run this call: it has no masks.*hopper=None"):
+    _gpu_module(lambda q, k, v, m: forward(mask=m, hopper=True)(q, k, v), q, k, k, mask)
+  monkeypatch.setattr(flash_attention_hopper, "on_hopper", lambda: False)  # e.g. an A100
+  assert not uses_hopper(forward(), q, k, k)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_hopper_forward_contract_meets_the_triton_backward(monkeypatch, causal):
+  """The kernel runs only on a Hopper GPU, so here `flash_attention_hopper.reference` (its output and base-2
+  log-sum-exp, in plain JAX) stands in for it: this checks the padding, the scale and that the Triton dK/dV and
+  dQ kernels read its log-sum-exp right, against xla, values and gradients."""
+  from aigc_jax.nn import flash_attention_hopper
+  calls = []
+  def stand_in(*args, **kwargs):
+    calls.append(kwargs)
+    return flash_attention_hopper.reference(*args, **kwargs)
+  monkeypatch.setattr(flash_attention_hopper, "forward", stand_in)
+  q, k, v, w = qkv(b=1, t=200, s=200 if causal else 256, h=2, kv_heads=1, dtype=jnp.bfloat16)
+  got = out_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=causal, hopper=True), q, k, v, w)
+  assert calls == [{"causal": causal, "scale": 64 ** -0.5}]
+  want = out_and_grads(lambda q, k, v: dot_product_attention(q, k, v, causal=causal),
+                       *(x.astype(jnp.float32) for x in (q, k, v)), w)
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    assert np.abs(a - b).max() <= 3e-2 * np.abs(b).max(), name
+
+
 DATA_PARALLEL_SCRIPT = r"""
+
 import functools
 import jax, jax.numpy as jnp, numpy as np
 from jax import export

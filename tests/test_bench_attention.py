@@ -36,10 +36,19 @@ def test_tiny_grid_writes_every_cell_against_the_reference_and_a_plot(run_bench)
 
 def test_unknown_implementation_or_length_is_a_user_error(tmp_path):
   assert bench_attention.parse_lengths("64, 128") == (64, 128)
-  with pytest.raises(UserError, match="Unknown implementation 'fast'"):
+  with pytest.raises(UserError, match="Unknown implementation 'fast'.*chunked, flash, flash_triton"):
     bench_attention.run(parse_args(bench_attention, ["--implementations", "fast", "--out", str(tmp_path / "x.json")]))
   with pytest.raises(UserError, match="--lengths takes positive integers"):
     bench_attention.run(parse_args(bench_attention, ["--lengths", "1k", "--out", str(tmp_path / "x.json")]))
+
+
+def test_gpu_kernels_off_gpu_are_recorded_as_not_run_with_the_reason(run_bench):
+  report = run_bench(bench_attention, "--quick", "--lengths", "64", "--reps", "1", "--implementations",
+                     "flash,flash_triton")
+  assert {r["implementation"] for r in report["rows"] if r["ms"] is not None} == {"xla"}  # the reference, added
+  reasons = {(n["implementation"], n["reason"]) for n in report["meta"]["not_run"]}
+  assert reasons == {("flash", "Pallas interpret mode off GPU and TPU: correct but not meant for timing"),
+                     ("flash_triton", "flash_triton times flash's Triton forward, a GPU kernel")}
 
 
 def test_a_capped_run_reports_xla_out_of_memory_where_chunked_runs():

@@ -10,7 +10,8 @@ Shapes follow `jax.nn.dot_product_attention`: q is [B, T, H, D], k and v are
   * `flash`: Pallas kernels, key padding masks only. On a TPU, JAX's splash-attention
     Mosaic kernels (`aigc_jax.nn.flash_attention_tpu`); elsewhere Triton kernels
     (`aigc_jax.nn.flash_attention`), compiled on a GPU and run in interpret mode (slow,
-    for checking numerics) on a CPU.
+    for checking numerics) on a CPU. On a Hopper GPU the forward is FlashAttention-3's
+    Mosaic GPU kernel (`aigc_jax.nn.flash_attention_hopper`) wherever it can run the call.
   * `auto`: on a GPU, `cudnn` for fp16/bf16 with head_dim <= 128; otherwise (any backend)
     `chunked` once the score matrix reaches `CHUNKED_MIN_SCORES` entries (T * S), else `xla`.
     `flash` is opt-in until it has been timed on a GPU and a TPU (so far both kernel

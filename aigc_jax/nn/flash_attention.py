@@ -16,6 +16,9 @@ Apache-2.0), with these changes for `aigc_jax.nn.attention`'s API:
     gets an id no query has), compared tile by tile;
   * separate dK/dV and dQ kernels, so T and S may have different block counts;
   * a query row that can see no key gives zeros (the `xla` path gives the mean of v there).
+On a Hopper GPU (sm90) the forward is FlashAttention-3's Mosaic GPU kernel
+(`aigc_jax.nn.flash_attention_hopper`) wherever that kernel can run the call; the
+backward is always the Triton kernels here, which read the log-sum-exp both forwards write.
 """
 
 import dataclasses
@@ -29,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from aigc_jax.errors import UserError
+from aigc_jax.nn import flash_attention_hopper as hopper_lib
 from aigc_jax.nn import segments as segments_lib
 
 _LOG2E = math.log2(math.e)  # the kernels work in base 2: e^x = 2^(x log2 e), and exp2 is the cheap one
@@ -81,12 +85,18 @@ class _Static:
   scale: float  # 1 / sqrt(true head_dim)
   blocks: BlockSizes
   interpret: bool
+  hopper: bool  # the forward is the Hopper kernel's
 
 
 def flash_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=None,
-                    block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None):
+                    block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None,
+                    hopper: bool | None = None):
   """Attention of q [B, T, H, D] over k, v [B, S, K, D]; `mask` is a key padding mask, boolean [B|1, 1, 1, S];
-  `segment_ids` as `aigc_jax.nn.attention.dot_product_attention`'s."""
+  `segment_ids` as `aigc_jax.nn.attention.dot_product_attention`'s.
+
+  `hopper`: whether the forward is the Hopper kernel (None: wherever it can run the call on
+  Hopper GPUs; True, which also cross-lowers from another machine, raises if it cannot).
+  """
   b, t, h, d = q.shape
   s = k.shape[1]
   check_supported(unsupported_reason, q, k, mask)
@@ -108,7 +118,15 @@ def flash_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=Non
   v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, dp - d)))
   ids = segments_lib.with_key_padding(segments_lib.segment_pair(segment_ids, b, t, s), mask, b, t, s)
   ids = None if ids is None else segments_lib.padded(ids, tp, sp)  # [B, Tp], [B, Sp]
-  st = _Static(causal, ids is not None, t, s, d ** -0.5, blocks, interpret)
+  why_not = hopper_lib.unsupported_reason(q.shape, k.shape, q.dtype, causal=causal, t=t, s=s,
+                                         has_ids=ids is not None)
+  if hopper is None:
+    hopper = why_not is None and not interpret and hopper_lib.on_hopper()
+
+  elif hopper and why_not:
+    raise UserError(f"The Hopper flash forward cannot run this call: {why_not}; leave hopper=None to let "
+                    f"flash use its Triton forward.")
+  st = _Static(causal, ids is not None, t, s, d ** -0.5, blocks, interpret, hopper)
   return _flash(q, k, v, ids, st)[:, :t, :, :d]
 
 
@@ -269,7 +287,11 @@ def _id_specs(ids, index_map):
 
 
 def _forward(q, k, v, ids, st: _Static):
+  if st.hopper:
+    out, lse = hopper_lib.forward(q, k, v, causal=st.causal, scale=st.scale)
+    return out, (q, k, v, ids, out, lse)
   b, tp, h, dp = q.shape
+
   sp, g = k.shape[1], h // k.shape[2]
   bq = st.blocks.block_q
   in_specs = [pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, i, hi, 0)),  # q tile

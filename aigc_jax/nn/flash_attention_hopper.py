@@ -1,0 +1,325 @@
+"""FlashAttention-3's forward for Hopper GPUs (sm90): JAX's Mosaic GPU kernel, as `flash`'s forward there.
+
+Elsewhere on a GPU `flash` runs Triton kernels (`aigc_jax.nn.flash_attention`). Pallas's
+Triton lowering gives them neither Hopper's asynchronous warpgroup MMA (wgmma) nor its
+TMA copies, the two things FlashAttention-3 (Shah et al. 2024) is built on. This module is
+JAX's FlashAttention-3 forward (`jax/experimental/pallas/ops/gpu/attention_mgpu.py` in
+jax 0.10.2, Copyright 2024 The JAX Authors, Apache-2.0): per 128 queries, two consumer
+warpgroups whose softmax overlaps the other's wgmma, and a producer warpgroup streaming
+K/V blocks through TMA. Changes to it:
+  * shared-memory buffers take the inputs' dtype (upstream hard-codes float16, so bfloat16,
+    the dtype people train in, did not even lower);
+  * the softmax scale is applied inside, folded into the base-2 exponent's constant
+    (upstream leaves it to the caller);
+  * it always returns the base-2 log-sum-exp [B, H, T] of the scaled scores: exactly the
+    residual the Triton dK/dV and dQ kernels of `aigc_jax.nn.flash_attention` read, so the
+    backward stays theirs (upstream's backward has no causal variant);
+  * the K/V block is the longest that fits shared memory for the head dim.
+The Triton forward keeps what this kernel lacks: masks and segment ids, causal attention
+with fewer queries than keys, float32, head dims that are not multiples of 64, key padding.
+Mosaic GPU's interpreter (jax 0.10.2) cannot run this kernel: it lacks rules for some of
+its primitives, and with those patched in, the warp-specialised barriers deadlock. So off a
+Hopper GPU it is checked by cross-lowering for CUDA (`jax.export`), and `reference`, its
+output and log-sum-exp in plain JAX, stands in for it to check the code around it.
+Not yet run on a Hopper GPU by this project.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+BLOCK_Q = 64  # queries per consumer warpgroup; a program (CTA) takes 2 * BLOCK_Q
+STAGES = 2  # K/V blocks in flight
+SMEM_BYTES = 227 * 1024  # shared memory one H100 CTA may use
+COMPUTE_CAPABILITY = "9.0"
+
+
+def kv_block(head_dim: int, kv_len: int) -> int | None:
+  """The longest K/V block (256, 128 or 64) that divides kv_len and whose buffers fit shared memory."""
+  for block in (256, 128, 64):
+    smem = 2 * BLOCK_Q * head_dim * 2 + STAGES * 2 * block * head_dim * 2 + 2 * BLOCK_Q * 4  # q/out, k+v, lse
+    if smem <= SMEM_BYTES and kv_len % block == 0:
+      return block
+  return None
+
+
+def unsupported_reason(q_shape, k_shape, dtype, *, causal: bool, t: int, s: int, has_ids: bool) -> str | None:
+  """Why this kernel cannot run `flash`'s padded call (a sentence fragment), or None if it can.
+
+  q_shape and k_shape are the padded [B, Tp, H, Dp] and [B, Sp, K, Dp]; t and s the true lengths.
+  """
+  tp, dp, sp = q_shape[1], q_shape[3], k_shape[1]
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return f"it takes bfloat16 and float16 (got {jnp.dtype(dtype).name})"
+  if dp % 64:
+    return f"its head_dim must be a multiple of 64 (got {dp})"
+  if has_ids:
+    return "it has no masks or segment ids"
+  if causal and t != s:
+    return f"causal needs as many queries as keys (got {t} and {s})"
+  if not causal and sp != s:
+    return f"it cannot hide padded keys (key length {s}, padded to {sp})"
+  if tp % (2 * BLOCK_Q):
+    return f"the query length must be padded to a multiple of {2 * BLOCK_Q} (got {tp})"
+  if kv_block(dp, sp) is None:
+    return f"no K/V block divides the padded key length {sp}"
+  if causal and _ptxas_miscompiles_causal():
+    return "causal masking is miscompiled by ptxas in CUDA 12.8.0 to 12.9.0"
+  return None
+
+
+def on_hopper() -> bool:
+  """Whether jax runs on Hopper GPUs (every device of compute capability 9.0)."""
+  return jax.default_backend() == "gpu" and all(
+      getattr(d, "compute_capability", None) == COMPUTE_CAPABILITY for d in jax.devices())
+
+
+def _ptxas_miscompiles_causal() -> bool:
+  """JAX's kernel refuses causal masking on CUDA runtimes 12.8.0 <= v < 12.9.1 (a ptxas bug)."""
+  from jax._src.lib import cuda_versions  # None without the CUDA plugin (e.g. cross-lowering from a CPU)
+  if cuda_versions is None:
+    return False
+  return 12080 <= cuda_versions.cuda_runtime_get_version() < 12091
+
+
+def forward(q, k, v, *, causal: bool, scale: float):
+  """q [B, Tp, H, D], k/v [B, Sp, K, D] (bf16/fp16, D a multiple of 64, Tp of 128) -> out [B, Tp, H, D] and
+  lse [B, H, Tp] fp32, log2 of sum(2^(scale * log2(e) * q.k)) per query."""
+  batch_size, q_seq_len, num_q_heads, head_dim = q.shape
+  _, kv_seq_len, num_kv_heads, _ = k.shape
+  dtype = q.dtype
+  q_heads_per_kv_head = num_q_heads // num_kv_heads
+  block_q, block_kv = BLOCK_Q, kv_block(head_dim, kv_seq_len)
+  max_concurrent_steps = min(STAGES, kv_seq_len // block_kv)
+  to_base2 = scale * math.log2(math.e)
+
+  def kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped):
+    batch = lax.axis_index("batch")
+    q_head = lax.axis_index("heads")
+    smem_buffers, buffer_barriers, consumed_barriers, schedule_barrier = scoped
+    wg_idx = lax.axis_index("wg")
+    qo_smem2, k_smem, v_smem, lse_smem2 = smem_buffers
+    k_barriers, v_barriers, q_barriers = buffer_barriers
+    k_consumed_barriers, v_consumed_barriers = consumed_barriers
+    def perform_schedule_barrier():
+      plgpu.barrier_arrive(schedule_barrier)
+      plgpu.barrier_wait(schedule_barrier)
+
+    if causal:
+      block_q_end = (lax.axis_index("q_seq") + 1) * (2 * block_q)
+      block_max_kv_steps = pl.cdiv(block_q_end, jnp.array(block_kv, jnp.int32))
+    else:
+      block_max_kv_steps = kv_seq_len // block_kv
+
+    @pl.when(wg_idx < 2)
+    def _compute_wg():
+      plgpu.set_max_registers(232, action="increase")
+      qo_smem = qo_smem2.at[wg_idx]
+      lse_smem = lse_smem2.at[wg_idx]
+      q_seq_base = lax.axis_index("q_seq") * (2 * block_q) + wg_idx * block_q
+
+      if causal:
+        kv_steps = pl.cdiv(q_seq_base + block_q, jnp.array(block_kv, jnp.int32))
+      else:
+        kv_steps = block_max_kv_steps
+
+      plgpu.copy_gmem_to_smem(
+          q_ref.at[batch, pl.ds(q_seq_base, block_q), q_head],
+          qo_smem,
+          q_barriers.at[wg_idx],
+      )
+      plgpu.barrier_wait(q_barriers.at[wg_idx])
+
+      m_i = plgpu.layout_cast(
+          jnp.full((block_q,), -jnp.inf, dtype=jnp.float32),
+          plgpu.Layout.WGMMA.reduce(1),
+      )
+      l_i = plgpu.layout_cast(
+          jnp.full((block_q,), 0, dtype=jnp.float32),
+          plgpu.Layout.WGMMA.reduce(1),
+      )
+      acc = plgpu.layout_cast(
+          jnp.full((block_q, head_dim), 0, dtype=jnp.float32),
+          plgpu.Layout.WGMMA,
+      )
+
+      @pl.when(kv_steps > 0)
+      def _():
+        plgpu.barrier_wait(k_barriers.at[0])
+
+      pl.when(wg_idx == 1)(perform_schedule_barrier)
+      def kv_loop(kv_step, carry, causal: bool = False):
+        acc, m_i, l_i = carry
+        slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
+
+        # QK
+        def compute_qk(acc_ref):
+          plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          perform_schedule_barrier()
+          return acc_ref[...]
+        qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+        plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+
+        if causal:
+          q_ids = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA)
+          kv_ids = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
+          mask = (q_ids + q_seq_base) >= (kv_ids + kv_step * block_kv)
+          qk = jnp.where(mask, qk, -jnp.inf)
+
+        # Softmax
+        # We keep m scaled by scale * log2e to use FMA instructions when computing p.
+        m_ij = jnp.maximum(m_i, qk.max(axis=1) * to_base2)
+        alpha = jnp.exp2(m_i - m_ij)
+        m_i = m_ij
+        p = jnp.exp2(qk * to_base2 - lax.broadcast_in_dim(m_ij, qk.shape, [0]))
+        acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l_i *= alpha
+        p16 = p.astype(dtype)
+
+        def end_softmax_barriers():
+          plgpu.barrier_arrive(schedule_barrier)  # Done with softmax!
+          plgpu.barrier_wait(v_barriers.at[slot])
+          plgpu.barrier_wait(schedule_barrier)  # Wait until TensorCore is free.
+        # Can't fully explain why, but empirically the ordering here influences
+        # the performance of the final kernel quite significantly.
+        if head_dim <= 128:
+          l_i += p.sum(axis=1)
+          acc, l_i, m_i, p16 = lax.optimization_barrier((acc, l_i, m_i, p16))
+          end_softmax_barriers()
+        else:
+          end_softmax_barriers()
+          l_i += p.sum(axis=1)
+
+        # PV
+        def compute_pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+          wait_step = kv_step + 1
+          wait_slot = lax.rem(wait_step, jnp.array(max_concurrent_steps, kv_step.dtype))
+          @pl.when(wait_step < kv_steps)
+          def _wait():
+            plgpu.barrier_wait(k_barriers.at[wait_slot])
+        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+        return acc, m_i, l_i
+
+      if not causal:
+        acc, m_i, l_i = lax.fori_loop(0, block_max_kv_steps, kv_loop, (acc, m_i, l_i))
+      else:
+        def epilogue_kv_loop(kv_step, _):
+          # This loop makes sure that all the pipelined KV data is processed, even
+          # if one compute wg finishes early like with causal masking.
+          slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
+          plgpu.barrier_arrive(k_consumed_barriers.at[slot])
+          plgpu.barrier_arrive(v_consumed_barriers.at[slot])
+          perform_schedule_barrier()
+          perform_schedule_barrier()
+
+        causal_kv_loop = functools.partial(kv_loop, causal=True)
+        full_kv_steps = lax.div(q_seq_base, jnp.array(block_kv, jnp.int32))
+        # With causal masking, the KV loop unrolling is split in 3 sections:
+        # 1. A fast path where no causal mask is needed.
+        acc, m_i, l_i = lax.fori_loop(0, full_kv_steps, kv_loop, (acc, m_i, l_i))
+        # 2. Causal masking.
+        acc, m_i, l_i = lax.fori_loop(full_kv_steps, kv_steps, causal_kv_loop, (acc, m_i, l_i))
+        # 3. Epilogue to flush the data pipeline.
+        lax.fori_loop(kv_steps, block_max_kv_steps, epilogue_kv_loop, None)
+      pl.when(wg_idx == 0)(perform_schedule_barrier)
+
+      # TODO(apaszke): Invert and multiply to avoid expensive divisions.
+      acc /= lax.broadcast_in_dim(l_i, (block_q, head_dim), [0])
+      qo_smem[...] = acc.astype(dtype)
+      lse_smem[...] = m_i + jnp.log(l_i) * (1 / math.log(2))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(
+          qo_smem, out_ref.at[batch, pl.ds(q_seq_base, block_q), q_head],
+      )
+      plgpu.copy_smem_to_gmem(
+          lse_smem,
+          lse_ref.at[batch, q_head, pl.ds(q_seq_base, block_q)],
+      )
+      plgpu.wait_smem_to_gmem(0)
+    @pl.when(wg_idx == 2)
+    def _memory_wg():
+      plgpu.set_max_registers(40, action="decrease")
+      kv_head = lax.div(q_head, jnp.array(q_heads_per_kv_head, q_head.dtype))
+      for i in range(max_concurrent_steps):
+        s = (batch, pl.ds(i * block_kv, block_kv), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[s], k_smem.at[i], k_barriers.at[i])
+        plgpu.copy_gmem_to_smem(v_ref.at[s], v_smem.at[i], v_barriers.at[i])
+
+      @pl.loop(0, block_max_kv_steps - max_concurrent_steps)
+      def _kv_loop(kv_step):
+        tma_step = kv_step + max_concurrent_steps
+        tma_slot = lax.rem(kv_step, jnp.array(max_concurrent_steps, kv_step.dtype))
+        s = (batch, pl.ds(tma_step * block_kv, block_kv), kv_head)
+        plgpu.barrier_wait(k_consumed_barriers.at[tma_slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[s], k_smem.at[tma_slot], k_barriers.at[tma_slot])
+        plgpu.barrier_wait(v_consumed_barriers.at[tma_slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[s], v_smem.at[tma_slot], v_barriers.at[tma_slot])
+
+  def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
+    compute_wgs = 2
+    tiling = plgpu.TilingTransform((8, 64))
+    swizzle = plgpu.SwizzleTransform(128)
+    qo_scratch = plgpu.SMEM(
+        (compute_wgs, block_q, head_dim), dtype,
+        transforms=(tiling, swizzle),
+    )
+    k_scratch = plgpu.SMEM(
+        (max_concurrent_steps, block_kv, head_dim), dtype,
+        transforms=(tiling, swizzle),
+    )
+    v_scratch = plgpu.SMEM(
+        (max_concurrent_steps, block_kv, head_dim), dtype,
+        transforms=(tiling, swizzle),
+    )
+    lse_scratch = plgpu.SMEM((compute_wgs, block_q), jnp.float32)
+    scratch = [qo_scratch, k_scratch, v_scratch, lse_scratch]
+    pl.run_scoped(
+        lambda *args: kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, args),
+        scratch,
+        (
+            plgpu.Barrier(num_barriers=max_concurrent_steps),
+            plgpu.Barrier(num_barriers=max_concurrent_steps),
+            plgpu.Barrier(num_barriers=compute_wgs),
+        ),
+        (plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=max_concurrent_steps),) * 2,
+        plgpu.Barrier(num_arrivals=compute_wgs),
+        collective_axes="wg",
+    )
+
+  num_q_tiles = q_seq_len // (2 * block_q)
+  # The log-sum-exp keeps the sequence minor-most, so each warpgroup's rows are one 1-D TMA copy.
+  out_shape = [q, jax.ShapeDtypeStruct((batch_size, num_q_heads, q_seq_len), jnp.float32)]
+
+  out, lse = plgpu.kernel(
+      entry,
+      out_type=out_shape,
+      grid=(num_q_heads, num_q_tiles, batch_size),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k, v)
+  return out, lse
+
+
+def reference(q, k, v, *, causal: bool, scale: float):
+  """What `forward` computes, in plain JAX: the contract the Triton backward reads. Tests run it in the
+  kernel's place (nothing off a Hopper GPU runs the kernel), so they check everything around it."""
+  b, t, h, d = q.shape
+  kv_heads = k.shape[2]
+  q = q.astype(jnp.float32).reshape(b, t, kv_heads, h // kv_heads, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(jnp.float32)) * (scale * math.log2(math.e))
+  if causal:
+    scores = jnp.where(jnp.arange(k.shape[1]) <= jnp.arange(t)[:, None], scores, -jnp.inf)
+  lse = jax.nn.logsumexp(scores * math.log(2), axis=-1) / math.log(2)  # [B, K, G, T], base 2
+  probs = jnp.exp2(scores - lse[..., None])
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32)).reshape(b, t, h, d)
+  return out.astype(v.dtype), lse.reshape(b, h, t)
