@@ -193,6 +193,18 @@ def test_flash_picks_its_kernels_by_backend(monkeypatch):
   assert resolve_implementation("auto", jnp.bfloat16, 128, q_len=4096, kv_len=4096) == "chunked"
 
 
+@pytest.mark.parametrize("impl", ["flash", "flash_tpu"])
+def test_flash_takes_masks_that_broadcast_over_the_keys(impl):
+  """[B, 1, 1, 1] keeps or hides a whole row's keys (a hidden row gives zeros, as chunked does); [1] keeps all."""
+  q, k, v, _ = qkv(b=2, t=24, s=24, h=2, kv_heads=1, d=16)
+  rows = np.array([True, False]).reshape(2, 1, 1, 1)
+  got = np.asarray(IMPLS[impl](q, k, v, mask=rows))
+  np.testing.assert_allclose(got, IMPLS["chunked"](q, k, v, mask=rows), rtol=1e-4, atol=1e-4)
+  assert np.all(got[1] == 0) and np.all(got[0] != 0)
+  got = IMPLS[impl](q, k, v, mask=np.ones((1,), bool))
+  np.testing.assert_allclose(got, IMPLS["chunked"](q, k, v), rtol=1e-4, atol=1e-4)
+
+
 def test_flash_rejects_full_masks_and_names_what_works():
   q, k, v, _ = qkv()
   with pytest.raises(UserError, match="only key padding masks.*use implementation 'chunked' or 'xla'"):

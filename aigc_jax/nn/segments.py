@@ -42,7 +42,8 @@ def with_key_padding(pair, mask, b: int, t: int, s: int):
   q_ids, kv_ids = pair or (jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32))
   if mask is not None:
     mask = jnp.asarray(mask, bool)
-    keep = jnp.broadcast_to(mask.reshape(mask.shape[0] if mask.ndim == 4 else 1, s), (b, s))
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [B|1, 1, 1, S|1]
+    keep = jnp.broadcast_to(mask[:, 0, 0, :], (b, s))
     kv_ids = jnp.where(keep, kv_ids, HIDDEN)
   return q_ids, kv_ids
 
