@@ -16,7 +16,7 @@ import pytest
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn import attention as attention_lib
-from aigc_jax.nn import flash_attention_tpu, segments
+from aigc_jax.nn import flash_attention_hopper, flash_attention_tpu, segments
 from aigc_jax.nn.attention import CHUNKED_MIN_SCORES, dot_product_attention, resolve_implementation
 from aigc_jax.nn.chunked_attention import chunked_attention
 from aigc_jax.nn.flash_attention import BlockSizes, flash_attention
@@ -53,12 +53,16 @@ def assert_matches_xla(impl, q, k, v, w, *, causal, mask=None, tol=None, **kwarg
                          q, k, v, w)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
-  else:  # bf16: against xla in fp32 on the same rounded inputs, relative to the largest entry
-    as32 = (x.astype(jnp.float32) for x in (q, k, v))
-    want = out_and_grads(lambda q, k, v: dot_product_attention(q, k, v, causal=causal, mask=mask, **kwargs),
-                         *as32, w)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-      assert np.abs(a - b).max() <= tol * np.abs(b).max(), name
+  else:
+    assert_near_xla_in_fp32(got, q, k, v, w, tol, causal=causal, mask=mask, **kwargs)
+
+
+def assert_near_xla_in_fp32(got, q, k, v, w, tol, **kwargs):
+  """bf16 `out_and_grads` against xla's in fp32 on the same rounded inputs, relative to the largest entry."""
+  want = out_and_grads(lambda q, k, v: dot_product_attention(q, k, v, **kwargs),
+                       *(x.astype(jnp.float32) for x in (q, k, v)), w)
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    assert np.abs(a - b).max() <= tol * np.abs(b).max(), name
 
 
 # Every pair of (causal, head_dim, dtype) values once: the full product compiles twice as long.
@@ -327,10 +331,24 @@ def test_flash_hopper_forward_contract_meets_the_triton_backward(monkeypatch, ca
   q, k, v, w = qkv(b=1, t=200, s=200 if causal else 256, h=2, kv_heads=1, dtype=jnp.bfloat16)
   got = out_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=causal, hopper=True), q, k, v, w)
   assert calls == [{"causal": causal, "scale": 64 ** -0.5}]
-  want = out_and_grads(lambda q, k, v: dot_product_attention(q, k, v, causal=causal),
-                       *(x.astype(jnp.float32) for x in (q, k, v)), w)
-  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-    assert np.abs(a - b).max() <= 3e-2 * np.abs(b).max(), name
+  assert_near_xla_in_fp32(got, q, k, v, w, 3e-2, causal=causal)
+
+
+@pytest.mark.skipif(not flash_attention_hopper.on_hopper(), reason="runs the Mosaic GPU kernel: needs a Hopper GPU")
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_hopper_forward_on_a_hopper_gpu_matches_triton_and_xla(causal):
+  """On the hardware: the kernel's output and log-sum-exp against the Triton forward's, and flash's values and
+  gradients (Hopper forward, Triton backward) against xla in fp32, at a length of many blocks."""
+  from aigc_jax.nn import flash_attention as flash_lib
+  q, k, v, w = qkv(b=2, t=1024, s=1024, h=4, kv_heads=2, d=128, dtype=jnp.bfloat16)
+  out, lse = jax.jit(lambda q, k, v: flash_attention_hopper.forward(q, k, v, causal=causal, scale=128 ** -0.5))(
+      q, k, v)
+  st = flash_lib._Static(causal, False, 1024, 1024, 128 ** -0.5, BlockSizes(), False, False)
+  out_triton, residuals = jax.jit(lambda q, k, v: flash_lib._forward(q, k, v, None, st))(q, k, v)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(residuals[-1]), rtol=1e-3, atol=1e-3)
+  assert np.abs(np.asarray(out, np.float32) - np.asarray(out_triton, np.float32)).max() <= 2e-2
+  got = out_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=causal), q, k, v, w)
+  assert_near_xla_in_fp32(got, q, k, v, w, 3e-2, causal=causal)
 
 
 DATA_PARALLEL_SCRIPT = r"""
