@@ -56,6 +56,21 @@ def test_auto_is_xla_on_cpu_and_cudnn_needs_a_gpu():
     resolve_implementation("flashy", jnp.float32, 64)
 
 
+def test_cudnn_head_dims_follow_the_gpu_generation(monkeypatch):
+  """cuDNN takes head_dim 256 from Hopper on, 128 before; `auto` follows, and the error names the bound."""
+  from aigc_jax.nn import flash_attention_hopper
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(flash_attention_hopper, "gpu_compute_capability", lambda: (9, 0))  # H100
+  assert resolve_implementation("auto", jnp.bfloat16, 256, q_len=4096, kv_len=4096) == "cudnn"
+  assert resolve_implementation("cudnn", jnp.bfloat16, 256) == "cudnn"
+  assert resolve_implementation("auto", jnp.float32, 64, q_len=4096, kv_len=4096) == "chunked"
+  monkeypatch.setattr(flash_attention_hopper, "gpu_compute_capability", lambda: (8, 0))  # A100
+  assert resolve_implementation("auto", jnp.bfloat16, 128) == "cudnn"
+  assert resolve_implementation("auto", jnp.bfloat16, 256, q_len=4096, kv_len=4096) == "chunked"
+  with pytest.raises(UserError, match="head_dim <= 128, a multiple of 8 .have gpu, bfloat16, head_dim 256"):
+    resolve_implementation("cudnn", jnp.bfloat16, 256)
+
+
 def test_bf16_inputs_give_bf16_output_close_to_fp32():
   q, k, v = qkv()
   out = dot_product_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), causal=True)

@@ -12,8 +12,9 @@ Shapes follow `jax.nn.dot_product_attention`: q is [B, T, H, D], k and v are
     (`aigc_jax.nn.flash_attention`), compiled on a GPU and run in interpret mode (slow,
     for checking numerics) on a CPU. On a Hopper GPU the forward is FlashAttention-3's
     Mosaic GPU kernel (`aigc_jax.nn.flash_attention_hopper`) wherever it can run the call.
-  * `auto`: on a GPU, `cudnn` for fp16/bf16 with head_dim <= 128; otherwise (any backend)
-    `chunked` once the score matrix reaches `CHUNKED_MIN_SCORES` entries (T * S), else `xla`.
+  * `auto`: on a GPU, `cudnn` for fp16/bf16 with head_dim <= 128 (256 from Hopper on);
+    otherwise (any backend) `chunked` once the score matrix reaches `CHUNKED_MIN_SCORES`
+    entries (T * S), else `xla`.
     `flash` is opt-in until it has been timed on a GPU and a TPU (so far both kernel
     families have been checked in interpret mode and cross-lowered, never run on the hardware).
 `chunked` and `flash` give zeros for a query row that can see no key (`xla` gives the mean of v).
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 from aigc_jax.errors import UserError
 from aigc_jax.nn import chunked_attention as chunked_lib
 from aigc_jax.nn import flash_attention as flash_lib
+from aigc_jax.nn import flash_attention_hopper as hopper_lib
 from aigc_jax.nn import flash_attention_tpu as flash_tpu_lib
 from aigc_jax.nn import segments as segments_lib
 
@@ -56,7 +58,9 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, *, q_len: 
     raise UserError(f"Unknown attention implementation {implementation!r}; use one of {', '.join(IMPLEMENTATIONS)}.")
   backend = jax.default_backend()
   on_gpu = backend == "gpu"
-  cudnn_ok = on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0
+  cudnn_head_dim = cudnn_max_head_dim()
+  cudnn_ok = (on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= cudnn_head_dim
+              and head_dim % 8 == 0)
   q_len, kv_len = q_len or 1, kv_len or 1
   flash_why_not = _flash_lib().unsupported_reason((1, q_len, 1, head_dim), (1, kv_len, 1, head_dim), dtype,
                                                   mask_shape)
@@ -67,7 +71,8 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, *, q_len: 
     return chosen
   if implementation == "cudnn" and not cudnn_ok:
     raise UserError(
-        f"Attention implementation 'cudnn' needs a GPU and fp16/bf16 with head_dim <= 128 (have "
+        f"Attention implementation 'cudnn' needs a GPU and fp16/bf16 with head_dim <= {cudnn_head_dim}, a multiple "
+        f"of 8 (have "
         f"{backend}, {jnp.dtype(dtype).name}, head_dim {head_dim}); use 'xla' or 'auto' (or 'chunked' for "
         f"long sequences).")
   if implementation == "flash":
@@ -76,6 +81,13 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, *, q_len: 
     if backend not in ("gpu", "tpu"):
       _log_interpreted(backend)
   return implementation
+
+
+def cudnn_max_head_dim() -> int:
+  """cuDNN's fused attention takes head dims up to 256 on Hopper and later GPUs, up to 128 before
+  (as `jax.nn.dot_product_attention` checks)."""
+  capability = hopper_lib.gpu_compute_capability()
+  return 256 if capability and capability >= hopper_lib.HOPPER else 128
 
 
 def _flash_lib():

@@ -36,7 +36,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 BLOCK_Q = 64  # queries per consumer warpgroup; a program (CTA) takes 2 * BLOCK_Q
 STAGES = 2  # K/V blocks in flight
 SMEM_BYTES = 227 * 1024  # shared memory one H100 CTA may use
-COMPUTE_CAPABILITY = "9.0"
+HOPPER = (9, 0)  # compute capability
 
 
 def kv_block(head_dim: int, kv_len: int) -> int | None:
@@ -73,10 +73,19 @@ def unsupported_reason(q_shape, k_shape, dtype, *, causal: bool, t: int, s: int,
   return None
 
 
+def gpu_compute_capability() -> tuple[int, int] | None:
+  """The lowest compute capability among jax's NVIDIA GPUs, e.g. (9, 0) on an H100; None on other backends."""
+  if jax.default_backend() != "gpu":
+    return None
+  try:
+    return min(tuple(int(x) for x in d.compute_capability.split(".")) for d in jax.devices())
+  except (AttributeError, ValueError):  # not CUDA devices (ROCm names its architectures gfx...)
+    return None
+
+
 def on_hopper() -> bool:
-  """Whether jax runs on Hopper GPUs (every device of compute capability 9.0)."""
-  return jax.default_backend() == "gpu" and all(
-      getattr(d, "compute_capability", None) == COMPUTE_CAPABILITY for d in jax.devices())
+  """Whether jax runs on Hopper GPUs (compute capability 9.0), the only ones with this kernel's wgmma."""
+  return gpu_compute_capability() == HOPPER
 
 
 def _ptxas_miscompiles_causal() -> bool:
