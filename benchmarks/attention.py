@@ -16,7 +16,10 @@ in alternating repetitions, each ending in `block_until_ready`; a row's `ms` is 
 median. `ratio_to_reference` is the reference's ms over this row's ms (above 1: faster
 than the reference; cudnn on a GPU, xla elsewhere). A cell whose compiled memory
 (XLA's memory analysis) would exceed `--memory-limit-gb`, or that is unsupported or runs
-out of memory, is recorded with `ms` null and the reason in `meta.not_run`.
+out of memory, is recorded with `ms` null and the reason in `meta.not_run`. Each
+implementation's first output (and, in fwd_bwd, its gradients) is compared with the
+reference's on the same inputs (`error_vs_reference`); a row over the dtype's tolerance is
+printed as WRONG and listed in `meta.wrong`: a fast kernel is only news if it is right.
 
 On a Hopper GPU `flash`'s forward is FlashAttention-3's Mosaic GPU kernel; the grid also
 times `flash_triton` there, `flash` with its Triton forward, so both forwards are measured
@@ -46,6 +49,9 @@ FULL = dict(tokens=16384, width=2048, lengths=(512, 1024, 2048, 4096, 8192, 1638
 QUICK = dict(tokens=2048, width=256, lengths=(512, 1024, 2048, 4096), head_dims=(64,))
 MODES = ("fwd", "fwd_bwd")
 FLASH_TRITON = "flash_triton"  # `flash` with its Triton forward even on a Hopper GPU
+# Largest error (relative to the reference's largest entry) a correct implementation shows on the grid's
+# random inputs: fp32 sums in another order; bf16/fp16 one rounding of the output and of each gradient on top.
+ERROR_TOLERANCE, ERROR_TOLERANCE_HALF = 1e-3, 5e-2
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -126,6 +132,14 @@ def build(implementation, causal, mode, args):
   return compiled, footprint
 
 
+def relative_error(got, want) -> float:
+  """The largest |got - want| over each output array (the gradients too), relative to that array's largest
+  |want| entry; the worst array's."""
+  errors = [jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) / jnp.max(jnp.abs(b.astype(jnp.float32)))
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+  return float(max(errors))
+
+
 def time_once(compiled, args) -> float:
   start = time.perf_counter()
   jax.block_until_ready(compiled(*args))
@@ -155,15 +169,16 @@ def run(args) -> int:
   print(f"device: {device.device_kind} ({backend}); peak: {peak_note}; dtype {dtype.name}; "
         f"memory limit {limit / 2 ** 30:.1f} GiB; {args.warmup} warm-up + {args.reps} timed reps per cell")
 
-  rows, not_run, spreads = [], [], []
+  rows, not_run, spreads, wrong = [], [], [], []
+  tolerance = ERROR_TOLERANCE if dtype == jnp.float32 else ERROR_TOLERANCE_HALF
   header = (f"{'implementation':>14s} {'seq_len':>7s} {'head_dim':>8s} {'causal':>6s} {'mode':>7s} {'ms':>9s} "
-            f"{'IQR ms':>7s} {'TFLOP/s':>8s} {'% peak':>7s} {'vs ref':>7s}")
+            f"{'IQR ms':>7s} {'TFLOP/s':>8s} {'% peak':>7s} {'vs ref':>7s} {'error':>7s}")
   print(header)
   rng = np.random.default_rng(0)
   for seq_len, head_dim, causal, mode, batch, heads in grid(g):
     shape = (batch, seq_len, heads, head_dim)
     arrays = [jnp.asarray(rng.normal(size=shape), dtype) for _ in range(4 if mode == "fwd_bwd" else 3)]
-    compiled, times = {}, {}
+    compiled, times, outputs = {}, {}, {}
     for name in implementations:
       reason = None
       if name == FLASH_TRITON and not on_gpu:
@@ -176,7 +191,8 @@ def run(args) -> int:
           if footprint is not None and footprint > limit:
             reason = f"needs {footprint / 2 ** 30:.1f} GiB (XLA memory analysis) > limit {limit / 2 ** 30:.1f} GiB"
           else:
-            for _ in range(max(1, args.warmup)):  # the first run also allocates
+            outputs[name] = jax.block_until_ready(fn(*arrays))  # the first run also allocates; kept to check
+            for _ in range(args.warmup - 1):
               time_once(fn, arrays)
             compiled[name], times[name] = fn, []
         except UserError as e:
@@ -196,7 +212,11 @@ def run(args) -> int:
       tflops = flops / ms / 1e9 if ms else None
       row = dict(implementation=name, seq_len=seq_len, head_dim=head_dim, causal=causal, mode=mode, ms=ms,
                  tflops=tflops, peak_fraction=tflops * 1e12 / peak if tflops and peak else None,
-                 ratio_to_reference=ref_ms / ms if ms and ref_ms else None)
+                 ratio_to_reference=ref_ms / ms if ms and ref_ms else None,
+                 error_vs_reference=(relative_error(outputs[name], outputs[reference])
+                                     if name in outputs and reference in outputs else None))
+      if row["error_vs_reference"] is not None and row["error_vs_reference"] > tolerance:
+        wrong.append(row)
       rows.append(row)
       iqr = float(np.percentile(times[name], 75) - np.percentile(times[name], 25)) if ms else None
       spreads.append(dict(implementation=name, seq_len=seq_len, head_dim=head_dim, causal=causal, mode=mode,
@@ -205,9 +225,13 @@ def run(args) -> int:
       print(f"{name:>14s} {seq_len:7d} {head_dim:8d} {str(causal):>6s} {mode:>7s} {fmt(ms, '9.1f'):>9s} "
             f"{fmt(iqr, '7.1f'):>7s} {fmt(tflops, '8.4f'):>8s} "
             f"{fmt(row['peak_fraction'] and 100 * row['peak_fraction'], '6.1f'):>7s} "
-            f"{fmt(row['ratio_to_reference'], '7.2f'):>7s}", flush=True)
-    del arrays, compiled
+            f"{fmt(row['ratio_to_reference'], '7.2f'):>7s} {fmt(row['error_vs_reference'], '7.1e'):>7s}", flush=True)
+    del arrays, compiled, outputs
 
+  for row in wrong:
+    print(f"WRONG: {row['implementation']} seq_len {row['seq_len']} head_dim {row['head_dim']} causal "
+          f"{row['causal']} {row['mode']}: differs from {reference} by {row['error_vs_reference']:.2g} of its "
+          f"largest entry (tolerance {tolerance:g} in {dtype.name})")
   for item in not_run:
     print(f"not run: {item['implementation']} seq_len {item['seq_len']} head_dim {item['head_dim']} "
           f"causal {item['causal']} {item['mode']}: {item['reason']}")
@@ -220,6 +244,8 @@ def run(args) -> int:
                 head_dims=list(g["head_dims"]), modes=list(MODES)),
       flops="fwd 4*B*H*S^2*D (x0.5 causal); fwd_bwd 3.5x fwd", warmup=args.warmup, reps=args.reps,
       ms="median of reps", ratio_to_reference="reference ms / ms", memory_limit_bytes=limit,
+      error_vs_reference="largest |x - reference| / largest |reference| over the output (and the gradients in "
+      "fwd_bwd), the same inputs", error_tolerance=tolerance, wrong=wrong,
       not_run=not_run, spread=spreads)
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   with open(out_path, "w") as f:

@@ -30,8 +30,23 @@ def test_tiny_grid_writes_every_cell_against_the_reference_and_a_plot(run_bench)
     assert r["tflops"] == pytest.approx(flops / r["ms"] / 1e9)
     assert r["peak_fraction"] == pytest.approx(r["tflops"] * 1e12 / report["meta"]["peak_flops"])
     if r["implementation"] == "xla":
-      assert r["ratio_to_reference"] == 1.0
+      assert r["ratio_to_reference"] == 1.0 and r["error_vs_reference"] == 0.0
+    else:
+      assert 0 < r["error_vs_reference"] < 1e-5  # fp32: the same sums in another order
   assert report["meta"]["reference"] == "xla" and report["meta"]["grid"]["lengths"] == [64, 128]
+  assert report["meta"]["wrong"] == []
+
+
+def test_an_implementation_that_disagrees_with_the_reference_is_flagged(run_bench, monkeypatch, capsys):
+  from aigc_jax.nn import chunked_attention
+  right = chunked_attention.chunked_attention
+  monkeypatch.setattr(chunked_attention, "chunked_attention", lambda *a, **kw: right(*a, **kw) * 1.01)
+  report = run_bench(bench_attention, "--quick", "--lengths", "64", "--reps", "1")
+  wrong = report["meta"]["wrong"]
+  assert sorted((r["implementation"], r["causal"], r["mode"]) for r in wrong) == [
+      ("chunked", c, m) for c in (False, True) for m in ("fwd", "fwd_bwd")]
+  assert all(0.009 < r["error_vs_reference"] < 0.011 for r in wrong)  # the output is 1% off its largest entry
+  assert "WRONG: chunked seq_len 64 head_dim 64 causal False fwd: differs from xla by 0.01" in capsys.readouterr().out
 
 
 def test_unknown_implementation_or_length_is_a_user_error(tmp_path):
