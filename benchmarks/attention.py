@@ -27,21 +27,19 @@ side by side (their backward is the same Triton kernels).
 """
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn import attention as attention_lib
 from aigc_jax.nn import flash_attention as flash_lib
 from aigc_jax.nn import flash_attention_hopper as hopper_lib
+from benchmarks import environment, write_report
 from benchmarks.peak import default_dtype, peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,10 +234,7 @@ def run(args) -> int:
     print(f"not run: {item['implementation']} seq_len {item['seq_len']} head_dim {item['head_dim']} "
           f"causal {item['causal']} {item['mode']}: {item['reason']}")
   meta = dict(
-      device=dict(backend=backend, kind=device.device_kind, platform=platform.platform(),
-                  cpu_affinity_cores=len(os.sched_getaffinity(0))),
-      versions=dict(jax=jax.__version__, jaxlib=jaxlib.__version__, python=platform.python_version()),
-      peak_flops=peak, peak_note=peak_note, dtype=dtype.name, reference=reference, quick=args.quick,
+      **environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, reference=reference, quick=args.quick,
       grid=dict(tokens_per_batch=g["tokens"], heads_times_head_dim=g["width"], lengths=list(g["lengths"]),
                 head_dims=list(g["head_dims"]), modes=list(MODES)),
       flops="fwd 4*B*H*S^2*D (x0.5 causal); fwd_bwd 3.5x fwd", warmup=args.warmup, reps=args.reps,
@@ -247,12 +242,7 @@ def run(args) -> int:
       error_vs_reference="largest |x - reference| / largest |reference| over the output (and the gradients in "
       "fwd_bwd), the same inputs", error_tolerance=tolerance, wrong=wrong,
       not_run=not_run, spread=spreads)
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  with open(out_path, "w") as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  png = os.path.splitext(out_path)[0] + ".png"
-  plot(rows, png, f"{device.device_kind}, {dtype.name}, peak {peak_note.split(': ')[-1]}")
-  print(f"wrote {out_path} and {png}")
+  write_report(out_path, meta, rows, plot)
   return 0
 
 

@@ -15,17 +15,13 @@ chart next to it.
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import sys
 import time
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 import optax
 
@@ -38,6 +34,7 @@ from aigc_jax.tasks.diffusion import unet_config
 from aigc_jax.train.loop import jit_init
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_train_step
+from benchmarks import environment, write_report
 from benchmarks.peak import default_dtype, peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,22 +196,13 @@ def run(args) -> int:
               f"{fmt(row['steps_per_sec'], '8.2f'):>8s} {fmt(tflops, '8.4f'):>8s} "
               f"{fmt(row['peak_fraction'] and 100 * row['peak_fraction'], '6.1f'):>7s} "
               f"{row['ratio_to_reference']:7.2f}", flush=True)
-  meta = dict(device=dict(backend=backend, kind=device.device_kind, platform=platform.platform(),
-                          cpu_affinity_cores=len(os.sched_getaffinity(0))),
-              versions=dict(jax=jax.__version__, jaxlib=jaxlib.__version__, flax=flax.__version__,
-                            python=platform.python_version()),
-              peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, reps=args.reps,
+  meta = dict(**environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, reps=args.reps,
               reference="stock_flax_conv: the same UNet with flax.linen.Conv", ms="median of reps",
               flops="XLA cost_analysis of the compiled forward and step; sampler: forward FLOPs per image x batch "
                     "x steps",
               sampler="DDIM, guidance 1 (one UNet call per step)",
               batches={k: dict(zip(("forward", "train_step", "sampler", "sampler_steps"), grid[k])) for k in shapes})
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  with open(out_path, "w") as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  png = os.path.splitext(out_path)[0] + ".png"
-  plot(rows, png, f"{device.device_kind}, {dtype.name}, peak {peak_note.split(': ')[-1]}")
-  print(f"wrote {out_path} and {png}")
+  write_report(out_path, meta, rows, plot)
   return 0
 
 

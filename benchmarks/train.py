@@ -40,18 +40,13 @@ counts every op, the optimizer included, and whatever the kernels really compute
 """
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
-import flax
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
-import optax
 
 from aigc_jax import config as config_lib
 from aigc_jax.errors import UserError
@@ -60,7 +55,8 @@ from aigc_jax.nn.attention import IMPLEMENTATIONS, resolve_implementation
 from aigc_jax.tasks.language_model import LanguageModelTask
 from aigc_jax.train import parallel
 from aigc_jax.train.loop import compile_steps
-from benchmarks.peak import cpu_clock_mhz, cpu_model, default_dtype, peak_flops
+from benchmarks import environment, write_report
+from benchmarks.peak import default_dtype, peak_flops
 from benchmarks.train_step import matmul_params, reference_step, time_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,24 +236,15 @@ def run(args) -> int:
           f" XLA cost analysis / model FLOPs (ours): {xla}" + (f"; {ours['note']}" if ours["note"] else ""))
 
   meta = dict(
-      device=dict(backend=backend, kind=device.device_kind, count=jax.device_count(), cpu=cpu_model(),
-                  cpu_clock_mhz=cpu_clock_mhz(), cpu_affinity_cores=len(os.sched_getaffinity(0)),
-                  platform=platform.platform(), xla_flags=os.environ.get("XLA_FLAGS", "")),
-      versions=dict(jax=jax.__version__, jaxlib=jaxlib.__version__, flax=flax.__version__,
-                    optax=optax.__version__, python=platform.python_version()),
-      peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, shapes=names,
+      **environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, shapes=names,
       attention=args.attention, formula=FORMULA,
       warmup=args.warmup or (1 if args.quick else 3), reps=args.reps or (3 if args.quick else 7),
       ms="median over repetitions of ms per step (each repetition: steps_per_rep steps, block_until_ready)",
       ratio_to_reference="reference ms / ms (above 1: faster than the reference)",
       data="random tokens of the shape's vocabulary", dropout=0.0,
       reference="benchmarks/train_step.py:reference_step (straightforward Flax GPT, einsum attention)")
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  with open(out_path, "w") as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  png = os.path.splitext(out_path)[0] + ".png"
-  plot(rows, png, f"{device.device_kind}, {dtype.name}, peak {peak_note.split(': ')[-1]}")
-  print(f"\nwrote {out_path} and {png}")
+  print()
+  write_report(out_path, meta, rows, plot)
   return 0
 
 

@@ -1,6 +1,7 @@
 """`benchmarks/attention.py` and `benchmarks/attention_memory.py`: FLOP counts, a tiny grid end to end, and
 memory-capped runs where `chunked` fits and `xla` does not."""
 
+import jax
 import pytest
 
 from aigc_jax.errors import UserError
@@ -35,6 +36,7 @@ def test_tiny_grid_writes_every_cell_against_the_reference_and_a_plot(run_bench)
       assert 0 < r["error_vs_reference"] < 1e-5  # fp32: the same sums in another order
   assert report["meta"]["reference"] == "xla" and report["meta"]["grid"]["lengths"] == [64, 128]
   assert report["meta"]["wrong"] == []
+  assert report["meta"]["device"]["backend"] == "cpu" and report["meta"]["versions"]["jax"] == jax.__version__
 
 
 def test_an_implementation_that_disagrees_with_the_reference_is_flagged(run_bench, monkeypatch, capsys):
