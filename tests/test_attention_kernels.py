@@ -294,6 +294,9 @@ def test_flash_hopper_forward_lowers_with_the_triton_backward_for_an_h100(causal
 
 
 def test_flash_takes_the_hopper_forward_only_where_it_can_run(monkeypatch):
+  # K/V blocks: the longest that divides the keys and, two stages of K and V deep, fits 227 KiB of shared memory.
+  assert [flash_attention_hopper.kv_block(d, 512) for d in (64, 128, 256)] == [256, 128, 64]
+  assert flash_attention_hopper.kv_block(64, 384) == 128 and flash_attention_hopper.kv_block(512, 512) is None
   monkeypatch.setattr(flash_attention_hopper, "on_hopper", lambda: True)
   bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   q, k = bf16(1, 256, 2, 64), bf16(1, 256, 1, 64)
