@@ -379,13 +379,22 @@ for platform, lib, call in (("cuda", flash_attention, "@__gpu$xla.gpu.triton("),
   with jax.set_mesh(mesh):
     module = export.export(jax.jit(grad), platforms=(platform,), disabled_checks=allow_triton)(q, k, v).mlir_module()
   assert module.count("sdy.manual_computation") == 2 and module.count(call) == 3, platform  # fwd; bwd: dq, dkv
+# And on 8 Hopper GPUs (bf16, no mask): the Mosaic GPU forward per shard, the Triton dK/dV and dQ after it.
+attend = functools.partial(flash_attention.flash_attention, causal=True, interpret=False, hopper=True)
+grad = jax.grad(lambda *a: jnp.sum(_per_batch_shard(attend, *a, None, None).astype(jnp.float32)), argnums=(0, 1, 2))
+bf16 = [jax.ShapeDtypeStruct((8, 128, h, 64), jnp.bfloat16, sharding=rows) for h in (4, 2, 2)]
+with jax.set_mesh(mesh):
+  module = export.export(jax.jit(grad), platforms=("cuda",), disabled_checks=allow_triton + [
+      export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*bf16).mlir_module()
+assert module.count("sdy.manual_computation") == 2 and module.count("@mosaic_gpu_v2(") == 1
+assert module.count("@__gpu$xla.gpu.triton(") == 2
 print("per-shard flash == xla")
 """
 
 
 def test_flash_runs_per_batch_shard_under_a_data_parallel_mesh():
   """8 simulated devices: the kernels run inside shard_map on each device's row; values and gradients equal xla's,
-  and both kernel families cross-lower that way for a GPU and a TPU mesh."""
+  and both kernel families cross-lower that way for a GPU and a TPU mesh, the Hopper forward too."""
   import subprocess
   import sys
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
