@@ -122,7 +122,6 @@ def flash_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=Non
                                          has_ids=ids is not None)
   if hopper is None:
     hopper = why_not is None and not interpret and hopper_lib.on_hopper()
-
   elif hopper and why_not:
     raise UserError(f"The Hopper flash forward cannot run this call: {why_not}; leave hopper=None to let "
                     f"flash use its Triton forward.")
@@ -291,7 +290,6 @@ def _forward(q, k, v, ids, st: _Static):
     out, lse = hopper_lib.forward(q, k, v, causal=st.causal, scale=st.scale)
     return out, (q, k, v, ids, out, lse)
   b, tp, h, dp = q.shape
-
   sp, g = k.shape[1], h // k.shape[2]
   bq = st.blocks.block_q
   in_specs = [pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, i, hi, 0)),  # q tile
