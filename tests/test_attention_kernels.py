@@ -238,18 +238,23 @@ def test_auto_picks_chunked_for_long_sequences_off_gpu():
     resolve_implementation("cudnn", jnp.bfloat16, 64, q_len=4096, kv_len=4096)
 
 
+def _gpu_module(fn, *args):
+  """fn cross-lowered for CUDA here (`jax.export`): the Pallas lowerings run in full, compiling for the GPU does not."""
+  from jax import export
+  allow = [export.DisabledSafetyCheck.custom_call(name) for name in ("__gpu$xla.gpu.triton", "mosaic_gpu_v2")]
+  return export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=allow)(*args).mlir_module()
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_flash_kernels_lower_through_triton_for_a_gpu(causal):
-  """Cross-lowers for CUDA on this CPU (`jax.export`): Pallas's Triton lowering runs in full, compiling to PTX does not."""
-  from jax import export
+  """Cross-lowers for CUDA on this CPU: Pallas's Triton lowering runs in full, compiling to PTX does not."""
   q = jax.ShapeDtypeStruct((2, 300, 4, 128), jnp.bfloat16)  # grouped heads, a length no block divides
   k = jax.ShapeDtypeStruct((2, 300, 2, 128), jnp.bfloat16)
   mask = jax.ShapeDtypeStruct((2, 1, 1, 300), jnp.bool_)
   fwd = lambda q, k, v, mask: flash_attention(q, k, v, causal=causal, mask=mask, interpret=False)
   grad = jax.grad(lambda *args: fwd(*args).astype(jnp.float32).sum(), argnums=(0, 1, 2))
-  allow_triton = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
   for fn, kernels in ((fwd, ["forward"]), (grad, ["forward", "dkv", "dq"])):
-    module = export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=allow_triton)(q, k, k, mask).mlir_module()
+    module = _gpu_module(fn, q, k, k, mask)
     assert module.count("@__gpu$xla.gpu.triton(") == len(kernels)
     for kernel in kernels:
       assert f'name = "flash_attention_{kernel}"' in module
@@ -269,13 +274,6 @@ def test_flash_tpu_kernels_lower_through_mosaic_for_a_tpu():
     assert module.count("tpu_custom_call") == len(kernels)
     for kernel in kernels:
       assert f'kernel_name = "splash_mha_{kernel}"' in module
-
-
-def _gpu_module(fn, *args):
-  """fn cross-lowered for CUDA here (`jax.export`): the Pallas lowerings run in full, compiling for the GPU does not."""
-  from jax import export
-  allow = [export.DisabledSafetyCheck.custom_call(name) for name in ("__gpu$xla.gpu.triton", "mosaic_gpu_v2")]
-  return export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=allow)(*args).mlir_module()
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -312,7 +310,6 @@ def test_flash_takes_the_hopper_forward_only_where_it_can_run(monkeypatch):
   assert not uses_hopper(forward(), f32, f32, f32)
   assert uses_hopper(forward(), bf16(1, 256, 2, 80), bf16(1, 256, 1, 80), bf16(1, 256, 1, 80))  # D zero-padded
   assert not uses_hopper(forward(), bf16(1, 256, 2, 32), bf16(1, 256, 1, 32), bf16(1, 256, 1, 32))
-
   with pytest.raises(UserError, match="Hopper flash forward cannot run this call: it has no masks.*hopper=None"):
     _gpu_module(lambda q, k, v, m: forward(mask=m, hopper=True)(q, k, v), q, k, k, mask)
   monkeypatch.setattr(flash_attention_hopper, "on_hopper", lambda: False)  # e.g. an A100
@@ -336,7 +333,6 @@ def test_flash_hopper_forward_contract_meets_the_triton_backward(monkeypatch, ca
 
 
 DATA_PARALLEL_SCRIPT = r"""
-
 import functools
 import jax, jax.numpy as jnp, numpy as np
 from jax import export
