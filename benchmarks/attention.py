@@ -20,6 +20,8 @@ out of memory, is recorded with `ms` null and the reason in `meta.not_run`. Each
 implementation's first output (and, in fwd_bwd, its gradients) is compared with the
 reference's on the same inputs (`error_vs_reference`); a row over the dtype's tolerance is
 printed as WRONG and listed in `meta.wrong`: a fast kernel is only news if it is right.
+Each row also records `memory_bytes`, XLA's memory analysis of the compiled cell
+(temporaries, arguments and outputs): the memory side of the same comparison.
 
 On a Hopper GPU `flash`'s forward is FlashAttention-3's Mosaic GPU kernel; the grid also
 times `flash_triton` there, `flash` with its Triton forward, so both forwards are measured
@@ -170,13 +172,13 @@ def run(args) -> int:
   rows, not_run, spreads, wrong = [], [], [], []
   tolerance = ERROR_TOLERANCE if dtype == jnp.float32 else ERROR_TOLERANCE_HALF
   header = (f"{'implementation':>14s} {'seq_len':>7s} {'head_dim':>8s} {'causal':>6s} {'mode':>7s} {'ms':>9s} "
-            f"{'IQR ms':>7s} {'TFLOP/s':>8s} {'% peak':>7s} {'vs ref':>7s} {'error':>7s}")
+            f"{'IQR ms':>7s} {'TFLOP/s':>8s} {'% peak':>7s} {'vs ref':>7s} {'error':>7s} {'MiB':>7s}")
   print(header)
   rng = np.random.default_rng(0)
   for seq_len, head_dim, causal, mode, batch, heads in grid(g):
     shape = (batch, seq_len, heads, head_dim)
     arrays = [jnp.asarray(rng.normal(size=shape), dtype) for _ in range(4 if mode == "fwd_bwd" else 3)]
-    compiled, times, outputs = {}, {}, {}
+    compiled, times, outputs, footprints = {}, {}, {}, {}
     for name in implementations:
       reason = None
       if name == FLASH_TRITON and not on_gpu:
@@ -192,7 +194,7 @@ def run(args) -> int:
             outputs[name] = jax.block_until_ready(fn(*arrays))  # the first run also allocates; kept to check
             for _ in range(args.warmup - 1):
               time_once(fn, arrays)
-            compiled[name], times[name] = fn, []
+            compiled[name], times[name], footprints[name] = fn, [], footprint
         except UserError as e:
           reason = f"unsupported: {e}"
         except Exception as e:  # noqa: BLE001 - XlaRuntimeError and friends: out of memory, lowering failures
@@ -212,7 +214,8 @@ def run(args) -> int:
                  tflops=tflops, peak_fraction=tflops * 1e12 / peak if tflops and peak else None,
                  ratio_to_reference=ref_ms / ms if ms and ref_ms else None,
                  error_vs_reference=(relative_error(outputs[name], outputs[reference])
-                                     if name in outputs and reference in outputs else None))
+                                     if name in outputs and reference in outputs else None),
+                 memory_bytes=footprints.get(name))
       if row["error_vs_reference"] is not None and row["error_vs_reference"] > tolerance:
         wrong.append(row)
       rows.append(row)
@@ -223,8 +226,9 @@ def run(args) -> int:
       print(f"{name:>14s} {seq_len:7d} {head_dim:8d} {str(causal):>6s} {mode:>7s} {fmt(ms, '9.1f'):>9s} "
             f"{fmt(iqr, '7.1f'):>7s} {fmt(tflops, '8.4f'):>8s} "
             f"{fmt(row['peak_fraction'] and 100 * row['peak_fraction'], '6.1f'):>7s} "
-            f"{fmt(row['ratio_to_reference'], '7.2f'):>7s} {fmt(row['error_vs_reference'], '7.1e'):>7s}", flush=True)
-    del arrays, compiled, outputs
+            f"{fmt(row['ratio_to_reference'], '7.2f'):>7s} {fmt(row['error_vs_reference'], '7.1e'):>7s} "
+            f"{fmt(row['memory_bytes'] and row['memory_bytes'] / 2 ** 20, '7.1f'):>7s}", flush=True)
+    del arrays, compiled, outputs, footprints
 
   for row in wrong:
     print(f"WRONG: {row['implementation']} seq_len {row['seq_len']} head_dim {row['head_dim']} causal "
@@ -239,6 +243,7 @@ def run(args) -> int:
                 head_dims=list(g["head_dims"]), modes=list(MODES)),
       flops="fwd 4*B*H*S^2*D (x0.5 causal); fwd_bwd 3.5x fwd", warmup=args.warmup, reps=args.reps,
       ms="median of reps", ratio_to_reference="reference ms / ms", memory_limit_bytes=limit,
+      memory_bytes="XLA memory analysis of the compiled cell: temporaries + arguments + outputs",
       error_vs_reference="largest |x - reference| / largest |reference| over the output (and the gradients in "
       "fwd_bwd), the same inputs", error_tolerance=tolerance, wrong=wrong,
       not_run=not_run, spread=spreads)

@@ -25,7 +25,7 @@ def test_tiny_grid_writes_every_cell_against_the_reference_and_a_plot(run_bench)
   for r in rows:
     assert {"implementation", "seq_len", "head_dim", "causal", "mode", "ms", "tflops", "peak_fraction",
             "ratio_to_reference"} <= set(r)
-    assert r["head_dim"] == 64 and r["ms"] > 0
+    assert r["head_dim"] == 64 and r["ms"] > 0 and r["memory_bytes"] > 0
     # quick grid: 2048 tokens a batch, 4 heads x 64
     flops = bench_attention.attention_flops(2048 // r["seq_len"], 4, r["seq_len"], 64, r["causal"], r["mode"])
     assert r["tflops"] == pytest.approx(flops / r["ms"] / 1e9)
