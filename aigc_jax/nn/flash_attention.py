@@ -110,8 +110,8 @@ def flash_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=Non
   fit = lambda block, n: max(16, min(block, pl.next_power_of_2(n)))
   blocks = BlockSizes(fit(block_sizes.block_q, t), fit(block_sizes.block_k, s), fit(block_sizes.block_q_bwd, t),
                       fit(block_sizes.block_k_bwd, s))
-  tp = _round_up(t, max(blocks.block_q, blocks.block_q_bwd))
-  sp = _round_up(s, max(blocks.block_k, blocks.block_k_bwd))
+  tp = round_up(t, max(blocks.block_q, blocks.block_q_bwd))
+  sp = round_up(s, max(blocks.block_k, blocks.block_k_bwd))
   dp = max(16, pl.next_power_of_2(d))
   q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, dp - d)))
   k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, dp - d)))
@@ -129,7 +129,8 @@ def flash_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=Non
   return _flash(q, k, v, ids, st)[:, :t, :, :d]
 
 
-def _round_up(n, multiple):
+def round_up(n, multiple):
+  """The smallest multiple of `multiple` that is at least n (a length padded to whole blocks)."""
   return -(-n // multiple) * multiple
 
 
@@ -236,7 +237,7 @@ def _dkv_kernel(*refs, st: _Static):
 
 
 def _padded_kv_len(st: _Static) -> int:
-  return _round_up(st.s, max(st.blocks.block_k, st.blocks.block_k_bwd))
+  return round_up(st.s, max(st.blocks.block_k, st.blocks.block_k_bwd))
 
 
 def _dq_kernel(*refs, st: _Static):

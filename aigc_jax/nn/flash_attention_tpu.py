@@ -63,7 +63,7 @@ def flash_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=Non
       raise UserError(f"TPU flash attention {name} must be a positive multiple of {LANES} (got {size}).")
   if interpret is None:
     interpret = jax.default_backend() != "tpu"
-  tp, sp = _round_up(t, block_q), _round_up(s, block_kv)
+  tp, sp = flash_lib.round_up(t, block_q), flash_lib.round_up(s, block_kv)
   q = jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), ((0, 0), (0, tp - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
@@ -97,7 +97,3 @@ def _kernel(heads, tp, sp, causal, offset, block_q, block_kv, interpret):
                              block_kv_dq=block_kv)
   with jax.ensure_compile_time_eval():
     return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
-
-
-def _round_up(n, multiple):
-  return -(-n // multiple) * multiple
