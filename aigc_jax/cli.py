@@ -153,7 +153,9 @@ def main(argv=None) -> int:
     print(f"aigc-jax: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    print("aigc-jax: interrupted; run the same command again to resume from the last checkpoint.", file=sys.stderr)
+    again = ("the same command with --resume to measure only the cells still missing" if args.command == "bench"
+             else "the same command again to resume from the last checkpoint")
+    print(f"aigc-jax: interrupted; run {again}.", file=sys.stderr)
     return 130
   return 0
 

@@ -10,6 +10,8 @@ import os
 import platform
 import sys
 
+from aigc_jax.errors import UserError
+
 
 def parse_args(module, argv=None) -> argparse.Namespace:
   """The suite's flags from `argv` (default: the command line)."""
@@ -36,20 +38,92 @@ def environment() -> dict:
                     python=platform.python_version()))
 
 
-def write_report(out_path: str, meta: dict, rows: list, plot) -> None:
-  """Writes {meta, rows} as JSON to out_path and `plot(rows, png_path, title)` beside it."""
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  with open(out_path, "w") as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  png = os.path.splitext(out_path)[0] + ".png"
-  plot(rows, png, f"{meta['device']['kind']}, {meta['dtype']}, peak {meta['peak_note'].split(': ')[-1]}")
-  print(f"wrote {out_path} and {png}")
+def add_resume_argument(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--resume", action="store_true",
+                      help="keep the cells already measured in --out by an earlier run with the same settings (one "
+                      "stopped partway) and run only the rest")
+
+
+class Report:
+  """A suite's JSON report {meta, rows}, rewritten after every cell so that a run stopped partway (killed, out
+  of time on a lent machine) keeps what it measured; the PNG chart is drawn once all cells are in.
+
+  A cell is the rows one measurement writes together (an attention grid point with all its implementations,
+  a model shape with its reference): `cell` names the row fields that identify it. With `resume`, the cells of
+  an earlier run at `out_path` are kept and `done(...)` tells the suite to skip them, as long as that run had
+  the same device, versions and `meta[key]` for every key in `same`: cells measured under other settings are
+  refused, never mixed in. `lists` are meta fields that collect per-cell entries (as `rows` does).
+  """
+
+  def __init__(self, out_path: str, meta: dict, plot, *, cell: tuple[str, ...], same: tuple[str, ...] = (),
+               lists: tuple[str, ...] = (), resume: bool = False):
+    self.path, self.plot, self.cell = out_path, plot, cell
+    self.meta = dict(meta, complete=False, runs=1, **{name: [] for name in lists})
+    self.rows = []
+    if resume and os.path.exists(out_path):
+      earlier = self._load()
+      fields = ("device.backend", "device.kind", "device.count", "versions", *same)
+      differing = [f for f in fields if _field(earlier["meta"], f) != _field(self.meta, f)]
+      if differing:
+        raise UserError(f"{out_path} holds cells measured with a different {', '.join(differing)}; resume with the "
+                        f"same settings, or run without --resume to start over.")
+      self.rows = earlier["rows"]
+      self.meta["runs"] = earlier["meta"].get("runs", 1) + 1
+      for name in lists:
+        self.meta[name] = earlier["meta"].get(name, [])
+      print(f"resuming {out_path}: {len(self._cells())} cells already measured, kept")
+
+  def _load(self) -> dict:
+    try:
+      with open(self.path) as f:
+        report = json.load(f)
+    except ValueError:  # cut short or not JSON
+      report = None
+    if not (isinstance(report, dict) and isinstance(report.get("rows"), list)
+            and isinstance(report.get("meta"), dict)):
+      raise UserError(f"{self.path} is not a benchmark report this suite can resume; delete it, or run without "
+                      f"--resume to overwrite it.")
+    return report
+
+  def _cells(self) -> set:
+    return {tuple(row[k] for k in self.cell) for row in self.rows}
+
+  def done(self, **cell) -> bool:
+    """Whether the cell with these field values is already in the report."""
+    return tuple(cell[k] for k in self.cell) in self._cells()
+
+  def add(self, rows: list, **entries) -> None:
+    """Appends one cell's rows (and per-cell entries to the `lists` fields), then rewrites the JSON."""
+    self.rows.extend(rows)
+    for name, items in entries.items():
+      self.meta[name].extend(items)
+    self._write()
+
+  def finish(self) -> None:
+    """Marks the report complete and draws its chart."""
+    self.meta["complete"] = True
+    self._write()
+    png = os.path.splitext(self.path)[0] + ".png"
+    meta = self.meta
+    self.plot(self.rows, png, f"{meta['device']['kind']}, {meta['dtype']}, peak {meta['peak_note'].split(': ')[-1]}")
+    print(f"wrote {self.path} and {png}")
+
+  def _write(self) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    partial = self.path + ".partial"
+    with open(partial, "w") as f:
+      json.dump(dict(meta=self.meta, rows=self.rows), f, indent=1)
+    os.replace(partial, self.path)  # a run killed while writing leaves the last whole report
+
+
+def _field(meta: dict, dotted: str):
+  for part in dotted.split("."):
+    meta = meta.get(part) if isinstance(meta, dict) else None
+  return meta
 
 
 def main(module) -> int:
   """`python -m benchmarks.NAME`: parses the suite's flags and runs it; bad input is one line, exit 2."""
-  from aigc_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-
   try:
     return module.run(parse_args(module))
   except UserError as e:

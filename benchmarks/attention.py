@@ -22,6 +22,8 @@ reference's on the same inputs (`error_vs_reference`); a row over the dtype's to
 printed as WRONG and listed in `meta.wrong`: a fast kernel is only news if it is right.
 Each row also records `memory_bytes`, XLA's memory analysis of the compiled cell
 (temporaries, arguments and outputs): the memory side of the same comparison.
+The JSON is rewritten after every cell (`meta.complete` is false until the last): a run
+stopped partway keeps its cells, and `--resume` runs only the cells still missing.
 
 On a Hopper GPU `flash`'s forward is FlashAttention-3's Mosaic GPU kernel; the grid also
 times `flash_triton` there, `flash` with its Triton forward, so both forwards are measured
@@ -41,7 +43,7 @@ from aigc_jax.errors import UserError
 from aigc_jax.nn import attention as attention_lib
 from aigc_jax.nn import flash_attention as flash_lib
 from aigc_jax.nn import flash_attention_hopper as hopper_lib
-from benchmarks import environment, write_report
+from benchmarks import Report, add_resume_argument, environment
 from benchmarks.peak import default_dtype, peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument("--memory-limit-gb", type=float, default=None,
                       help="skip a cell whose compiled memory exceeds this; default: half the free device memory "
                       "on a GPU, a quarter of the available RAM on a CPU (others share it)")
+  add_resume_argument(parser)
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:
@@ -169,13 +172,28 @@ def run(args) -> int:
   print(f"device: {device.device_kind} ({backend}); peak: {peak_note}; dtype {dtype.name}; "
         f"memory limit {limit / 2 ** 30:.1f} GiB; {args.warmup} warm-up + {args.reps} timed reps per cell")
 
-  rows, not_run, spreads, wrong = [], [], [], []
   tolerance = ERROR_TOLERANCE if dtype == jnp.float32 else ERROR_TOLERANCE_HALF
+  meta = dict(
+      **environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, reference=reference, quick=args.quick,
+      implementations=implementations,
+      grid=dict(tokens_per_batch=g["tokens"], heads_times_head_dim=g["width"], lengths=list(g["lengths"]),
+                head_dims=list(g["head_dims"]), modes=list(MODES)),
+      flops="fwd 4*B*H*S^2*D (x0.5 causal); fwd_bwd 3.5x fwd", warmup=args.warmup, reps=args.reps,
+      ms="median of reps", ratio_to_reference="reference ms / ms", memory_limit_bytes=limit,
+      memory_bytes="XLA memory analysis of the compiled cell: temporaries + arguments + outputs",
+      error_vs_reference="largest |x - reference| / largest |reference| over the output (and the gradients in "
+      "fwd_bwd), the same inputs", error_tolerance=tolerance)
+  report = Report(out_path, meta, plot, cell=("seq_len", "head_dim", "causal", "mode"),
+                  same=("dtype", "quick", "implementations", "grid", "warmup", "reps"),
+                  lists=("wrong", "not_run", "spread"), resume=args.resume)
   header = (f"{'implementation':>14s} {'seq_len':>7s} {'head_dim':>8s} {'causal':>6s} {'mode':>7s} {'ms':>9s} "
             f"{'IQR ms':>7s} {'TFLOP/s':>8s} {'% peak':>7s} {'vs ref':>7s} {'error':>7s} {'MiB':>7s}")
   print(header)
-  rng = np.random.default_rng(0)
   for seq_len, head_dim, causal, mode, batch, heads in grid(g):
+    if report.done(seq_len=seq_len, head_dim=head_dim, causal=causal, mode=mode):
+      continue
+    rows, not_run, spreads, wrong = [], [], [], []
+    rng = np.random.default_rng([seq_len, head_dim, causal, MODES.index(mode)])  # the same inputs when resumed
     shape = (batch, seq_len, heads, head_dim)
     arrays = [jnp.asarray(rng.normal(size=shape), dtype) for _ in range(4 if mode == "fwd_bwd" else 3)]
     compiled, times, outputs, footprints = {}, {}, {}, {}
@@ -229,25 +247,16 @@ def run(args) -> int:
             f"{fmt(row['ratio_to_reference'], '7.2f'):>7s} {fmt(row['error_vs_reference'], '7.1e'):>7s} "
             f"{fmt(row['memory_bytes'] and row['memory_bytes'] / 2 ** 20, '7.1f'):>7s}", flush=True)
     del arrays, compiled, outputs, footprints
+    report.add(rows, wrong=wrong, not_run=not_run, spread=spreads)
 
-  for row in wrong:
+  for row in report.meta["wrong"]:
     print(f"WRONG: {row['implementation']} seq_len {row['seq_len']} head_dim {row['head_dim']} causal "
           f"{row['causal']} {row['mode']}: differs from {reference} by {row['error_vs_reference']:.2g} of its "
           f"largest entry (tolerance {tolerance:g} in {dtype.name})")
-  for item in not_run:
+  for item in report.meta["not_run"]:
     print(f"not run: {item['implementation']} seq_len {item['seq_len']} head_dim {item['head_dim']} "
           f"causal {item['causal']} {item['mode']}: {item['reason']}")
-  meta = dict(
-      **environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, reference=reference, quick=args.quick,
-      grid=dict(tokens_per_batch=g["tokens"], heads_times_head_dim=g["width"], lengths=list(g["lengths"]),
-                head_dims=list(g["head_dims"]), modes=list(MODES)),
-      flops="fwd 4*B*H*S^2*D (x0.5 causal); fwd_bwd 3.5x fwd", warmup=args.warmup, reps=args.reps,
-      ms="median of reps", ratio_to_reference="reference ms / ms", memory_limit_bytes=limit,
-      memory_bytes="XLA memory analysis of the compiled cell: temporaries + arguments + outputs",
-      error_vs_reference="largest |x - reference| / largest |reference| over the output (and the gradients in "
-      "fwd_bwd), the same inputs", error_tolerance=tolerance, wrong=wrong,
-      not_run=not_run, spread=spreads)
-  write_report(out_path, meta, rows, plot)
+  report.finish()
   return 0
 
 

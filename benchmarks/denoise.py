@@ -9,8 +9,9 @@ UNet of Ho et al. at 32x32x3). FLOPs are XLA's own count for the compiled comput
 the forward's FLOPs per image (XLA counts a loop body once). The reference, timed
 alternately in the same process, is the same UNet built from stock `flax.linen.Conv` layers
 (XLA's own convolution gradients): it shows what `aigc_jax.nn.conv` buys. `--quick` is the
-CPU grid (small batches); the default grid is meant for a GPU. Writes JSON and a PNG bar
-chart next to it.
+CPU grid (small batches); the default grid is meant for a GPU. Writes JSON (rewritten after
+every shape; `meta.complete` is false until the last, and `--resume` runs only the shapes
+missing) and a PNG bar chart next to it.
 """
 
 import argparse
@@ -34,7 +35,7 @@ from aigc_jax.tasks.diffusion import unet_config
 from aigc_jax.train.loop import jit_init
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_train_step
-from benchmarks import environment, write_report
+from benchmarks import Report, add_resume_argument, environment
 from benchmarks.peak import default_dtype, peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                       help="compute dtype; default bfloat16 on a GPU or TPU, float32 elsewhere")
   parser.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement")
+  add_resume_argument(parser)
 
 
 @contextlib.contextmanager
@@ -159,8 +161,18 @@ def run(args) -> int:
   print(f"device: {device.device_kind} ({backend}); peak: {peak_note}; dtype {dtype.name}; {args.reps} timed reps")
   print(f"{'shape':>13s} {'what':>10s} {'implementation':>16s} {'batch':>5s} {'ms':>9s} {'images/s':>9s} "
         f"{'steps/s':>8s} {'TFLOP/s':>8s} {'% peak':>7s} {'vs ref':>7s}")
-  rows = []
+  meta = dict(**environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, reps=args.reps,
+              reference="stock_flax_conv: the same UNet with flax.linen.Conv", ms="median of reps",
+              flops="XLA cost_analysis of the compiled forward and step; sampler: forward FLOPs per image x batch "
+                    "x steps",
+              sampler="DDIM, guidance 1 (one UNet call per step)",
+              batches={k: dict(zip(("forward", "train_step", "sampler", "sampler_steps"), grid[k])) for k in shapes})
+  report = Report(out_path, meta, plot, cell=("shape",), same=("dtype", "quick", "reps", "batches"),
+                  resume=args.resume)
   for name in shapes:
+    if report.done(shape=name):
+      continue
+    rows = []
     config_file, overrides, size, channels, classes = SHAPES[name]
     built, params = {}, None
     for impl in IMPLEMENTATIONS:
@@ -196,13 +208,8 @@ def run(args) -> int:
               f"{fmt(row['steps_per_sec'], '8.2f'):>8s} {fmt(tflops, '8.4f'):>8s} "
               f"{fmt(row['peak_fraction'] and 100 * row['peak_fraction'], '6.1f'):>7s} "
               f"{row['ratio_to_reference']:7.2f}", flush=True)
-  meta = dict(**environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, reps=args.reps,
-              reference="stock_flax_conv: the same UNet with flax.linen.Conv", ms="median of reps",
-              flops="XLA cost_analysis of the compiled forward and step; sampler: forward FLOPs per image x batch "
-                    "x steps",
-              sampler="DDIM, guidance 1 (one UNet call per step)",
-              batches={k: dict(zip(("forward", "train_step", "sampler", "sampler_steps"), grid[k])) for k in shapes})
-  write_report(out_path, meta, rows, plot)
+    report.add(rows)
+  report.finish()
   return 0
 
 

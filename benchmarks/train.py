@@ -24,7 +24,8 @@ task: our Transformer, loss, AdamW chain, jitted with the state donated); the re
 `benchmarks/train_step.py:reference_step` (separate q/k/v `nn.Dense`, einsum attention,
 optax clip + adamw) at the same shape and dtype. Each is compiled ahead of time, warmed up,
 then timed in alternating repetitions of `steps` steps ending in `block_until_ready`;
-`ms` is the median over repetitions of ms per step.
+`ms` is the median over repetitions of ms per step. The JSON is rewritten after every
+shape (`meta.complete` is false until the last); `--resume` runs only the shapes missing.
 
 FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): 6 N + 12 L H Q T, with L layers,
 H heads, Q head_dim, T seq_len. N is the parameters that take part in matmuls: every
@@ -55,7 +56,7 @@ from aigc_jax.nn.attention import IMPLEMENTATIONS, resolve_implementation
 from aigc_jax.tasks.language_model import LanguageModelTask
 from aigc_jax.train import parallel
 from aigc_jax.train.loop import compile_steps
-from benchmarks import environment, write_report
+from benchmarks import Report, add_resume_argument, environment
 from benchmarks.peak import default_dtype, peak_flops
 from benchmarks.train_step import matmul_params, reference_step, time_steps
 
@@ -95,6 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                       help="untimed steps after compiling and one first step (default 1 quick, 3)")
   parser.add_argument("--steps", type=int, default=None,
                       help="steps per repetition; default: as many as fill ~0.5 s (quick) or ~2 s, at most 50")
+  add_resume_argument(parser)
 
 
 def shape_config(name: str, quick: bool, dtype, attention: str):
@@ -221,10 +223,21 @@ def run(args) -> int:
         f"{args.attention}\n")
   print(f"{'shape':>5s} {'impl':>9s} {'attention':>13s} {'batch':>5s} {'seq':>5s} {'ms/step':>9s} {'tokens/s':>9s} "
         f"{'TFLOP/s':>8s} {'MFU':>6s} {'MFU c.':>6s} {'vs ref':>6s}")
-  rows = []
+  meta = dict(
+      **environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, shapes=names,
+      attention=args.attention, formula=FORMULA,
+      warmup=args.warmup or (1 if args.quick else 3), reps=args.reps or (3 if args.quick else 7),
+      ms="median over repetitions of ms per step (each repetition: steps_per_rep steps, block_until_ready)",
+      ratio_to_reference="reference ms / ms (above 1: faster than the reference)",
+      data="random tokens of the shape's vocabulary", dropout=0.0,
+      reference="benchmarks/train_step.py:reference_step (straightforward Flax GPT, einsum attention)")
+  report = Report(out_path, meta, plot, cell=("shape",), same=("dtype", "quick", "shapes", "attention", "warmup",
+                                                               "reps"), resume=args.resume)
   for name in names:
+    if report.done(shape=name):
+      continue
     shape_rows = bench_shape(name, args, dtype, peak)
-    rows.extend(shape_rows)
+    report.add(shape_rows)
     for r in shape_rows:
       pct = lambda x: f"{100 * x:5.1f}%" if x is not None else "-"
       print(f"{name:>5s} {r['implementation']:>9s} {r['attention']:>13s} {r['batch']:5d} {r['seq_len']:5d} "
@@ -234,17 +247,8 @@ def run(args) -> int:
     xla = f"{ours['xla_flops_per_step'] / ours['model_flops_per_step']:.2f}x" if ours["xla_flops_per_step"] else "-"
     print(f"      {ours['matmul_params'] / 1e6:.2f}M matmul params, {ours['flops_per_token'] / 1e6:.1f} MFLOP/token;"
           f" XLA cost analysis / model FLOPs (ours): {xla}" + (f"; {ours['note']}" if ours["note"] else ""))
-
-  meta = dict(
-      **environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, shapes=names,
-      attention=args.attention, formula=FORMULA,
-      warmup=args.warmup or (1 if args.quick else 3), reps=args.reps or (3 if args.quick else 7),
-      ms="median over repetitions of ms per step (each repetition: steps_per_rep steps, block_until_ready)",
-      ratio_to_reference="reference ms / ms (above 1: faster than the reference)",
-      data="random tokens of the shape's vocabulary", dropout=0.0,
-      reference="benchmarks/train_step.py:reference_step (straightforward Flax GPT, einsum attention)")
   print()
-  write_report(out_path, meta, rows, plot)
+  report.finish()
   return 0
 
 

@@ -1,6 +1,9 @@
 """`benchmarks/attention.py` and `benchmarks/attention_memory.py`: FLOP counts, a tiny grid end to end, and
 memory-capped runs where `chunked` fits and `xla` does not."""
 
+import json
+import os
+
 import jax
 import pytest
 
@@ -49,6 +52,52 @@ def test_an_implementation_that_disagrees_with_the_reference_is_flagged(run_benc
       ("chunked", c, m) for c in (False, True) for m in ("fwd", "fwd_bwd")]
   assert all(0.009 < r["error_vs_reference"] < 0.011 for r in wrong)  # the output is 1% off its largest entry
   assert "WRONG: chunked seq_len 64 head_dim 64 causal False fwd: differs from xla by 0.01" in capsys.readouterr().out
+
+
+def test_a_run_stopped_partway_keeps_its_cells_and_resume_runs_only_the_rest(tmp_path, monkeypatch, capsys):
+  out = tmp_path / "attention.json"
+  argv = ["--quick", "--lengths", "64", "--reps", "1", "--implementations", "xla", "--out", str(out)]
+  real_build, built = bench_attention.build, []
+
+  def build_then_stop(implementation, causal, mode, arrays):
+    if len(built) == 2:
+      raise KeyboardInterrupt  # stopped while starting the third cell of four
+    built.append((causal, mode))
+    return real_build(implementation, causal, mode, arrays)
+
+  monkeypatch.setattr(bench_attention, "build", build_then_stop)
+  with pytest.raises(KeyboardInterrupt):
+    bench_attention.run(parse_args(bench_attention, argv))
+  partial = json.loads(out.read_text())
+  assert partial["meta"]["complete"] is False and not out.with_suffix(".png").exists()
+  assert [(r["causal"], r["mode"]) for r in partial["rows"]] == [(False, "fwd"), (False, "fwd_bwd")]
+  assert len(partial["meta"]["spread"]) == 2
+
+  built.clear()
+  monkeypatch.setattr(bench_attention, "build", lambda *a: built.append(a[1:3]) or real_build(*a))
+  assert bench_attention.run(parse_args(bench_attention, [*argv, "--resume"])) == 0
+  assert built == [(True, "fwd"), (True, "fwd_bwd")]  # only the cells the first run did not finish
+  assert f"resuming {out}: 2 cells already measured, kept" in capsys.readouterr().out
+  report = json.loads(out.read_text())
+  assert report["meta"]["complete"] is True and report["meta"]["runs"] == 2
+  assert report["rows"][:2] == partial["rows"]  # kept as measured
+  assert [(r["causal"], r["mode"]) for r in report["rows"]] == [(c, m) for c in (False, True)
+                                                               for m in ("fwd", "fwd_bwd")]
+  assert all(r["ms"] > 0 for r in report["rows"]) and len(report["meta"]["spread"]) == 4
+  assert os.path.getsize(out.with_suffix(".png")) > 0
+
+
+def test_resume_refuses_a_report_from_other_settings_and_a_file_that_is_not_one(tmp_path):
+  out = tmp_path / "attention.json"
+  argv = ["--quick", "--lengths", "64", "--reps", "1", "--implementations", "xla", "--out", str(out), "--resume"]
+  out.write_text(json.dumps(dict(meta=dict(device=dict(backend="gpu", kind="NVIDIA H100 80GB HBM3", count=1)),
+                                 rows=[])))
+  with pytest.raises(UserError, match=r"holds cells measured with a different device.backend, device.kind, versions, "
+                                      r"dtype, quick, implementations, grid, warmup, reps; resume with the same"):
+    bench_attention.run(parse_args(bench_attention, argv))
+  out.write_text('{"meta": {"device": ')  # cut short
+  with pytest.raises(UserError, match="is not a benchmark report this suite can resume; delete it, or run without"):
+    bench_attention.run(parse_args(bench_attention, argv))
 
 
 def test_unknown_implementation_or_length_is_a_user_error(tmp_path):

@@ -41,6 +41,22 @@ def test_run_on_the_tiny_shape_writes_rows_and_a_chart(run_bench):
   assert [r["position_encoding"] for r in rows] == ["rope", "rope"]  # the CPU recipe's, in both models
   assert rows[0]["params"] == rows[1]["params"]  # like for like: no position table in either
   assert rows[0]["attention"].startswith("auto->")
+  assert report["meta"]["complete"] is True
+
+
+def test_resume_keeps_the_shapes_already_measured(run_bench, tmp_path, monkeypatch):
+  from benchmarks import denoise as bench_denoise
+  argv = ["--quick", "--shapes", "tiny", "--reps", "1"]
+  for suite, extra, stage in ((bench_train, ["--warmup", "1", "--steps", "1"], "bench_shape"),
+                              (bench_denoise, [], "build")):
+    first = run_bench(suite, *argv, *extra)
+
+    def unexpected(*args, **kwargs):
+      raise AssertionError("a shape already in the report was measured again")
+
+    monkeypatch.setattr(suite, stage, unexpected)
+    again = run_bench(suite, *argv, *extra, "--resume")
+    assert again["rows"] == first["rows"] and again["meta"]["runs"] == 2 and again["meta"]["complete"] is True
 
 
 def test_unknown_shape_is_a_user_error(tmp_path):

@@ -96,3 +96,19 @@ def test_bad_sample_input_is_one_sentence(tmp_path, text_file, capsys):
   assert code == 2 and "prompt is empty" in err
   code, _, err = run(["sample", "--workdir", workdir, "--beams", "2", "--max-new-tokens", "40"], capsys)
   assert code == 2 and "ask for at most 16 new tokens" in err
+
+
+def test_an_interrupted_command_says_how_to_go_on(monkeypatch, capsys):
+  from benchmarks import attention as bench_attention
+
+  def stop(*args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(bench_attention, "run", stop)
+  code, _, err = run(["bench", "attention", "--quick"], capsys)
+  assert (code, err) == (130, "aigc-jax: interrupted; run the same command with --resume to measure only the cells "
+                              "still missing.\n")
+  monkeypatch.setattr(cli, "_train", stop)
+  code, _, err = run(["train", "--config", CPU_CONFIG, "--workdir", "unused"], capsys)
+  assert (code, err) == (130, "aigc-jax: interrupted; run the same command again to resume from the last "
+                              "checkpoint.\n")
