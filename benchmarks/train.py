@@ -1,6 +1,6 @@
 """Training throughput and MFU of the GPT configs, ours against a straightforward Flax GPT.
 
-  python -m benchmarks.train [--quick] [--shapes cpu,gpu,gpt2] [--dtype bfloat16] [--attention auto]
+  python -m benchmarks.train [--quick] [--shapes cpu,gpu,gpt2] [--dtype bfloat16] [--attention auto] [--batch-size N]
   (wired as `aigc-jax bench train`: `add_arguments(parser)` and `run(args)`)
 
 Shapes (batch x seq_len):
@@ -96,13 +96,17 @@ def add_arguments(parser: argparse.ArgumentParser):
                       help="untimed steps after compiling and one first step (default 1 quick, 3)")
   parser.add_argument("--steps", type=int, default=None,
                       help="steps per repetition; default: as many as fill ~0.5 s (quick) or ~2 s, at most 50")
+  parser.add_argument("--batch-size", type=int, default=None,
+                      help="sequences per step for every shape, replacing the grid's (e.g. to find the batch where "
+                      "GPT-2's MFU levels off)")
   add_resume_argument(parser)
 
 
-def shape_config(name: str, quick: bool, dtype, attention: str):
-  """(locked config, vocab size, note) of one benchmark shape; dropout is off in all."""
+def shape_config(name: str, quick: bool, dtype, attention: str, batch_size: int | None = None):
+  """(locked config, vocab size, note) of one benchmark shape, `batch_size` replacing its batch; dropout is off."""
   spec = SHAPES[name]
   batch, seq_len = spec["quick" if quick else "full"]
+  batch = batch_size or batch
   overrides = spec["overrides"] + [f"batch_size={batch}", f"data.seq_len={seq_len}", "grad_accum_steps=1",
                                    f"model.dtype={jnp.dtype(dtype).name}", f"model.attention={attention}",
                                    "model.dropout_rate=0.0"]
@@ -146,7 +150,7 @@ def xla_flops(compiled) -> float | None:
 
 def bench_shape(name: str, args, dtype, peak):
   """The two rows (ours, reference) of one shape."""
-  config, vocab, note = shape_config(name, args.quick, dtype, args.attention)
+  config, vocab, note = shape_config(name, args.quick, dtype, args.attention, args.batch_size)
   m = config.model
   batch, seq_len = config.batch_size, config.data.seq_len
   head_dim = m.emb_dim // m.num_heads
@@ -212,6 +216,8 @@ def run(args) -> int:
   for name in names:
     if name not in SHAPES:
       raise UserError(f"Unknown shape {name!r} for the training benchmark; use some of {', '.join(SHAPES)}.")
+  if args.batch_size is not None and args.batch_size < 1:
+    raise UserError(f"--batch-size is {args.batch_size}; give a positive number of sequences per step.")
   if backend == "cpu" and not args.quick and set(names) & {"gpu", "gpt2"}:
     raise UserError("The full training grid is sized for a GPU (GPT-2 at 16 x 1024 takes minutes per step on a "
                     "CPU); pass --quick, or --shapes cpu.")
@@ -225,14 +231,14 @@ def run(args) -> int:
         f"{'TFLOP/s':>8s} {'MFU':>6s} {'MFU c.':>6s} {'vs ref':>6s}")
   meta = dict(
       **environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, shapes=names,
-      attention=args.attention, formula=FORMULA,
+      attention=args.attention, batch_size=args.batch_size, formula=FORMULA,
       warmup=args.warmup or (1 if args.quick else 3), reps=args.reps or (3 if args.quick else 7),
       ms="median over repetitions of ms per step (each repetition: steps_per_rep steps, block_until_ready)",
       ratio_to_reference="reference ms / ms (above 1: faster than the reference)",
       data="random tokens of the shape's vocabulary", dropout=0.0,
       reference="benchmarks/train_step.py:reference_step (straightforward Flax GPT, einsum attention)")
-  report = Report(out_path, meta, plot, cell=("shape",), same=("dtype", "quick", "shapes", "attention", "warmup",
-                                                               "reps"), resume=args.resume)
+  report = Report(out_path, meta, plot, cell=("shape",), same=("dtype", "quick", "shapes", "attention", "batch_size",
+                                                               "warmup", "reps"), resume=args.resume)
   for name in names:
     if report.done(shape=name):
       continue

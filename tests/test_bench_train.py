@@ -59,9 +59,17 @@ def test_resume_keeps_the_shapes_already_measured(run_bench, tmp_path, monkeypat
     assert again["rows"] == first["rows"] and again["meta"]["runs"] == 2 and again["meta"]["complete"] is True
 
 
-def test_unknown_shape_is_a_user_error(tmp_path):
+def test_unknown_shape_or_a_batch_below_one_is_a_user_error(tmp_path):
   with pytest.raises(UserError, match="Unknown shape"):
     bench_train.run(_args("--shapes", "gpt3", "--out", str(tmp_path / "x.json")))
+  with pytest.raises(UserError, match="--batch-size is 0; give a positive number of sequences per step"):
+    bench_train.run(_args("--batch-size", "0", "--out", str(tmp_path / "x.json")))
+
+
+def test_batch_size_replaces_the_shapes_batch_and_nothing_else():
+  config, _, _ = bench_train.shape_config("gpt2", False, jnp.bfloat16, "auto", batch_size=48)
+  assert (config.batch_size, config.data.seq_len, config.model.emb_dim) == (48, 1024, 768)
+  assert bench_train.shape_config("gpt2", False, jnp.bfloat16, "auto")[0].batch_size == 16
 
 
 def _cpu_recipe(*overrides):
