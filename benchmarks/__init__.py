@@ -38,10 +38,23 @@ def environment() -> dict:
                     python=platform.python_version()))
 
 
+def at_least(minimum: int):
+  """An argparse type: an integer >= minimum; anything else is argparse's one-line usage error."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      value = minimum - 1
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {minimum}")
+    return value
+  return parse
+
+
 def add_resume_argument(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--resume", action="store_true",
-                      help="keep the cells already measured in --out by an earlier run with the same settings (one "
-                      "stopped partway) and run only the rest")
+                      help="keep the cells that an earlier run with the same settings (one stopped partway) wrote to "
+                      "--out, those it recorded as not run included, and run only the rest")
 
 
 class Report:
@@ -61,8 +74,9 @@ class Report:
     self.meta = dict(meta, complete=False, runs=1, **{name: [] for name in lists})
     self.rows = []
     if resume and os.path.exists(out_path):
-      earlier = self._load()
-      fields = ("device.backend", "device.kind", "device.count", "versions", *same)
+      earlier = self._load(lists)
+      fields = ("device.backend", "device.kind", "device.count", "device.cpu", "device.cpu_affinity_cores",
+                "device.xla_flags", "versions", "peak_flops", *same)
       differing = [f for f in fields if _field(earlier["meta"], f) != _field(self.meta, f)]
       if differing:
         raise UserError(f"{out_path} holds cells measured with a different {', '.join(differing)}; resume with the "
@@ -71,16 +85,21 @@ class Report:
       self.meta["runs"] = earlier["meta"].get("runs", 1) + 1
       for name in lists:
         self.meta[name] = earlier["meta"].get(name, [])
-      print(f"resuming {out_path}: {len(self._cells())} cells already measured, kept")
+      print(f"resuming {out_path}: {len(self._cells())} cells already in it, kept")
 
-  def _load(self) -> dict:
+  def _load(self, lists) -> dict:
     try:
       with open(self.path) as f:
         report = json.load(f)
     except ValueError:  # cut short or not JSON
       report = None
-    if not (isinstance(report, dict) and isinstance(report.get("rows"), list)
-            and isinstance(report.get("meta"), dict)):
+    scalar = (str, int, float, bool, type(None))
+    meta, rows = (report.get("meta"), report.get("rows")) if isinstance(report, dict) else (None, None)
+    if not (isinstance(meta, dict) and isinstance(rows, list)
+            and all(isinstance(row, dict) and all(isinstance(row.get(k, ()), scalar) for k in self.cell)
+                    for row in rows)
+            and all(isinstance(meta.get(name, []), list) for name in lists)
+            and isinstance(meta.get("runs", 1), int)):
       raise UserError(f"{self.path} is not a benchmark report this suite can resume; delete it, or run without "
                       f"--resume to overwrite it.")
     return report

@@ -7,14 +7,17 @@ The full grid is the FlashAttention papers': batch x length = 16k tokens, heads 
 = 2048, lengths 512 ... 16k, head_dim 64 and 128, causal or not, forward ("fwd") and
 forward + backward ("fwd_bwd"). `--quick` is what a 2-core CPU finishes in about two
 minutes: 2k tokens (batch 1 at 4096), 4 heads x head_dim 64, lengths 512 ... 4096 (xla's
-fwd_bwd holds ~1 GiB of scores there), both modes, both causal settings.
+fwd_bwd needs 552 MiB there by XLA's memory analysis), both modes, both causal settings.
 
 FLOPs are 4 B H S^2 D for the forward (half of it when causal) and 3.5x that for
 fwd_bwd (the backward does 2.5x the forward's matmul work). Every implementation of a
 cell runs in this process on the same arrays, compiled first, then warmed up, then timed
-in alternating repetitions, each ending in `block_until_ready`; a row's `ms` is the
-median. `ratio_to_reference` is the reference's ms over this row's ms (above 1: faster
-than the reference; cudnn on a GPU, xla elsewhere). A cell whose compiled memory
+in alternating repetitions; a repetition is `calls_per_rep` calls dispatched back to back
+(enough to last 10 ms, at most 100: one in the CPU grid, many for a GPU's sub-millisecond
+cells, whose ~10 us dispatch each would otherwise be timed too), ending in
+`block_until_ready`. A row's `ms` is the median over repetitions of ms per call.
+`ratio_to_reference` is the reference's ms over this row's ms (above 1: faster than the
+reference; cudnn on a GPU where it takes the dtype, xla elsewhere). A cell whose compiled memory
 (XLA's memory analysis) would exceed `--memory-limit-gb`, or that is unsupported or runs
 out of memory, is recorded with `ms` null and the reason in `meta.not_run`. Each
 implementation's first output (and, in fwd_bwd, its gradients) is compared with the
@@ -43,7 +46,7 @@ from aigc_jax.errors import UserError
 from aigc_jax.nn import attention as attention_lib
 from aigc_jax.nn import flash_attention as flash_lib
 from aigc_jax.nn import flash_attention_hopper as hopper_lib
-from benchmarks import Report, add_resume_argument, environment
+from benchmarks import Report, add_resume_argument, at_least, environment
 from benchmarks.peak import default_dtype, peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +57,7 @@ FLASH_TRITON = "flash_triton"  # `flash` with its Triton forward even on a Hoppe
 # Largest error (relative to the reference's largest entry) a correct implementation shows on the grid's
 # random inputs: fp32 sums in another order; bf16/fp16 one rounding of the output and of each gradient on top.
 ERROR_TOLERANCE, ERROR_TOLERANCE_HALF = 1e-3, 5e-2
+MIN_REP_MS, MAX_CALLS = 10.0, 100  # a timed repetition: back-to-back calls lasting >= 10 ms, at most 100 calls
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -67,8 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser):
                       "Hopper GPU), xla,chunked,flash on a TPU, xla,chunked elsewhere")
   parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                       help="default bfloat16 on a GPU or TPU, float32 elsewhere")
-  parser.add_argument("--reps", type=int, default=3, help="timed repetitions per implementation and cell")
-  parser.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling")
+  parser.add_argument("--reps", type=at_least(1), default=3, help="timed repetitions per implementation and cell")
+  parser.add_argument("--warmup", type=at_least(1), default=1,
+                      help="untimed calls after the first (whose output is checked against the reference); the "
+                      "last one's time sets calls_per_rep")
   parser.add_argument("--memory-limit-gb", type=float, default=None,
                       help="skip a cell whose compiled memory exceeds this; default: half the free device memory "
                       "on a GPU, a quarter of the available RAM on a CPU (others share it)")
@@ -135,6 +141,16 @@ def build(implementation, causal, mode, args):
   return compiled, footprint
 
 
+def _cudnn_runs(dtype, head_dims) -> bool:
+  """Whether `cudnn` takes this dtype and every head_dim of the grid here (not fp32, for one)."""
+  try:
+    for d in head_dims:
+      attention_lib.resolve_implementation("cudnn", dtype, d)
+  except UserError:
+    return False
+  return True
+
+
 def relative_error(got, want) -> float:
   """The largest |got - want| over each output array (the gradients too), relative to that array's largest
   |want| entry; the worst array's."""
@@ -143,10 +159,19 @@ def relative_error(got, want) -> float:
   return float(max(errors))
 
 
-def time_once(compiled, args) -> float:
+def time_calls(compiled, args, calls: int = 1) -> float:
+  """ms per call over `calls` calls dispatched back to back, the last one waited for."""
   start = time.perf_counter()
-  jax.block_until_ready(compiled(*args))
-  return (time.perf_counter() - start) * 1000
+  for _ in range(calls):
+    out = compiled(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) * 1000 / calls
+
+
+def calls_per_rep(warm_ms: float) -> int:
+  """Calls per timed repetition: enough to last MIN_REP_MS, so that the host's dispatch overhead (~10 us a call)
+  is hidden behind the device's work in sub-millisecond GPU cells; one call in the CPU grid's cells."""
+  return int(np.clip(np.ceil(MIN_REP_MS / max(warm_ms, 1e-3)), 1, MAX_CALLS))
 
 
 def run(args) -> int:
@@ -161,7 +186,7 @@ def run(args) -> int:
     if name not in known:
       raise UserError(f"Unknown implementation {name!r} for the attention benchmark; use some of {', '.join(known)}.")
   g = grid_spec(args)
-  reference = "cudnn" if on_gpu else "xla"
+  reference = "cudnn" if on_gpu and _cudnn_runs(dtype, g["head_dims"]) else "xla"
   if reference not in implementations:
     implementations.insert(0, reference)
   peak, peak_note = peak_flops(dtype)
@@ -196,7 +221,7 @@ def run(args) -> int:
     rng = np.random.default_rng([seq_len, head_dim, causal, MODES.index(mode)])  # the same inputs when resumed
     shape = (batch, seq_len, heads, head_dim)
     arrays = [jnp.asarray(rng.normal(size=shape), dtype) for _ in range(4 if mode == "fwd_bwd" else 3)]
-    compiled, times, outputs, footprints = {}, {}, {}, {}
+    compiled, times, outputs, footprints, calls = {}, {}, {}, {}, {}
     for name in implementations:
       reason = None
       if name == FLASH_TRITON and not on_gpu:
@@ -210,9 +235,9 @@ def run(args) -> int:
             reason = f"needs {footprint / 2 ** 30:.1f} GiB (XLA memory analysis) > limit {limit / 2 ** 30:.1f} GiB"
           else:
             outputs[name] = jax.block_until_ready(fn(*arrays))  # the first run also allocates; kept to check
-            for _ in range(args.warmup - 1):
-              time_once(fn, arrays)
+            warm_ms = [time_calls(fn, arrays) for _ in range(args.warmup)][-1]
             compiled[name], times[name], footprints[name] = fn, [], footprint
+            calls[name] = calls_per_rep(warm_ms)
         except UserError as e:
           reason = f"unsupported: {e}"
         except Exception as e:  # noqa: BLE001 - XlaRuntimeError and friends: out of memory, lowering failures
@@ -222,7 +247,7 @@ def run(args) -> int:
                             reason=reason))
     for _ in range(args.reps):  # alternate, so slow phases of a shared machine hit every implementation
       for name, fn in compiled.items():
-        times[name].append(time_once(fn, arrays))
+        times[name].append(time_calls(fn, arrays, calls[name]))
     flops = attention_flops(batch, heads, seq_len, head_dim, causal, mode)
     ref_ms = float(np.median(times[reference])) if reference in times else None
     for name in implementations:
@@ -233,7 +258,7 @@ def run(args) -> int:
                  ratio_to_reference=ref_ms / ms if ms and ref_ms else None,
                  error_vs_reference=(relative_error(outputs[name], outputs[reference])
                                      if name in outputs and reference in outputs else None),
-                 memory_bytes=footprints.get(name))
+                 memory_bytes=footprints.get(name), calls_per_rep=calls.get(name))
       if row["error_vs_reference"] is not None and row["error_vs_reference"] > tolerance:
         wrong.append(row)
       rows.append(row)

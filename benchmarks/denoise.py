@@ -35,7 +35,7 @@ from aigc_jax.tasks.diffusion import unet_config
 from aigc_jax.train.loop import jit_init
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_train_step
-from benchmarks import Report, add_resume_argument, environment
+from benchmarks import Report, add_resume_argument, at_least, environment
 from benchmarks.peak import default_dtype, peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                       help=f"comma-separated, from {', '.join(SHAPES)} ('tiny' is for tests)")
   parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                       help="compute dtype; default bfloat16 on a GPU or TPU, float32 elsewhere")
-  parser.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement")
+  parser.add_argument("--reps", type=at_least(1), default=3, help="timed repetitions per measurement")
   add_resume_argument(parser)
 
 

@@ -1,6 +1,6 @@
 """Peak dense FLOP/s of the device a benchmark runs on, for its '% of peak' column.
 
-GPU numbers are the vendor's dense (no sparsity) tensor-core peaks for the SXM parts, TPU
+GPU numbers are the vendor's dense (no sparsity) tensor-core peaks per part (SXM, PCIe, NVL), TPU
 numbers Google's bf16 peak per chip; a CPU's peak is cores x clock x FLOP per cycle, with
 the cores this process may run on (`os.sched_getaffinity`) and the clock that
 /proc/cpuinfo reports.
@@ -11,10 +11,15 @@ import os
 import jax
 import jax.numpy as jnp
 
-# device_kind substring -> dtype -> dense FLOP/s
+# device_kind substring -> dtype -> dense FLOP/s, the first match wins: the PCIe and NVL cards run the same
+# die at lower clocks and power ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200 NVL"); the SXM parts
+# report "NVIDIA H100 80GB HBM3" and "NVIDIA H200".
 GPU_PEAKS = {
-    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 494.7e12},  # fp32 via TF32 tensor cores
-    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 494.7e12},  # same GH100 die as H100 SXM
+    "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12},
+    "H100 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 417.5e12},
+    "H200 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 417.5e12},
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 494.7e12},  # SXM; fp32 via TF32 tensor cores
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 494.7e12},  # SXM: the same GH100 die as H100 SXM
 }
 # device_kind -> bf16 dense FLOP/s per chip, from Google's Cloud TPU pages (v5e 197, v5p 459 TFLOP/s).
 # Matched exactly: "TPU v5" (v5p) is a prefix of "TPU v5 lite" (v5e). fp32 matmuls on a TPU run as

@@ -35,7 +35,8 @@ nanoGPT's reading (`get_num_params()` drops only the position table of a tied mo
 ties its embeddings too, and LayerNorm scales, included here, are a rounding error. The
 attention term counts the full T x T score matrix, as PaLM and nanoGPT do: `mfu` uses it.
 A causal kernel needs only half of it, so `mfu_causal` uses 6 N + 6 L H Q T. MFU =
-tokens/s x FLOPs/token / peak, the peak from `benchmarks/peak.py` for the compute dtype.
+tokens/s x FLOPs/token / (peak x devices), the peak per device from `benchmarks/peak.py` for
+the compute dtype; both steps run data parallel over every device (`devices` in the rows).
 `xla_flops_per_step` is XLA's own cost analysis of the compiled step, for comparison (it
 counts every op, the optimizer included, and whatever the kernels really compute).
 """
@@ -56,7 +57,7 @@ from aigc_jax.nn.attention import IMPLEMENTATIONS, resolve_implementation
 from aigc_jax.tasks.language_model import LanguageModelTask
 from aigc_jax.train import parallel
 from aigc_jax.train.loop import compile_steps
-from benchmarks import Report, add_resume_argument, environment
+from benchmarks import Report, add_resume_argument, at_least, environment
 from benchmarks.peak import default_dtype, peak_flops
 from benchmarks.train_step import matmul_params, reference_step, time_steps
 
@@ -77,7 +78,7 @@ DEFAULT_SHAPES = ("cpu", "gpu", "gpt2")
 FORMULA = ("flops_per_token = 6*N + 12*L*H*Q*T (PaLM appendix B; full T x T attention); "
            "flops_per_token_causal = 6*N + 6*L*H*Q*T (attention term halved for the causal mask); "
            "N = parameters used in matmuls: all but the token and position tables, plus vocab*width for the "
-           "tied output head (nanoGPT's count); MFU = tokens/s * flops_per_token / peak")
+           "tied output head (nanoGPT's count); MFU = tokens/s * flops_per_token / (peak per device * devices)")
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -91,12 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser):
                       help="compute dtype of both models; default bfloat16 on a GPU or TPU, float32 elsewhere")
   parser.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
                       help="our attention implementation (the reference always uses einsum attention)")
-  parser.add_argument("--reps", type=int, default=None, help="timed repetitions of each step (default 3 quick, 7)")
-  parser.add_argument("--warmup", type=int, default=None,
+  parser.add_argument("--reps", type=at_least(1), default=None, help="timed repetitions of each step (default 3 quick, 7)")
+  parser.add_argument("--warmup", type=at_least(1), default=None,
                       help="untimed steps after compiling and one first step (default 1 quick, 3)")
-  parser.add_argument("--steps", type=int, default=None,
+  parser.add_argument("--steps", type=at_least(1), default=None,
                       help="steps per repetition; default: as many as fill ~0.5 s (quick) or ~2 s, at most 50")
-  parser.add_argument("--batch-size", type=int, default=None,
+  parser.add_argument("--batch-size", type=at_least(1), default=None,
                       help="sequences per step for every shape, replacing the grid's (e.g. to find the batch where "
                       "GPT-2's MFU levels off)")
   add_resume_argument(parser)
@@ -203,8 +204,8 @@ def bench_shape(name: str, args, dtype, peak):
         ms=ms, ms_all=run["times"], ms_iqr=float(np.percentile(run["times"], 75) - np.percentile(run["times"], 25)),
         steps_per_rep=n_steps, compile_s=run["compile_s"], tokens_per_s=tokens_per_s,
         tflops=tokens_per_s * per_token / 1e12,
-        mfu=tokens_per_s * per_token / peak if peak else None,
-        mfu_causal=tokens_per_s * per_token_causal / peak if peak else None,
+        devices=mesh.size, mfu=tokens_per_s * per_token / (peak * mesh.size) if peak else None,
+        mfu_causal=tokens_per_s * per_token_causal / (peak * mesh.size) if peak else None,
         ratio_to_reference=ref_ms / ms))
   return rows
 
@@ -216,8 +217,6 @@ def run(args) -> int:
   for name in names:
     if name not in SHAPES:
       raise UserError(f"Unknown shape {name!r} for the training benchmark; use some of {', '.join(SHAPES)}.")
-  if args.batch_size is not None and args.batch_size < 1:
-    raise UserError(f"--batch-size is {args.batch_size}; give a positive number of sequences per step.")
   if backend == "cpu" and not args.quick and set(names) & {"gpu", "gpt2"}:
     raise UserError("The full training grid is sized for a GPU (GPT-2 at 16 x 1024 takes minutes per step on a "
                     "CPU); pass --quick, or --shapes cpu.")

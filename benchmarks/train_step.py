@@ -20,17 +20,14 @@ embeddings, no biases, MLP ratio 4.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 import optax
 
@@ -42,6 +39,8 @@ from aigc_jax.tasks import make_task  # noqa: E402
 from aigc_jax.train.optim import decay_mask, learning_rate_schedule, make_optimizer  # noqa: E402
 from aigc_jax.train.state import TrainState  # noqa: E402
 from aigc_jax.train.steps import make_train_step  # noqa: E402
+from benchmarks import environment  # noqa: E402
+from benchmarks.peak import peak_flops  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,30 +127,6 @@ def reference_step(config, vocab_size):
 
 
 # --- the machine and the model's arithmetic ------------------------------------------------------------------
-
-def cpu_description():
-  """(model name, cores, clock GHz) from /proc/cpuinfo or lscpu; the clock is the nominal one."""
-  name, mhz = platform.processor() or platform.machine(), None
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-          name = value.strip()
-        elif key.strip() == "cpu MHz" and mhz is None:
-          mhz = float(value)
-  except OSError:
-    pass
-  try:  # lscpu's max clock, where the VM reports one, beats the current one
-    import subprocess
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    for line in out.splitlines():
-      if line.startswith("CPU max MHz:"):
-        mhz = float(line.split(":")[1])
-  except OSError:
-    pass
-  return name, os.cpu_count(), (mhz or 0.0) / 1000
-
 
 def matmul_params(params, tie_embeddings: bool) -> int:
   """N of the FLOPs formula: all parameters but the token and position tables, plus the tied head."""
@@ -290,10 +265,8 @@ def main():
   if args.torch_python:
     runs["pytorch"] = TorchRun(args.torch_python, config, task.vocab.size, batches)
   flops = step_flops(config, runs["ours"].state.params)
-  cpu, cores, ghz = cpu_description()
-  backend = jax.default_backend()
-  # fp32 peak: AVX2 with two FMA units does 2 x 8 lanes x 2 FLOP = 32 FLOP per cycle per core
-  peak = cores * ghz * 32 if backend == "cpu" else None
+  peak, peak_note = peak_flops(config.model.dtype)
+  peak = peak and peak / 1e9  # GFLOP/s, as the results
 
   first_step_s = {}
   for name, run in runs.items():  # compile, then warm up
@@ -314,24 +287,18 @@ def main():
     results["pytorch"].update(runs["pytorch"].info, position_encoding="learned",
                               script="benchmarks/reference_nanogpt_char.py")
   ratio = results["reference"]["ms_per_step_median"] / results["ours"]["ms_per_step_median"]
-  device = jax.devices()[0]
   report = {
       "config": os.path.relpath(os.path.abspath(args.config), ROOT), "overrides": args.config_override,
       "batch_size": config.batch_size, "seq_len": config.data.seq_len, "tokens_per_step": tokens,
       "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(runs["ours"].state.params)),
       "model_gflop_per_step": flops / 1e9, "steps_per_rep": args.steps, "reps": args.reps,
-      "device": {"backend": backend, "kind": device.device_kind, "count": jax.device_count(), "cpu": cpu,
-                 "cores": cores, "clock_ghz": ghz, "peak_gflops_fp32": peak, "platform": platform.platform(),
-                 "xla_flags": os.environ.get("XLA_FLAGS", "")},
-      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                   "flax": flax.__version__, "optax": optax.__version__, "python": platform.python_version()},
+      **environment(), "peak_gflops": peak, "peak_note": peak_note,
       "results": results, "speedup_vs_reference": ratio,
   }
 
   print(f"{report['config']}: batch {config.batch_size} x {config.data.seq_len} tokens, "
         f"{report['params'] / 1e6:.2f}M params, {flops / 1e9:.2f} GFLOP/step")
-  print(f"device: {backend} ({cpu}, {cores} cores, {ghz:.2f} GHz"
-        + (f", peak {peak:.0f} GFLOP/s fp32)" if peak else ")"))
+  print(f"device: {jax.devices()[0].device_kind}; peak: {peak_note}")
   print(f"{args.reps} reps x {args.steps} steps each, after {args.warmup} warm-up steps\n")
   header = f"{'':10s} {'ms/step med':>11s} {'min':>7s} {'max':>7s} {'IQR':>6s} {'tokens/s':>9s} {'GFLOP/s':>8s} " \
            f"{'% peak':>7s} {'compile s':>9s}"

@@ -28,7 +28,7 @@ def test_tiny_grid_writes_every_cell_against_the_reference_and_a_plot(run_bench)
   for r in rows:
     assert {"implementation", "seq_len", "head_dim", "causal", "mode", "ms", "tflops", "peak_fraction",
             "ratio_to_reference"} <= set(r)
-    assert r["head_dim"] == 64 and r["ms"] > 0 and r["memory_bytes"] > 0
+    assert r["head_dim"] == 64 and r["ms"] > 0 and r["memory_bytes"] > 0 and 1 <= r["calls_per_rep"] <= 100
     # quick grid: 2048 tokens a batch, 4 heads x 64
     flops = bench_attention.attention_flops(2048 // r["seq_len"], 4, r["seq_len"], 64, r["causal"], r["mode"])
     assert r["tflops"] == pytest.approx(flops / r["ms"] / 1e9)
@@ -77,7 +77,7 @@ def test_a_run_stopped_partway_keeps_its_cells_and_resume_runs_only_the_rest(tmp
   monkeypatch.setattr(bench_attention, "build", lambda *a: built.append(a[1:3]) or real_build(*a))
   assert bench_attention.run(parse_args(bench_attention, [*argv, "--resume"])) == 0
   assert built == [(True, "fwd"), (True, "fwd_bwd")]  # only the cells the first run did not finish
-  assert f"resuming {out}: 2 cells already measured, kept" in capsys.readouterr().out
+  assert f"resuming {out}: 2 cells already in it, kept" in capsys.readouterr().out
   report = json.loads(out.read_text())
   assert report["meta"]["complete"] is True and report["meta"]["runs"] == 2
   assert report["rows"][:2] == partial["rows"]  # kept as measured
@@ -92,12 +92,25 @@ def test_resume_refuses_a_report_from_other_settings_and_a_file_that_is_not_one(
   argv = ["--quick", "--lengths", "64", "--reps", "1", "--implementations", "xla", "--out", str(out), "--resume"]
   out.write_text(json.dumps(dict(meta=dict(device=dict(backend="gpu", kind="NVIDIA H100 80GB HBM3", count=1)),
                                  rows=[])))
-  with pytest.raises(UserError, match=r"holds cells measured with a different device.backend, device.kind, versions, "
-                                      r"dtype, quick, implementations, grid, warmup, reps; resume with the same"):
+  with pytest.raises(UserError, match=r"holds cells measured with a different device.backend, device.kind, device.cpu, "
+                                      r".*peak_flops, dtype, quick, implementations, grid, warmup, reps; resume with"):
     bench_attention.run(parse_args(bench_attention, argv))
-  out.write_text('{"meta": {"device": ')  # cut short
-  with pytest.raises(UserError, match="is not a benchmark report this suite can resume; delete it, or run without"):
-    bench_attention.run(parse_args(bench_attention, argv))
+  for damaged in ('{"meta": {"device": ',  # cut short
+                  json.dumps(dict(meta={}, rows=[dict(seq_len=64, causal=False, mode="fwd")])),  # no head_dim
+                  json.dumps(dict(meta=dict(wrong=None), rows=[]))):
+    out.write_text(damaged)
+    with pytest.raises(UserError, match="is not a benchmark report this suite can resume; delete it, or run with"):
+      bench_attention.run(parse_args(bench_attention, argv))
+
+
+def test_a_repetition_lasts_ten_ms_so_dispatch_is_not_timed_and_the_gpu_reference_is_cudnn_where_it_runs(
+    monkeypatch):
+  assert [bench_attention.calls_per_rep(ms) for ms in (0.05, 0.1, 2.5, 10.0, 300.0)] == [100, 100, 4, 1, 1]
+  assert not bench_attention._cudnn_runs(jax.numpy.bfloat16, (64, 128))  # this CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # a GPU before Hopper: cuDNN up to head_dim 128
+  assert bench_attention._cudnn_runs(jax.numpy.bfloat16, (64, 128))
+  assert not bench_attention._cudnn_runs(jax.numpy.float32, (64, 128))  # --dtype float32: the reference is xla
+  assert not bench_attention._cudnn_runs(jax.numpy.bfloat16, (64, 256))
 
 
 def test_unknown_implementation_or_length_is_a_user_error(tmp_path):

@@ -14,7 +14,9 @@ def device(platform, kind):
 
 @pytest.mark.parametrize("kind,dtype,want", [
     ("NVIDIA H100 80GB HBM3", jnp.bfloat16, 989e12), ("NVIDIA H200", jnp.float16, 989e12),
-    ("NVIDIA H100 80GB HBM3", jnp.float32, 494.7e12), ("NVIDIA A100-SXM4-80GB", jnp.bfloat16, None)])
+    ("NVIDIA H100 80GB HBM3", jnp.float32, 494.7e12), ("NVIDIA A100-SXM4-80GB", jnp.bfloat16, None),
+    ("NVIDIA H100 PCIe", jnp.bfloat16, 756e12), ("NVIDIA H100 NVL", jnp.bfloat16, 835e12),
+    ("NVIDIA H200 NVL", jnp.float32, 417.5e12)])
 def test_gpu_peaks_by_device_kind_and_dtype(kind, dtype, want):
   value, note = peak.peak_flops(dtype, device("gpu", kind))
   assert value == want

@@ -36,7 +36,8 @@ def test_run_on_the_tiny_shape_writes_rows_and_a_chart(run_bench):
     assert {"shape", "batch", "seq_len", "ms", "tokens_per_s", "tflops", "mfu", "mfu_causal", "ratio_to_reference",
             "flops_per_token", "xla_flops_per_step", "attention"} <= set(r)
     assert (r["shape"], r["batch"], r["seq_len"], r["flops_per_token"]) == ("tiny", 2, 16, 173184)
-    assert r["ms"] > 0 and r["tokens_per_s"] > 0
+    assert r["ms"] > 0 and r["tokens_per_s"] > 0 and r["devices"] == 1
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / report["meta"]["peak_flops"])
   assert rows[1]["ratio_to_reference"] == 1.0
   assert [r["position_encoding"] for r in rows] == ["rope", "rope"]  # the CPU recipe's, in both models
   assert rows[0]["params"] == rows[1]["params"]  # like for like: no position table in either
@@ -59,11 +60,16 @@ def test_resume_keeps_the_shapes_already_measured(run_bench, tmp_path, monkeypat
     assert again["rows"] == first["rows"] and again["meta"]["runs"] == 2 and again["meta"]["complete"] is True
 
 
-def test_unknown_shape_or_a_batch_below_one_is_a_user_error(tmp_path):
+def test_unknown_shape_is_a_user_error(tmp_path):
   with pytest.raises(UserError, match="Unknown shape"):
     bench_train.run(_args("--shapes", "gpt3", "--out", str(tmp_path / "x.json")))
-  with pytest.raises(UserError, match="--batch-size is 0; give a positive number of sequences per step"):
-    bench_train.run(_args("--batch-size", "0", "--out", str(tmp_path / "x.json")))
+
+
+def test_counts_below_one_are_usage_errors(capsys):
+  for flag in ("--batch-size", "--reps", "--warmup", "--steps"):
+    with pytest.raises(SystemExit) as stop:
+      _args(flag, "0")
+    assert stop.value.code == 2 and f"argument {flag}: '0' is not a whole number >= 1" in capsys.readouterr().err
 
 
 def test_batch_size_replaces_the_shapes_batch_and_nothing_else():
