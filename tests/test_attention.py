@@ -71,6 +71,60 @@ def test_cudnn_head_dims_follow_the_gpu_generation(monkeypatch):
     resolve_implementation("cudnn", jnp.bfloat16, 256)
 
 
+@pytest.fixture
+def on_a_gpu(monkeypatch):
+  """This CPU passed off as an A100, with jax.nn's xla path (cuDNN's conventions: causal aligned to the first
+  query) standing in for its cuDNN kernel; yields the calls it got."""
+  from aigc_jax.nn import flash_attention_hopper
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(flash_attention_hopper, "gpu_compute_capability", lambda: (8, 0))
+  calls, xla = [], jax.nn.dot_product_attention
+
+  def cudnn(q, k, v, *, mask, is_causal, implementation):
+    assert implementation == "cudnn"
+    calls.append(dict(mask=None if mask is None else mask.shape, is_causal=is_causal))
+    return xla(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn)
+  return calls
+
+
+@pytest.mark.parametrize("t,s", [(4, 4), (2, 6), (6, 4)])
+def test_cudnn_places_the_causal_diagonal_as_every_implementation_does(on_a_gpu, t, s):
+  """Our causal queries are the last T of the S keys; cuDNN's are the first T, so T != S goes in as a mask."""
+  q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in qkv(t=t, s=s, h=4, k=2, d=8))
+  want = dot_product_attention(q, k, v, causal=True, implementation="xla")
+  got = dot_product_attention(q, k, v, causal=True, implementation="cudnn")
+  np.testing.assert_array_equal(np.isnan(np.asarray(got, np.float32)), False)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2)
+  assert on_a_gpu == [dict(mask=None, is_causal=True) if t == s else dict(mask=(1, 1, t, s), is_causal=False)]
+
+
+def test_cudnn_with_a_bias_needs_even_lengths_and_auto_goes_around_it(on_a_gpu):
+  """jax's cuDNN backward refuses a mask (a bias) at odd lengths: `auto` picks another implementation there,
+  an explicit 'cudnn' says so in one sentence."""
+  long = dict(q_len=2047, kv_len=2047)
+  assert resolve_implementation("auto", jnp.bfloat16, 64, **long) == "cudnn"  # no bias: any length
+  assert resolve_implementation("auto", jnp.bfloat16, 64, q_len=2048, kv_len=2048, segments=True) == "cudnn"
+  assert resolve_implementation("auto", jnp.bfloat16, 64, **long, segments=True) == "chunked"
+  assert resolve_implementation("auto", jnp.bfloat16, 64, q_len=7, kv_len=7, mask_shape=(1, 1, 1, 7)) == "xla"
+  assert resolve_implementation("auto", jnp.bfloat16, 64, q_len=3, kv_len=8, causal=True) == "xla"
+  with pytest.raises(UserError, match="'cudnn' takes a mask or segment ids .* only at even lengths, and this call "
+                                      "has 7 queries and 7 keys; use 'chunked' or 'xla', or pad"):
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in qkv(t=7, d=8))
+    dot_product_attention(q, k, v, segment_ids=jnp.zeros((2, 7), jnp.int32), implementation="cudnn")
+  assert on_a_gpu == []
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked", "flash"])
+@pytest.mark.parametrize("shape", [(3, 1, 1, 6), (5, 6), (1, 1, 1, 7), (2, 1, 2, 4, 6)])
+def test_a_mask_that_does_not_broadcast_is_one_sentence_for_every_implementation(implementation, shape):
+  q, k, v = qkv(b=2, t=4, s=6, h=2, k=1, d=8)
+  with pytest.raises(UserError, match=rf"Attention mask of shape \({', '.join(map(str, shape))}\) does not broadcast "
+                                      r"to \[B, H, T, S\] = \[2, 2, 4, 6\]; give a boolean mask of that shape"):
+    dot_product_attention(q, k, v, mask=np.ones(shape, bool), implementation=implementation)
+
+
 def test_bf16_inputs_give_bf16_output_close_to_fp32():
   q, k, v = qkv()
   out = dot_product_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), causal=True)

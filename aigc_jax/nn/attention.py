@@ -12,7 +12,8 @@ Shapes follow `jax.nn.dot_product_attention`: q is [B, T, H, D], k and v are
     (`aigc_jax.nn.flash_attention`), compiled on a GPU and run in interpret mode (slow,
     for checking numerics) on a CPU. On a Hopper GPU the forward is FlashAttention-3's
     Mosaic GPU kernel (`aigc_jax.nn.flash_attention_hopper`) wherever it can run the call.
-  * `auto`: on a GPU, `cudnn` for fp16/bf16 with head_dim <= 128 (256 from Hopper on);
+  * `auto`: on a GPU, `cudnn` for fp16/bf16 with head_dim <= 128 (256 from Hopper on; even
+    lengths where a mask, segment ids or causal with T != S reach cuDNN as a bias);
     otherwise (any backend) `chunked` once the score matrix reaches `CHUNKED_MIN_SCORES`
     entries (T * S), else `xla`.
     `flash` is opt-in until it has been timed on a GPU and a TPU (so far both kernel
@@ -48,7 +49,8 @@ CHUNKED_MIN_SCORES = 1024 * 1024
 
 
 def resolve_implementation(implementation: str, dtype, head_dim: int, *, q_len: int | None = None,
-                           kv_len: int | None = None, mask_shape=None) -> str:
+                           kv_len: int | None = None, mask_shape=None, segments: bool = False,
+                           causal: bool = False) -> str:
   """Turns `auto` into a concrete implementation; checks the others can run here.
 
   The lengths and mask shape are optional: without them `auto` treats the call as short
@@ -62,6 +64,14 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, *, q_len: 
   cudnn_ok = (on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= cudnn_head_dim
               and head_dim % 8 == 0)
   q_len, kv_len = q_len or 1, kv_len or 1
+  # A mask, segment ids and causal attention with T != S (whose diagonal cuDNN puts elsewhere) reach cuDNN
+  # as a bias, and its backward with a bias takes only even lengths (jax's cuDNN check, raised mid-training).
+  cudnn_odd = (mask_shape is not None or segments or (causal and q_len != kv_len)) and (q_len % 2 or kv_len % 2)
+  if implementation == "cudnn" and cudnn_ok and cudnn_odd:
+    raise UserError(f"Attention implementation 'cudnn' takes a mask or segment ids (or causal attention with "
+                    f"fewer queries than keys) only at even lengths, and this call has {q_len} queries and {kv_len} "
+                    f"keys; use 'chunked' or 'xla', or pad to an even length.")
+  cudnn_ok = cudnn_ok and not cudnn_odd
   flash_why_not = _flash_lib().unsupported_reason((1, q_len, 1, head_dim), (1, kv_len, 1, head_dim), dtype,
                                                   mask_shape)
   if implementation == "auto":
@@ -119,24 +129,34 @@ def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, segment_i
     raise ValueError(f"attention wants q [B, T, H, D] and k, v [B, S, K, D]; got {q.shape}, {k.shape}, {v.shape}")
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
-  pair = segments_lib.segment_pair(segment_ids, q.shape[0], q.shape[1], k.shape[1])
-  implementation = resolve_implementation(implementation, q.dtype, q.shape[-1], q_len=q.shape[1], kv_len=k.shape[1],
-                                          mask_shape=None if mask is None else jnp.shape(mask))
+  b, t, h, _ = q.shape
+  s = k.shape[1]
+  mask = None if mask is None else segments_lib.mask_as_rank4(mask, b, h, t, s)  # [B|1, H|1, T|1, S|1]
+  pair = segments_lib.segment_pair(segment_ids, b, t, s)
+  implementation = resolve_implementation(implementation, q.dtype, q.shape[-1], q_len=t, kv_len=s,
+                                          mask_shape=None if mask is None else mask.shape,
+                                          segments=pair is not None, causal=causal)
   if implementation == "chunked":
     return chunked_lib.chunked_attention(q, k, v, causal=causal, mask=mask, segment_ids=pair)
   if implementation == "flash":
     return _per_batch_shard(functools.partial(_flash_lib().flash_attention, causal=causal), q, k, v, mask, pair)
   if pair is not None:  # xla and cudnn take the segments as a mask
     seg = segments_lib.segment_mask(pair)
-    mask = seg if mask is None else jnp.logical_and(_as_rank4(mask), seg)
+    mask = seg if mask is None else jnp.logical_and(mask, seg)
   if implementation == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+    return _cudnn_attention(q, k, v, causal=causal, mask=mask)
   return _xla_attention(q, k, v, causal=causal, mask=mask)
 
 
-def _as_rank4(mask):
-  mask = jnp.asarray(mask, bool)
-  return mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+def _cudnn_attention(q, k, v, *, causal, mask):
+  """`jax.nn.dot_product_attention`'s cuDNN kernel with this module's causal convention: the T queries are the
+  last T of the S keys. cuDNN (like jax.nn) aligns them with the first T, so when T != S our diagonal goes in
+  as a mask."""
+  t, s = q.shape[1], k.shape[1]
+  if causal and t != s:
+    keep = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None, None]  # [1, 1, T, S]
+    mask, causal = (keep if mask is None else jnp.logical_and(mask, keep)), False
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
 
 
 def _per_batch_shard(attend, q, k, v, mask, pair):
@@ -169,9 +189,7 @@ def _xla_attention(q, k, v, *, causal, mask):
   if causal:
     keep = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)  # queries are the last t positions
     bias = jnp.where(keep, bias, neg)
-  if mask is not None:
-    mask = jnp.asarray(mask)
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [B|1, H|1, T|1, S|1]
+  if mask is not None:  # [B|1, H|1, T|1, S|1]
     mask = jnp.broadcast_to(mask, (*mask.shape[:2], t, s))
     if mask.shape[1] == h:  # per query head: group the heads by the kv head they read
       mask = mask.reshape(mask.shape[0], kv_heads, g, t, s)

@@ -70,12 +70,8 @@ def chunked_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=N
 
 def _grouped_mask(mask, b, h, kv_heads, t, s, tp, sp):
   """A boolean mask broadcastable to [B, H, T, S] as [B|1, K|1, Tp|1, G|1, Sp|1], padding masked out."""
-  mask = jnp.asarray(mask, bool)
-  shape = (1,) * (4 - mask.ndim) + mask.shape
-  if mask.ndim > 4 or any(n not in (1, full) for n, full in zip(shape, (b, h, t, s))):
-    raise UserError(f"Attention mask of shape {mask.shape} does not broadcast to [B, H, T, S] = "
-                    f"{[b, h, t, s]}; give a boolean mask of that shape or with 1s where it broadcasts.")
-  mask = mask.reshape(shape)
+  mask = segments_lib.mask_as_rank4(mask, b, h, t, s)
+  shape = mask.shape
   if shape[1] == h and h > 1:  # per query head: [B, H, T, S] -> [B, K, T, G, S]
     mask = mask.reshape(shape[0], kv_heads, h // kv_heads, shape[2], shape[3]).transpose(0, 1, 3, 2, 4)
   else:

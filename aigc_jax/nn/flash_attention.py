@@ -57,7 +57,7 @@ def unsupported_reason(q_shape, k_shape, dtype, mask_shape=None) -> str | None:
   if d > MAX_HEAD_DIM:
     return f"'flash' supports head_dim <= {MAX_HEAD_DIM} (got {d})"
   if mask_shape is not None:
-    shape = (1,) * (4 - len(mask_shape)) + tuple(mask_shape)
+    shape = segments_lib.rank4_shape(mask_shape)
     if len(mask_shape) > 4 or shape[1] != 1 or shape[2] != 1:
       return (f"'flash' supports only key padding masks, broadcastable to [B, 1, 1, S] "
               f"(got mask shape {tuple(mask_shape)})")

@@ -35,14 +35,28 @@ def segment_mask(pair):
   return (q_ids[:, :, None] == kv_ids[:, None, :])[:, None]
 
 
+def rank4_shape(shape) -> tuple:
+  """A mask shape with leading 1s up to rank 4, [B|1, H|1, T|1, S|1] for one that broadcasts to [B, H, T, S]."""
+  return (1,) * (4 - len(shape)) + tuple(shape)
+
+
+def mask_as_rank4(mask, b: int, h: int, t: int, s: int):
+  """A boolean mask broadcastable to [B, H, T, S] as a rank-4 array; one sentence for one that is not."""
+  mask = jnp.asarray(mask, bool)
+  shape = rank4_shape(mask.shape)
+  if mask.ndim > 4 or any(n not in (1, full) for n, full in zip(shape, (b, h, t, s))):
+    raise UserError(f"Attention mask of shape {mask.shape} does not broadcast to [B, H, T, S] = "
+                    f"{[b, h, t, s]}; give a boolean mask of that shape or with 1s where it broadcasts.")
+  return mask.reshape(shape)
+
+
 def with_key_padding(pair, mask, b: int, t: int, s: int):
   """Ids that also carry a key padding mask (broadcastable to [B, 1, 1, S]), or None if there is neither."""
   if mask is None and pair is None:
     return None
   q_ids, kv_ids = pair or (jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32))
   if mask is not None:
-    mask = jnp.asarray(mask, bool)
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [B|1, 1, 1, S|1]
+    mask = mask_as_rank4(mask, b, 1, 1, s)  # [B|1, 1, 1, S|1]
     keep = jnp.broadcast_to(mask[:, 0, 0, :], (b, s))
     kv_ids = jnp.where(keep, kv_ids, HIDDEN)
   return q_ids, kv_ids
