@@ -18,8 +18,23 @@ import ml_collections
 from aigc_jax.errors import UserError
 
 
+# Settings that only make sense in a range: dotted key -> (test, what it must be). Checked where a config has them.
+RANGES = {
+    "num_train_steps": (lambda v: v >= 0, "0 or more"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "grad_accum_steps": (lambda v: v >= 1, "at least 1"),
+    "log_every_steps": (lambda v: v >= 1, "at least 1"),
+    "eval_every_steps": (lambda v: v >= 1, "at least 1"),
+    "eval_batches": (lambda v: v >= 0, "0 or more"),
+    "checkpoint_every_steps": (lambda v: v >= 1, "at least 1"),
+    "keep_checkpoints": (lambda v: v >= 1, "at least 1 (the run resumes from the latest)"),
+    "data.seq_len": (lambda v: v >= 1, "at least 1"),
+    "data.val_fraction": (lambda v: 0 < v < 1, "between 0 and 1"),
+}
+
+
 def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-  """Imports `path`, calls its `get_config()`, applies overrides, and locks it."""
+  """Imports `path`, calls its `get_config()`, applies overrides, locks it and checks the settings' ranges."""
   config = _config_from_file(path)
   config.lock()
   for item in overrides:
@@ -27,6 +42,12 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
     if not sep:
       raise UserError(f"Config override {item!r} has no '='; write it as --config.KEY=VALUE.")
     set_key(config, key, value)
+  for key, (fits, what) in RANGES.items():
+    node = config
+    for part in key.split("."):
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if isinstance(node, (int, float)) and not fits(node):
+      raise UserError(f"Config key {key!r} is {node!r} and must be {what}; set --config.{key}=VALUE.")
   return config
 
 
@@ -38,12 +59,22 @@ def base_config(this_file: str, name: str) -> ml_collections.ConfigDict:
 def _config_from_file(path: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise UserError(f"Config file {path!r} does not exist; pass one of the files in configs/.")
+  if not path.endswith(".py"):
+    raise UserError(f"Config file {path!r} is not a Python file; pass one of the .py files in configs/.")
   spec = importlib.util.spec_from_file_location(f"_aigc_jax_config_{os.path.basename(path)[:-3]}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise UserError(f"Config file {path!r} defines no get_config(); copy the layout of a file in configs/.")
-  return module.get_config()
+  try:
+    spec.loader.exec_module(module)
+    config = module.get_config() if hasattr(module, "get_config") else None
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 - whatever the file's own code raises
+    raise UserError(f"Config file {path!r} failed to load ({type(e).__name__}: {e}); fix it, or start from a file "
+                    f"in configs/.") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f"Config file {path!r} defines no get_config() returning an ml_collections.ConfigDict; copy "
+                    f"the layout of a file in configs/.")
+  return config
 
 
 def set_key(config: ml_collections.ConfigDict, key: str, value: str) -> None:
@@ -57,6 +88,9 @@ def set_key(config: ml_collections.ConfigDict, key: str, value: str) -> None:
   if leaf not in node:
     raise UserError(f"Unknown config key {key!r}; see the config file for the valid keys.")
   old = node[leaf]
+  if isinstance(old, ml_collections.ConfigDict):
+    raise UserError(f"Config key {key!r} is a group of settings; set one of them, like --config.{key}."
+                    f"{next(iter(old.keys()), 'KEY')}=VALUE.")
   new = _parse_value(value, old)
   if old is not None and not _type_fits(old, new):
     raise UserError(
@@ -75,8 +109,8 @@ def _parse_value(value: str, old):
 
 
 def _type_fits(old, new) -> bool:
-  if isinstance(old, bool):
-    return isinstance(new, bool)
+  if isinstance(old, bool) or isinstance(new, bool):  # bool is an int to Python, never to a config
+    return isinstance(old, bool) and isinstance(new, bool)
   if isinstance(old, float):
     return isinstance(new, (int, float)) and not isinstance(new, bool)
   if isinstance(old, (tuple, list)):

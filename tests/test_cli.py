@@ -112,3 +112,28 @@ def test_an_interrupted_command_says_how_to_go_on(monkeypatch, capsys):
   code, _, err = run(["train", "--config", CPU_CONFIG, "--workdir", "unused"], capsys)
   assert (code, err) == (130, "aigc-jax: interrupted; run the same command again to resume from the last "
                               "checkpoint.\n")
+
+
+def test_a_start_that_fails_leaves_the_run_as_it_was(tmp_path, capsys):
+  """A resume with a changed model, or a corpus that has gone, is refused in one sentence without touching the
+  run's config.json; sampling needs only the run's vocabulary, not its corpus."""
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("to be or not to be, that is the question\n" * 40)
+  workdir = str(tmp_path / "run")
+  assert run(train_args(workdir, str(corpus), extra=["--config.num_train_steps=3"]), capsys)[0] == 0
+  config_path = os.path.join(workdir, "config.json")
+  saved = open(config_path).read()
+
+  changed_model = ["--config.num_train_steps=3", "--config.model.emb_dim=64"]
+  code, _, err = run(train_args(workdir, str(corpus), extra=changed_model), capsys)
+  assert code == 2 and ("aigc-jax: The checkpoints in " in err and "were written with a different config "
+                        "(model.emb_dim changed since the run's config.json); resume with the run's own settings, "
+                        "or train in a new --workdir." in err), err
+  code, _, err = run(train_args(workdir, str(tmp_path / "gone.txt")), capsys)
+  assert code == 2 and "gone.txt' does not exist" in err
+  assert open(config_path).read() == saved
+
+  corpus.unlink()
+  code, out, err = run(["sample", "--workdir", workdir, "--max-new-tokens", "5"], capsys)
+  assert code == 0, err
+  assert len(out.strip()) > 0

@@ -49,10 +49,34 @@ def test_override_parses_value_by_field_type():
     ("batch_size=big", "Config key 'batch_size' takes a int"),
     ("model.use_bias=1", "Config key 'model.use_bias' takes a bool"),
     ("batch_size", "has no '='"),
+    ("num_train_steps=True", "Config key 'num_train_steps' takes a int, not 'True'"),
+    ("model=5", r"Config key 'model' is a group of settings; set one of them, like --config.model.\w+=VALUE."),
+    ("keep_checkpoints=0", r"'keep_checkpoints' is 0 and must be at least 1 \(the run resumes from the latest\)"),
+    ("checkpoint_every_steps=0", "'checkpoint_every_steps' is 0 and must be at least 1; set"),
+    ("eval_every_steps=0", "'eval_every_steps' is 0 and must be at least 1"),
+    ("log_every_steps=-1", "'log_every_steps' is -1 and must be at least 1"),
+    ("grad_accum_steps=0", "'grad_accum_steps' is 0 and must be at least 1"),
+    ("batch_size=0", "'batch_size' is 0 and must be at least 1"),
+    ("data.seq_len=0", "'data.seq_len' is 0 and must be at least 1"),
+    ("data.val_fraction=1.5", r"'data.val_fraction' is 1.5 and must be between 0 and 1; set --config.data.val_"),
 ])
 def test_bad_override_is_one_clear_sentence(override, message):
   with pytest.raises(UserError, match=message):
     config_lib.load_config(CPU_CONFIG, [override])
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "is not a Python file; pass one of the .py files in configs/"),
+    ("def get_config(:\n", r"failed to load \(SyntaxError: .*\); fix it, or start from a file in configs/"),
+    ("import no_such_module\n", r"failed to load \(ModuleNotFoundError: No module named 'no_such_module'\); fix it"),
+    ("def get_config():\n  return 5\n", "defines no get_config.. returning an ml_collections.ConfigDict"),
+    ("x = 1\n", "defines no get_config.. returning an ml_collections.ConfigDict"),
+])
+def test_a_config_file_that_is_not_one_is_one_sentence(text, message, tmp_path):
+  path = tmp_path / ("notes.md" if text is None else "broken.py")
+  path.write_text(text or "# notes\n")
+  with pytest.raises(UserError, match=message):
+    config_lib.load_config(str(path))
 
 
 def test_missing_config_file():

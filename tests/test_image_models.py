@@ -128,6 +128,8 @@ def test_bad_image_input_is_one_sentence(tmp_path, capsys):
   assert code == 2 and "28x28 images with 1 channel(s) but the config expects 32x32" in err
   code, _, err = run(train_args("gan_mnist", workdir, ["--config.model.loss=hinge"]), capsys)
   assert code == 2 and "Unknown model.loss 'hinge'" in err
+  code, _, err = run(train_args("gan_mnist", workdir, ["--config.grad_accum_steps=2"]), capsys)
+  assert code == 2 and "GANs do not accumulate gradients" in err and "leave it at 1 and set batch_size" in err
   code, _, err = run(train_args("gan_mlp_mnist", workdir, ["--config.num_train_steps=1"]), capsys)
   assert code == 0, err
   for argv, message in [(["--label", "3"], "not class-conditional"), (["--steps", "5"], "--steps does not apply"),

@@ -108,6 +108,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, t
   assert Checkpointer(workdir).latest_step() == 6
 
 
+def test_non_finite_loss_before_any_checkpoint_says_so(tiny_config, tmp_path):
+  with tiny_config.unlocked():
+    tiny_config.optim.learning_rate = float("nan")
+  with pytest.raises(loop.TrainingDiverged, match=r"non-finite between steps 1 and 1; no checkpoint was saved "
+                                                  r"before it: lower optim.learning_rate and run again\.$"):
+    loop.train_and_evaluate(tiny_config, str(tmp_path / "run"), show_progress=False)
+
+
 def test_corrupt_checkpoint_is_one_clear_sentence(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
   loop.train_and_evaluate(tiny_config, workdir, show_progress=False)

@@ -75,6 +75,10 @@ class GANTask(ImageTask):
 
   def make_train_step(self, tx):
     del tx  # the per-network optimizers in self.txs
+    if self.config.grad_accum_steps != 1:
+      raise UserError(f"GANs do not accumulate gradients (each step updates the critic {self.config.model.d_steps} "
+                      f"time(s), then the generator), and grad_accum_steps is {self.config.grad_accum_steps}; leave "
+                      f"it at 1 and set batch_size instead.")
     d_tx, g_tx = self.txs["discriminator"], self.txs["generator"]
     schedule = learning_rate_schedule(self.config.optim.generator, self.config.num_train_steps)
     d_steps = self.config.model.d_steps

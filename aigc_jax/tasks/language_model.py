@@ -22,11 +22,19 @@ class LanguageModelTask(Task):
   def __init__(self, config, workdir: str | None = None):
     super().__init__(config)
     vocab_path = os.path.join(workdir, VOCAB_FILE) if workdir else None
-    vocab = CharVocab.load(vocab_path) if vocab_path and os.path.exists(vocab_path) else None
-    self.dataset = CharDataset.from_config(config.data, vocab)
-    self.vocab = self.dataset.vocab
+    self.vocab = CharVocab.load(vocab_path) if vocab_path and os.path.exists(vocab_path) else None
+    self._dataset = None
+    if self.vocab is None:  # a new run: the corpus makes the vocabulary
+      self.vocab = self.dataset.vocab
     self.model = build_language_model(config.model, vocab_size=self.vocab.size, max_len=config.data.seq_len)
     self.units_per_batch = config.batch_size * config.data.seq_len
+
+  @property
+  def dataset(self) -> CharDataset:
+    """The corpus, read on first use: sampling from a trained run needs only its saved vocabulary."""
+    if self._dataset is None:
+      self._dataset = CharDataset.from_config(self.config.data, self.vocab)
+    return self._dataset
 
   def save_assets(self, workdir: str) -> None:
     self.vocab.save(os.path.join(workdir, VOCAB_FILE))

@@ -1,5 +1,6 @@
 """`train_and_evaluate(config, workdir)`: the one training loop every family runs through."""
 
+import json
 import logging
 import math
 import os
@@ -94,21 +95,60 @@ def jit_init(init: Callable, platform: str, **jit_kwargs) -> Callable:
   return jax.jit(init, compiler_options=options, **jit_kwargs)
 
 
+def _resume(checkpointer, abstract_state, config, workdir: str):
+  """The latest checkpoint's state; one sentence when it cannot be read, naming the config keys changed since the
+  run's config.json when there are any (a changed model or optimizer no longer fits the saved arrays)."""
+  try:
+    state, meta = checkpointer.restore(abstract_state)
+  except UserError:
+    changed = _changed_keys(os.path.join(workdir, CONFIG_FILE), config)
+    if changed:
+      raise UserError(f"The checkpoints in {checkpointer.directory} were written with a different config "
+                      f"({', '.join(changed)} changed since the run's {CONFIG_FILE}); resume with the run's own "
+                      f"settings, or train in a new --workdir.") from None
+    raise
+  if not isinstance(meta, dict) or (meta.get("data") or {}).get("next_batch") != int(state.step):
+    raise UserError(f"The checkpoint at step {int(state.step)} in {checkpointer.directory} has no record of where "
+                    f"the data stream stands; delete {os.path.join(checkpointer.directory, str(int(state.step)))} to "
+                    f"resume from the one before it.")
+  logging.info("resumed from step %d in %s", int(state.step), checkpointer.directory)
+  return state
+
+
+def _changed_keys(saved_path: str, config) -> list[str]:
+  """Dotted keys whose values differ between the JSON config at saved_path (if readable) and `config`."""
+  try:
+    with open(saved_path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return []
+
+  def flat(tree, prefix=""):
+    items = {}
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        items.update(flat(value, f"{prefix}{key}."))
+      else:
+        items[prefix + key] = value
+    return items
+
+  old, new = flat(saved), flat(json.loads(config_lib.to_json(config)))
+  return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
 def train_and_evaluate(config, workdir: str, *, show_progress: bool = True) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last evaluation."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config_lib.to_json(config))
   task = make_task(config, workdir)
-  task.save_assets(workdir)
-
   mesh = parallel.data_mesh()
   steps = compile_steps(task, config, mesh)
   checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   if checkpointer.latest_step() is not None:
-    state, meta = checkpointer.restore(steps.abstract)
-    logging.info("resumed from step %d in %s", int(state.step), checkpointer.directory)
-    assert meta["data"]["next_batch"] == int(state.step), meta
+    try:
+      state = _resume(checkpointer, steps.abstract, config, workdir)
+    except UserError:
+      checkpointer.close()  # stops Orbax's background threads before the error ends the process
+      raise
   else:
     state = steps.init(jax.random.PRNGKey(config.seed))
   start = int(state.step)
@@ -117,6 +157,11 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True) -> d
                mesh.devices.size, start, config.num_train_steps)
   eval_batches = {split: [parallel.shard_batch(b, mesh) for b in batches]
                   for split, batches in task.eval_batches().items()}
+  # Written only once the run has started or resumed and read its data: a start that fails (a changed model, a
+  # missing corpus) leaves the workdir's run as it was, still resumable and sampled as trained.
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    f.write(config_lib.to_json(config))
+  task.save_assets(workdir)
 
   def evaluate(params, step):
     results = {}
@@ -145,10 +190,11 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True) -> d
       if done % config.log_every_steps == 0 or saving or evaluating or window_start is None:
         summary = reduce_metrics(jax.device_get(pending))
         if not all(math.isfinite(v) for v in summary.values()):
+          kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpointer.directory}: lower "
+                  f"optim.learning_rate and run again to resume from it" if last_saved is not None else
+                  "no checkpoint was saved before it: lower optim.learning_rate and run again")
           raise TrainingDiverged(
-              f"The loss became non-finite between steps {done - len(pending) + 1} and {done}; the last good "
-              f"checkpoint (step {last_saved}) is kept in {checkpointer.directory}: lower optim.learning_rate "
-              "and run again to resume from it.")
+              f"The loss became non-finite between steps {done - len(pending) + 1} and {done}; {kept}.")
         now = time.perf_counter()
         if window_start is not None:
           summary[f"{task.units}_per_sec"] = (done - window_first) * task.units_per_batch / (now - window_start)
