@@ -52,12 +52,18 @@ def pick_tokens(logits, rng, temperature, top_k, top_p):
   return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-def check_prompt(model, prompt_len: int, max_new_tokens: int, beams: int = 1):
+def check_prompt(model, prompt_len: int, max_new_tokens: int, beams: int = 1, vocab_size: int | None = None):
   if prompt_len < 1:
     raise UserError("The prompt is empty; give at least one character to start from.")
   if max_new_tokens < 1:
     raise UserError(f"max_new_tokens is {max_new_tokens}; ask for at least one new token.")
+  if beams > 1 and vocab_size is not None and beams > vocab_size ** min(max_new_tokens, 8):
+    raise UserError(f"{beams} beams are more than the {vocab_size ** max_new_tokens} distinct continuations of "
+                    f"{max_new_tokens} token(s) from a vocabulary of {vocab_size}; use fewer beams or more new tokens.")
   max_len = context_length(model)
+  if beams > 1 and max_len is not None and prompt_len > max_len:
+    raise UserError(f"Beam search runs within the model's context of {max_len} tokens, and the prompt has "
+                    f"{prompt_len}; shorten it to at most {max_len} characters, or sample without beams.")
   if beams > 1 and max_len is not None and prompt_len + max_new_tokens > max_len + 1:
     raise UserError(
         f"Beam search runs within the model's context of {max_len} tokens, and the prompt plus new tokens "

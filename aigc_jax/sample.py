@@ -1,5 +1,6 @@
 """Generation from a trained workdir: what `aigc-jax sample` runs (text or an image grid)."""
 
+import math
 import os
 
 import jax
@@ -41,10 +42,10 @@ def generate_text(task, params, *, prompt: str = "\n", num_samples: int = 1, max
   """Samples (or beam-searches) continuations of `prompt` from a language-model task."""
   if num_samples < 1:
     raise UserError(f"--num-samples is {num_samples}; ask for at least one.")
-  if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+  if not 0 <= temperature < math.inf or top_k < 0 or not 0 < top_p <= 1:  # `not` so that NaN fails too
     raise UserError("Use --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1.")
   ids = task.vocab.encode(prompt)
-  decoding.check_prompt(task.model, len(ids), max_new_tokens, beams)
+  decoding.check_prompt(task.model, len(ids), max_new_tokens, beams, vocab_size=task.vocab.size)
   if beams > 1:
     if num_samples > beams:
       raise UserError(f"Beam search returns at most {beams} beams; ask for --num-samples <= --beams.")

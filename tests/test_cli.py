@@ -96,6 +96,9 @@ def test_bad_sample_input_is_one_sentence(tmp_path, text_file, capsys):
   assert code == 2 and "prompt is empty" in err
   code, _, err = run(["sample", "--workdir", workdir, "--beams", "2", "--max-new-tokens", "40"], capsys)
   assert code == 2 and "ask for at most 16 new tokens" in err
+  for bad in (["--temperature", "nan"], ["--temperature", "-1"], ["--top-p", "0"]):
+    code, _, err = run(["sample", "--workdir", workdir] + bad, capsys)
+    assert code == 2 and "Use --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1." in err, bad
 
 
 def test_an_interrupted_command_says_how_to_go_on(monkeypatch, capsys):

@@ -135,6 +135,12 @@ def test_bad_generation_requests():
   with pytest.raises(UserError, match="ask for at most 6 new tokens"):
     decoding.check_prompt(model, 3, 7, beams=2)
   decoding.check_prompt(model, 3, 7, beams=1)  # sampling slides past the context
+  with pytest.raises(UserError, match="the prompt has 9; shorten it to at most 8 characters, or sample without beams"):
+    decoding.check_prompt(model, 9, 1, beams=2)
+  with pytest.raises(UserError, match="5 beams are more than the 3 distinct continuations of 1 token.s. from a "
+                                      "vocabulary of 3; use fewer beams or more new tokens"):
+    decoding.check_prompt(model, 2, 1, beams=5, vocab_size=3)
+  decoding.check_prompt(model, 2, 2, beams=5, vocab_size=3)  # 9 continuations of 2 tokens
 
 
 def test_rope_transformer_has_no_position_table_and_unknown_encodings_are_refused():

@@ -1,14 +1,18 @@
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from aigc_jax import config as config_lib
 from aigc_jax.diffusion import losses, samplers, schedules
 from aigc_jax.diffusion import bits_per_dim_bound, check_labels, ddim_sample, ddpm_sample, diffusion_loss, make_schedule
 from aigc_jax.errors import UserError
 from aigc_jax.models.unet import UNet, UNetConfig
+from aigc_jax.tasks import make_task
+from conftest import ROOT, TINY_UNET
 
 
 def rbg_key(seed):
@@ -415,3 +419,15 @@ def test_unet_end_to_end_loss_gradient_and_jitted_guided_sampling():
   unguided, guided, uncond = sample(params, rbg_key(1), labels)
   np.testing.assert_array_equal(unguided, uncond)  # guidance 0 is the unconditional (null-class) model
   assert np.all(np.abs(guided) <= 1) and not np.allclose(guided, uncond)  # x0 clipped to [-1, 1]
+
+
+def test_the_ddpm_sampler_samples_and_refuses_only_an_explicit_eta():
+  """The config's DDIM eta (0.0 by default) is not handed to the DDPM sampler, which takes none."""
+  config = config_lib.load_config(os.path.join(ROOT, "configs", "ddpm_mnist.py"),
+                                  TINY_UNET + ["sample.sampler=ddpm"])
+  task = make_task(config)
+  params = task.init_params(jax.random.key(0))
+  images = task.sample(params, jax.random.key(1), 2, steps=3)
+  assert images.shape == (2, 28, 28, 1) and np.all(np.isfinite(images))
+  with pytest.raises(UserError, match="--eta is DDIM's noise scale: use a value >= 0 with sample.sampler ddim"):
+    task.sample(params, jax.random.key(1), 2, steps=3, eta=0.5)

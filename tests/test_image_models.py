@@ -194,3 +194,16 @@ def test_diffusion_train_resume_sample_and_eval(tmp_path, capsys, monkeypatch, t
   code, _, err = run(["sample", "--workdir", workdir], capsys)
   assert code == 2 and "config.json is not valid JSON" in err and "retrain into a fresh workdir" in err, err
 
+
+
+def test_vae_reconstructs_pixels_in_the_units_its_encoder_was_trained_on():
+  """Reconstruction takes [-1, 1] pixels; the Bernoulli encoder trained on {0, 1} pixels sees them as such."""
+  from aigc_jax.models.vae import VAE, VAEConfig
+  model = VAE(VAEConfig(image_size=8, latent_dim=4, features=(8, 8), hidden_dim=16))
+  binary = jnp.asarray(np.random.default_rng(0).random((2, 8, 8, 1)) < 0.3, jnp.float32)  # {0, 1}
+  params = model.init(jax.random.key(0), binary, jax.random.key(1))
+  mean = model.apply(params, binary, method=lambda m, x: m.encoder(x)[0])
+  want = model.apply(params, mean, method=VAE.decode)
+  got = model.apply(params, 2 * binary - 1, method=VAE.reconstruct)  # the same images in [-1, 1]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert got.shape == (2, 8, 8, 1) and float(jnp.min(got)) >= -1 and float(jnp.max(got)) <= 1

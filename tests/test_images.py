@@ -132,3 +132,9 @@ def test_batches_are_pure_functions_of_the_step_in_minus_one_to_one():
   np.testing.assert_array_equal(evals[1]["images"], data.eval_batches("test", 2, 3, seed=1)[1]["images"])
   np.testing.assert_array_equal(to_float(np.array([0, 255], np.uint8)), [-1.0, 1.0])
   assert data.images("train").min() == -1.0 and data.labels("test").tolist() == [2, 0]
+
+
+def test_tfds_images_of_different_sizes_are_refused():
+  with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+    with pytest.raises(UserError, match="TFDS data set 'tf_flowers' has images of .* different sizes; use one whose"):
+      load_images("tfds:tf_flowers")

@@ -175,21 +175,26 @@ def _tfds_images(name: str) -> ImageData:
   features = builder.info.features
   if features is None or "image" not in features or "label" not in features:
     raise UserError(f"TFDS data set {name!r} has no 'image' and 'label' features; use an image data set such as mnist.")
-  missing = [s for s in ("train", "test") if builder.info.splits and s not in builder.info.splits]
+  prepare(builder, name, "mnist_idx:DIR or embedded:digits")
+  splits = builder.info.splits  # known once prepared (empty under tfds.testing.mock_data, which invents them)
+  missing = [s for s in ("train", "test") if splits and s not in splits]
   if missing:
     raise UserError(f"TFDS data set {name!r} has no {missing[0]!r} split; use a data set with train and test splits.")
-  prepare(builder, name, "mnist_idx:DIR or embedded:digits")
-  splits = {split: _materialise(builder.as_data_source(split=split)) for split in ("train", "test")}
+  splits = {split: _materialise(builder.as_data_source(split=split), name) for split in ("train", "test")}
   return ImageData(f"tfds:{name}", splits, int(features["label"].num_classes))
 
 
-def _materialise(source) -> tuple[np.ndarray, np.ndarray]:
+def _materialise(source, name: str) -> tuple[np.ndarray, np.ndarray]:
   """All examples of a TFDS data source as (uint8 [N, H, W, C], int32 [N]).
 
   One read per example: decoding is per example anyway, and `__getitems__` breaks under
   `tfds.testing.mock_data`.
   """
   examples = [source[i] for i in range(len(source))]
+  shapes = {np.shape(e["image"]) for e in examples}
+  if len(shapes) > 1:
+    raise UserError(f"TFDS data set {name!r} has images of {len(shapes)} different sizes; use one whose images "
+                    f"share a size, such as mnist or cifar10.")
   images = np.stack([e["image"] for e in examples]).astype(np.uint8)
   if images.ndim == 3:  # some data sets store grayscale images as [H, W]
     images = images[..., None]

@@ -92,6 +92,9 @@ class VAE(nn.Module):
     return 2.0 * jax.nn.sigmoid(out) - 1.0 if self.config.likelihood == "bernoulli" else jnp.clip(out, -1.0, 1.0)
 
   def reconstruct(self, x):
+    """The decoded posterior mean of images x in [-1, 1] pixel units, in the same units. The Bernoulli encoder
+    was trained on {0, 1} pixels, so it gets x mapped to [0, 1]."""
+    x = (x + 1.0) / 2.0 if self.config.likelihood == "bernoulli" else x
     return self.decode(self.encoder(x)[0])
 
 

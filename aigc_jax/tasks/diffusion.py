@@ -79,7 +79,8 @@ class DiffusionTask(ImageTask):
   def sample(self, params, rng, num_samples: int, labels=None, *, steps=None, eta=None, guidance=None,
              guidance_interval=None):
     s = self.config.sample
-    options = {"steps": steps or s.steps, "eta": s.eta if eta is None else eta,
+    # eta is DDIM's: the config's default is not filled in for the DDPM sampler, which refuses one.
+    options = {"steps": steps or s.steps, "eta": (s.eta if eta is None else eta) if s.sampler == "ddim" else eta,
                "guidance": s.guidance if guidance is None else guidance,
                "guidance_interval": tuple(s.guidance_interval if guidance_interval is None else guidance_interval)}
     self.check_sample_request(num_samples, labels, **options)
