@@ -4,14 +4,19 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from aigc_jax import config as config_lib
 from aigc_jax.errors import UserError
 from aigc_jax.tasks import make_task
 from aigc_jax.train import loop, parallel
+from aigc_jax.train import steps as steps_lib
 from aigc_jax.train.checkpoint import Checkpointer
+from aigc_jax.train.state import TrainState
+from aigc_jax.train.writer import MetricWriter
 from conftest import CPU_CONFIG, ROOT, TINY_UNET, tiny_overrides
 
 
@@ -80,6 +85,12 @@ def test_workdir_outputs(tiny_config, tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.path.exists(os.path.join(workdir, "config.json")) and os.path.exists(os.path.join(workdir, "vocab.json"))
   assert Checkpointer(workdir).manager.all_steps() == [3, 6]
+  # Run again when already trained: the final evaluation is returned, not written a second time.
+  again = loop.train_and_evaluate(tiny_config, workdir, show_progress=False)
+  assert again == pytest.approx(result) and read_metrics(workdir) == rows
+  # A resume from step 3 keeps step 3's TensorBoard events and drops those after it.
+  assert MetricWriter(workdir, resume_step=3).tensorboard.purge_step == 4
+  assert max(r["step"] for r in read_metrics(workdir)) == 3
 
 
 def test_gradient_accumulation_equals_the_full_batch(tiny_config):
@@ -95,6 +106,34 @@ def test_gradient_accumulation_equals_the_full_batch(tiny_config):
     results.append((state.params, metrics["loss"]))
   for x, y in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_weights_microbatches_by_their_counts():
+  """A loss over a varying number of tokens per microbatch: accumulating gives the full batch's mean gradient."""
+  def loss_fn(params, batch, rng, train):  # squared error over the unmasked entries
+    errors = (params["w"] * batch["x"] - 1.0) ** 2 * batch["mask"]
+    return jnp.sum(errors), jnp.sum(batch["mask"]), {}
+
+  batch = {"x": jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]]),
+           "mask": jnp.array([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])}  # 4 tokens, then 1
+  params = {"w": jnp.array(0.5)}
+  new = {}
+  for accum in (1, 2):
+    step = steps_lib.make_train_step(loss_fn, optax.sgd(1.0), grad_accum_steps=accum)
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=optax.sgd(1.0).init(params),
+                       rng=jax.random.PRNGKey(0))
+    new[accum], _ = step(state, batch)
+  # d/dw mean((w x - 1)^2) over x = 1, 2, 3, 4, 5: 2 * sum(x (w x - 1)) / 5 = 2 * (0.5 * 55 - 15) / 5 = 5
+  np.testing.assert_allclose(new[1].params["w"], 0.5 - 5.0, rtol=1e-6)
+  np.testing.assert_allclose(new[2].params["w"], new[1].params["w"], rtol=1e-6)
+
+
+def test_an_optimizer_applied_several_times_a_step_follows_the_schedule_once_a_step(tiny_config):
+  """A GAN's critic takes d_steps updates a training step; its warm-up and decay still run over training steps."""
+  from aigc_jax.train.optim import learning_rate_schedule
+  base = learning_rate_schedule(tiny_config.optim, 6)  # warm-up 2 steps, cosine to step 6
+  critic = learning_rate_schedule(tiny_config.optim, 6, updates_per_step=5)
+  assert [float(critic(count)) for count in range(30)] == [float(base(step)) for step in range(6) for _ in range(5)]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):

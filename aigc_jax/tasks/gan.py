@@ -32,7 +32,9 @@ class GANTask(ImageTask):
                                       conv_features=m.conv_features)
     self.generator, self.discriminator = gan.build_gan(self.model_config)
     self._generate = jax.jit(self.generate)
-    self.txs = {name: make_optimizer(config.optim[name], config.num_train_steps) for name in NETWORKS}
+    self.txs = {name: make_optimizer(config.optim[name], config.num_train_steps,  # the critic: d_steps updates a step
+                                     updates_per_step=m.d_steps if name == "discriminator" else 1)
+                for name in NETWORKS}
 
   def init_params(self, rng):
     g_rng, d_rng = jax.random.split(rng)

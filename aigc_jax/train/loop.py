@@ -163,14 +163,15 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True) -> d
     f.write(config_lib.to_json(config))
   task.save_assets(workdir)
 
-  def evaluate(params, step):
+  def evaluate(params, step, record=True):
     results = {}
     for split, batches in eval_batches.items():
       prefix = "val" if split == "validation" else split
       metrics = reduce_metrics(jax.device_get([steps.eval(params, b) for b in batches]))
       results.update({f"{prefix}_{name}": value for name, value in metrics.items()})
-    writer.write_scalars(step, results)
-    task.on_eval(params, step, writer)
+    if record:
+      writer.write_scalars(step, results)
+      task.on_eval(params, step, writer)
     return results
 
   writer = MetricWriter(workdir, resume_step=start)
@@ -213,7 +214,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True) -> d
       progress.update(1)
     if start >= config.num_train_steps and not last_eval:
       logging.info("already trained to step %d; evaluating", start)
-      last_eval = evaluate(state.eval_params, start)
+      last_eval = evaluate(state.eval_params, start, record=False)  # the run's own evaluation there is kept
     curves = plot_training_curves(writer.path, os.path.join(workdir, "curves.png"), task.loss_label)
     writer.write_image(config.num_train_steps, "curves", curves)
   finally:  # an interrupted run keeps every checkpoint it started writing

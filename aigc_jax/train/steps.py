@@ -39,10 +39,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
   With `ema_decay > 0` the state's `ema_params` follow the parameters after every update.
   """
 
-  def grads_of(params, batch, rng):
-    def objective(p):
+  def grads_of(params, batch, rng, mean=True):
+    def objective(p):  # the mean loss, or its sum (microbatches: divided by their total count once added)
       loss_sum, count, metrics = loss_fn(p, batch, rng, True)
-      return loss_sum / count, (loss_sum, count, metrics)
+      return loss_sum / count if mean else loss_sum, (loss_sum, count, metrics)
     grads, (loss_sum, count, metrics) = jax.grad(objective, has_aux=True)(params)
     return grads, loss_sum, count, metrics
 
@@ -53,14 +53,14 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
     else:
       def accumulate(carry, micro):
         index, micro_batch = micro
-        out = grads_of(state.params, micro_batch, jax.random.fold_in(rng, index))
+        out = grads_of(state.params, micro_batch, jax.random.fold_in(rng, index), mean=False)
         return jax.tree.map(jnp.add, carry, out), None
       first = jax.tree.map(lambda x: x[0], _split_microbatches(batch, grad_accum_steps))
       shapes = jax.eval_shape(grads_of, state.params, first, rng)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       micro = (jnp.arange(grad_accum_steps), _split_microbatches(batch, grad_accum_steps))
       (grads, loss_sum, count, extra), _ = jax.lax.scan(accumulate, zeros, micro)
-      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+      grads = jax.tree.map(lambda g: g / count, grads)  # total sum / total count, whatever each microbatch holds
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": (loss_sum, count), **extra, **norm_metrics(grads, params)}

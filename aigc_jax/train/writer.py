@@ -13,7 +13,8 @@ class MetricWriter:
     self.workdir = workdir
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._drop_lines_after(resume_step)  # a resumed run rewrites what came after its checkpoint
-    self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step or None)
+    # TensorBoard drops events at steps >= purge_step: those after the checkpoint, not the checkpoint step's own.
+    self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
   def _drop_lines_after(self, step: int) -> None:
     if not os.path.exists(self.path):
