@@ -57,9 +57,15 @@ def check_prompt(model, prompt_len: int, max_new_tokens: int, beams: int = 1, vo
     raise UserError("The prompt is empty; give at least one character to start from.")
   if max_new_tokens < 1:
     raise UserError(f"max_new_tokens is {max_new_tokens}; ask for at least one new token.")
-  if beams > 1 and vocab_size is not None and beams > vocab_size ** min(max_new_tokens, 8):
-    raise UserError(f"{beams} beams are more than the {vocab_size ** max_new_tokens} distinct continuations of "
-                    f"{max_new_tokens} token(s) from a vocabulary of {vocab_size}; use fewer beams or more new tokens.")
+  if beams > 1 and vocab_size is not None:
+    continuations = 1  # vocab_size ** max_new_tokens, counted only as far as `beams`
+    for _ in range(max_new_tokens):
+      continuations *= vocab_size
+      if continuations >= beams:
+        break
+    if continuations < beams:
+      raise UserError(f"{beams} beams are more than the {continuations} distinct continuations of {max_new_tokens} "
+                      f"token(s) from a vocabulary of {vocab_size}; use fewer beams or more new tokens.")
   max_len = context_length(model)
   if beams > 1 and max_len is not None and prompt_len > max_len:
     raise UserError(f"Beam search runs within the model's context of {max_len} tokens, and the prompt has "

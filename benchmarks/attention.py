@@ -204,7 +204,8 @@ def run(args) -> int:
       grid=dict(tokens_per_batch=g["tokens"], heads_times_head_dim=g["width"], lengths=list(g["lengths"]),
                 head_dims=list(g["head_dims"]), modes=list(MODES)),
       flops="fwd 4*B*H*S^2*D (x0.5 causal); fwd_bwd 3.5x fwd", warmup=args.warmup, reps=args.reps,
-      ms="median of reps", ratio_to_reference="reference ms / ms", memory_limit_bytes=limit,
+      ms="median over reps of ms per call (calls_per_rep calls a rep)", ratio_to_reference="reference ms / ms",
+      memory_limit_bytes=limit,
       memory_bytes="XLA memory analysis of the compiled cell: temporaries + arguments + outputs",
       error_vs_reference="largest |x - reference| / largest |reference| over the output (and the gradients in "
       "fwd_bwd), the same inputs", error_tolerance=tolerance)

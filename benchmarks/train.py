@@ -92,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser):
                       help="compute dtype of both models; default bfloat16 on a GPU or TPU, float32 elsewhere")
   parser.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
                       help="our attention implementation (the reference always uses einsum attention)")
-  parser.add_argument("--reps", type=at_least(1), default=None, help="timed repetitions of each step (default 3 quick, 7)")
+  parser.add_argument("--reps", type=at_least(1), default=None,
+                      help="timed repetitions of each step (default 3 quick, 7)")
   parser.add_argument("--warmup", type=at_least(1), default=None,
                       help="untimed steps after compiling and one first step (default 1 quick, 3)")
   parser.add_argument("--steps", type=at_least(1), default=None,

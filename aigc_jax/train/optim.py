@@ -27,6 +27,5 @@ def make_optimizer(optim_config, num_train_steps: int, *, updates_per_step: int 
   return optax.chain(
       optax.clip_by_global_norm(c.grad_clip) if c.grad_clip > 0 else optax.identity(),
       optax.adamw(learning_rate_schedule(c, num_train_steps, updates_per_step=updates_per_step), b1=c.b1, b2=c.b2,
-                  eps=c.eps,
-                  weight_decay=c.weight_decay, mask=decay_mask),
+                  eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask),
   )
