@@ -21,6 +21,8 @@ MODELS = {
     "transformer_gqa_untied": transformer(num_kv_heads=2, tie_embeddings=False, use_bias=True),
     "transformer_rope": transformer(position_encoding="rope"),
     "lstm": LSTM(LSTMConfig(vocab_size=VOCAB, emb_dim=8, hidden_dim=16, num_layers=2)),
+    # bf16 compute: the decode cache keeps the carry in fp32, as the full forward does
+    "lstm_bf16": LSTM(LSTMConfig(vocab_size=VOCAB, emb_dim=8, hidden_dim=16, num_layers=2, dtype=jnp.bfloat16)),
 }
 
 
@@ -148,6 +150,20 @@ def test_rope_transformer_has_no_position_table_and_unknown_encodings_are_refuse
   assert "position" not in params_of(MODELS["transformer_rope"])["embed"]
   with pytest.raises(UserError, match="Unknown position_encoding 'alibi'; use one of learned, rope"):
     transformer(position_encoding="alibi")
+
+
+def test_transformer_shapes_that_do_not_fit_are_one_sentence():
+  with pytest.raises(UserError, match="emb_dim 16 does not split into 3 heads; use an emb_dim that is a multiple"):
+    transformer(num_heads=3)
+  with pytest.raises(UserError, match="4 query heads do not share 3 key/value heads evenly; use a num_kv_heads"):
+    transformer(num_kv_heads=3)
+  with pytest.raises(UserError, match="Rotary positions rotate pairs of features and head_dim is 3; use an even"):
+    transformer(position_encoding="rope", num_heads=4, emb_dim=12)
+  model = MODELS["transformer"]  # learned positions, max_len 8
+  with pytest.raises(UserError, match="9 tokens are more than the 8 positions the model learned; feed at most 8"):
+    model.apply({"params": params_of(model)}, jnp.zeros((1, 9), jnp.int32))
+  rope = MODELS["transformer_rope"]  # no table: longer inputs are fine outside the KV cache
+  assert rope.apply({"params": params_of(rope)}, jnp.zeros((1, 9), jnp.int32)).shape == (1, 9, VOCAB)
 
 
 @pytest.mark.parametrize("position_encoding,attention", [("learned", "xla"), ("rope", "chunked"), ("rope", "flash")])

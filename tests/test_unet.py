@@ -99,6 +99,16 @@ def test_config_errors():
     dataclasses.replace(MNIST, channel_mults=(1, 2, 2, 2))
   with pytest.raises(UserError, match="norm_groups"):
     dataclasses.replace(TINY, norm_groups=3)
+  with pytest.raises(UserError, match="UNet width 12 is not a multiple of norm_groups .8."):  # conv_in's width
+    dataclasses.replace(TINY, base_features=12, channel_mults=(2, 4), norm_groups=8, num_heads=1)
+
+
+def test_an_image_of_another_size_is_one_sentence():
+  model = UNet(TINY)
+  s = TINY.image_size
+  with pytest.raises(UserError, match=rf"This UNet takes {s}x{s}x{TINY.channels} images, not {s}x5x{TINY.channels}; "
+                                      "resize the images or build it for their size"):
+    model.init(jax.random.key(0), jnp.zeros((1, s, 5, TINY.channels)), jnp.zeros((1,)), train=False)
 
 
 def test_resblock_without_embedding_and_blocks_shapes():

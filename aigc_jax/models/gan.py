@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aigc_jax.errors import UserError
 from aigc_jax.nn.conv import Conv, upsample_nearest
 
 ARCHITECTURES = ("mlp", "dcgan")
@@ -24,8 +25,16 @@ class GANConfig:
   channels: int = 1
   latent_dim: int = 100
   mlp_features: tuple[int, ...] = (256, 512)  # mlp generator hidden widths; the discriminator mirrors them
-  conv_features: int = 64  # dcgan width at full resolution; doubled at half resolution
+  conv_features: int = 64  # dcgan width at full resolution; doubled at half resolution; a multiple of 8
   dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.architecture == "dcgan" and self.image_size % 4:
+      raise UserError(f"The DCGAN halves image_size twice and it is {self.image_size}; use a multiple of 4, or "
+                      f"model.architecture=mlp.")
+    if self.architecture == "dcgan" and self.conv_features % 8:
+      raise UserError(f"The DCGAN's GroupNorm splits conv_features ({self.conv_features}) into 8 groups; use a "
+                      f"multiple of 8.")
 
 
 class MLPGenerator(nn.Module):

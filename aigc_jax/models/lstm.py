@@ -35,7 +35,8 @@ class LSTM(nn.Module):
       cell = nn.OptimizedLSTMCell(c.hidden_dim, dtype=c.dtype, param_dtype=c.param_dtype, name=f"lstm_{i}")
       rnn = nn.RNN(cell, return_carry=True, name=f"rnn_{i}")
       if decode:
-        zeros = lambda: (jnp.zeros((b, c.hidden_dim), c.dtype), jnp.zeros((b, c.hidden_dim), c.dtype))  # (c, h)
+        # (c, h) in fp32, as `nn.RNN` starts them when not decoding (the cell's param_dtype): the same numbers
+        zeros = lambda: (jnp.zeros((b, c.hidden_dim), jnp.float32), jnp.zeros((b, c.hidden_dim), jnp.float32))
         carry = self.variable("cache", f"carry_{i}", zeros)
         new_carry, x = rnn(x, initial_carry=carry.value)
         if not self.is_initializing():

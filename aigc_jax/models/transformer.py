@@ -37,6 +37,15 @@ class TransformerConfig:
     if self.position_encoding not in POSITION_ENCODINGS:
       raise UserError(f"Unknown position_encoding {self.position_encoding!r}; use one of "
                       f"{', '.join(POSITION_ENCODINGS)}.")
+    if self.emb_dim % self.num_heads:
+      raise UserError(f"emb_dim {self.emb_dim} does not split into {self.num_heads} heads; use an emb_dim that is a "
+                      f"multiple of num_heads.")
+    if self.num_heads % (self.num_kv_heads or self.num_heads):
+      raise UserError(f"{self.num_heads} query heads do not share {self.num_kv_heads} key/value heads evenly; use a "
+                      f"num_kv_heads that divides num_heads.")
+    if self.position_encoding == "rope" and self.head_dim % 2:
+      raise UserError(f"Rotary positions rotate pairs of features and head_dim is {self.head_dim}; use an even "
+                      f"emb_dim / num_heads.")
 
   @property
   def head_dim(self) -> int:
@@ -92,6 +101,9 @@ class Transformer(nn.Module):
       positions = segments.positions_in_segments(segment_ids)  # [B, T]
     else:
       positions = jnp.arange(t)
+    if not decode and c.position_encoding == "learned" and t > c.max_len:
+      raise UserError(f"{t} tokens are more than the {c.max_len} positions the model learned; feed at most "
+                      f"{c.max_len} at a time (aigc_jax.decoding slides a window past them).")
     embed = ann.TokenAndPositionEmbed(c.vocab_size, c.max_len if c.position_encoding == "learned" else 0, c.emb_dim,
                                       dtype=c.dtype, param_dtype=c.param_dtype, name="embed")
     x = embed(tokens, positions)

@@ -34,7 +34,7 @@ class UNetConfig:
     if self.image_size % 2 ** (levels - 1):
       raise UserError(f"image_size {self.image_size} does not halve cleanly {levels - 1} times for channel_mults "
                       f"{self.channel_mults}; use fewer levels or a size divisible by {2 ** (levels - 1)}.")
-    for f in {self.base_features * m for m in self.channel_mults}:
+    for f in sorted({self.base_features} | {self.base_features * m for m in self.channel_mults}):
       if f % self.norm_groups or f % self.num_heads:
         raise UserError(f"UNet width {f} is not a multiple of norm_groups ({self.norm_groups}) and num_heads "
                         f"({self.num_heads}); change base_features, channel_mults, norm_groups or num_heads.")
@@ -70,6 +70,9 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, x, t, labels: Optional[jax.Array] = None, *, train: bool):
     c = self.config
+    if x.shape[1:] != (c.image_size, c.image_size, c.channels):
+      raise UserError(f"This UNet takes {c.image_size}x{c.image_size}x{c.channels} images, not "
+                      f"{'x'.join(map(str, x.shape[1:]))}; resize the images or build it for their size.")
     kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
     emb_dim = 4 * c.base_features
     emb = image.timestep_embedding(t, c.base_features)  # [B, base]
