@@ -11,6 +11,7 @@
 
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -21,6 +22,28 @@ from benchmarks import denoise as denoise_bench
 from benchmarks import train as train_bench
 
 BENCHMARKS = {"attention": attention_bench, "denoise": denoise_bench, "train": train_bench}  # `aigc-jax bench NAME`: module with add_arguments(parser), run(args)
+
+
+def _finite(text: str) -> float:
+  """An argparse type: a finite float (NaN and inf are usage errors, not settings)."""
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+  return value
+
+
+def _seed(text: str) -> int:
+  """An argparse type: an integer seed that fits JAX's 64-bit keys."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = None
+  if value is None or not -2 ** 63 <= value < 2 ** 63:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a whole number between -2**63 and 2**63 - 1")
+  return value
 
 
 def _train(args, overrides):
@@ -96,32 +119,32 @@ def parser() -> argparse.ArgumentParser:
   sample = sub.add_parser("sample", help="generate from the latest checkpoint in a workdir")
   sample.add_argument("--workdir", required=True)
   sample.add_argument("--num-samples", type=int, default=None, help="default: 1 text, a grid of 64 images")
-  sample.add_argument("--seed", type=int, default=0)
+  sample.add_argument("--seed", type=_seed, default=0)
   text = sample.add_argument_group("language models")
   text.add_argument("--prompt", default=None, help="text to continue (default: a newline)")
   text.add_argument("--max-new-tokens", type=int, default=None, help="default 500")
-  text.add_argument("--temperature", type=float, default=None, help="default 0.8; 0 is greedy")
+  text.add_argument("--temperature", type=_finite, default=None, help="default 0.8; 0 is greedy")
   text.add_argument("--top-k", type=int, default=None, help="default 0: off")
-  text.add_argument("--top-p", type=float, default=None, help="default 1.0: off")
+  text.add_argument("--top-p", type=_finite, default=None, help="default 1.0: off")
   text.add_argument("--beams", type=int, default=None, help="beam search with this many beams when > 1")
   image = sample.add_argument_group("image models")
   image.add_argument("--out", default=None, help="PNG path (default: DIR/samples/sample_step_N_seed_S.png)")
   image.add_argument("--label", type=int, default=None, help="class-conditional: all samples of this class")
   image.add_argument("--steps", type=int, default=None, help="diffusion: sampler steps (default: the config's)")
-  image.add_argument("--eta", type=float, default=None, help="diffusion: DDIM eta (0 deterministic, 1 DDPM-like)")
-  image.add_argument("--guidance", type=float, default=None,
+  image.add_argument("--eta", type=_finite, default=None, help="diffusion: DDIM eta (0 deterministic, 1 DDPM-like)")
+  image.add_argument("--guidance", type=_finite, default=None,
                      help="diffusion: classifier-free guidance scale (0 unconditional, 1 conditional)")
-  image.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+  image.add_argument("--guidance-interval", type=_finite, nargs=2, default=None, metavar=("LO", "HI"),
                      help="diffusion: guide only where LO <= t / (T - 1) <= HI (default: the config's)")
   sample.set_defaults(run=_sample)
   evaluate = sub.add_parser("eval", help="measure a trained image model's samples and held-out bound; writes eval.json")
   evaluate.add_argument("--workdir", required=True)
   evaluate.add_argument("--num-samples", type=int, default=None, help="default: the config's eval.num_samples")
-  evaluate.add_argument("--seed", type=int, default=0)
+  evaluate.add_argument("--seed", type=_seed, default=0)
   evaluate.add_argument("--steps", type=int, default=None, help="diffusion: sampler steps (default: the config's)")
-  evaluate.add_argument("--eta", type=float, default=None, help="diffusion: DDIM eta (default: the config's)")
-  evaluate.add_argument("--guidance", type=float, default=None, help="diffusion: guidance scale (default: the config's)")
-  evaluate.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+  evaluate.add_argument("--eta", type=_finite, default=None, help="diffusion: DDIM eta (default: the config's)")
+  evaluate.add_argument("--guidance", type=_finite, default=None, help="diffusion: guidance scale (default: the config's)")
+  evaluate.add_argument("--guidance-interval", type=_finite, nargs=2, default=None, metavar=("LO", "HI"),
                         help="diffusion: guide only where LO <= t / (T - 1) <= HI (default: the config's)")
   evaluate.set_defaults(run=_eval)
   bench = sub.add_parser("bench", help="kernel and training benchmarks against a side-by-side reference")

@@ -38,7 +38,7 @@ def evaluate_workdir(workdir: str, *, num_samples: int | None = None, seed: int 
   task, params, step = load_trained(workdir)
   if not isinstance(task, ImageTask):
     raise UserError("`aigc-jax eval` measures image models; a language model's held-out loss is in metrics.jsonl.")
-  num_samples = num_samples or task.config.eval.num_samples
+  num_samples = task.config.eval.num_samples if num_samples is None else num_samples
   if num_samples < 2:
     raise UserError(f"--num-samples is {num_samples}; the Fréchet distance needs at least 2.")
   labels = task.default_labels(num_samples)
@@ -48,6 +48,9 @@ def evaluate_workdir(workdir: str, *, num_samples: int | None = None, seed: int 
   start = time.perf_counter()
   samples = sample_many(task, params, num_samples, labels, jax.random.PRNGKey(seed), **options)
   sampling_seconds = time.perf_counter() - start
+  if not np.all(np.isfinite(samples)):
+    raise UserError(f"The model at step {step} samples non-finite pixels (NaN or inf), which no metric can score; "
+                    f"retrain it, with a lower optim.learning_rate if its loss grew.")
   used = {name: options.get(name, task.config.sample[name]) for name in task.sample_options}
   results = {"step": step, "num_samples": num_samples, **used, "sampling_seconds": round(sampling_seconds, 1),
              **image_metrics(classifier, task.dataset.images("test"), samples, labels)}

@@ -61,6 +61,9 @@ def generate_text(task, params, *, prompt: str = "\n", num_samples: int = 1, max
 def generate_images(task, params, step: int, workdir: str, *, num_samples: int = 64, label: int | None = None,
                     seed: int = 0, out: str | None = None, **options) -> str:
   """Samples `num_samples` images (all of class `label`, or every class in turn) and writes a PNG grid."""
+  if out is not None and not out.lower().endswith(".png"):
+    raise UserError(f"--out {out!r} does not name a .png file; give a path like samples.png.")
+  task.check_sample_request(num_samples, **options)  # the count first: the labels are num_samples long
   labels = task.default_labels(num_samples) if label is None else np.full((num_samples,), label)
   task.check_sample_request(num_samples, None if label is None else labels, **options)
   images = task.sample(params, jax.random.PRNGKey(seed), num_samples, labels,
@@ -68,7 +71,7 @@ def generate_images(task, params, step: int, workdir: str, *, num_samples: int =
   columns = task.num_classes if task.conditional and label is None else None
   grid = plots.image_grid(plots.to_uint8(images), columns=columns)
   if out is None:
-    os.makedirs(os.path.join(workdir, SAMPLES_DIR), exist_ok=True)
     out = os.path.join(workdir, SAMPLES_DIR, f"sample_step_{step:06d}_seed_{seed}.png")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   plots.save_png(grid, out, scale=2)
   return out

@@ -96,9 +96,12 @@ def test_bad_sample_input_is_one_sentence(tmp_path, text_file, capsys):
   assert code == 2 and "prompt is empty" in err
   code, _, err = run(["sample", "--workdir", workdir, "--beams", "2", "--max-new-tokens", "40"], capsys)
   assert code == 2 and "ask for at most 16 new tokens" in err
-  for bad in (["--temperature", "nan"], ["--temperature", "-1"], ["--top-p", "0"]):
+  for bad in (["--temperature", "-1"], ["--top-p", "0"]):
     code, _, err = run(["sample", "--workdir", workdir] + bad, capsys)
     assert code == 2 and "Use --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1." in err, bad
+  with pytest.raises(SystemExit) as stop:  # argparse's usage error
+    cli.main(["sample", "--workdir", workdir, "--temperature", "nan"])
+  assert stop.value.code == 2 and "argument --temperature: 'nan' is not a finite number" in capsys.readouterr().err
 
 
 def test_an_interrupted_command_says_how_to_go_on(monkeypatch, capsys):

@@ -431,3 +431,20 @@ def test_the_ddpm_sampler_samples_and_refuses_only_an_explicit_eta():
   assert images.shape == (2, 28, 28, 1) and np.all(np.isfinite(images))
   with pytest.raises(UserError, match="--eta is DDIM's noise scale: use a value >= 0 with sample.sampler ddim"):
     task.sample(params, jax.random.key(1), 2, steps=3, eta=0.5)
+
+
+def test_an_unconditional_model_refuses_guidance_and_every_sampler_refuses_non_finite_settings():
+  config = config_lib.load_config(os.path.join(ROOT, "configs", "ddpm_mnist.py"),
+                                  TINY_UNET + ["model.conditional=False"])
+  task = make_task(config)
+  params = task.init_params(jax.random.key(0))
+  images = task.sample(params, jax.random.key(1), 2, steps=2)  # the config's guidance 2.0 is moot, not an error
+  assert images.shape == (2, 28, 28, 1) and np.all(np.isfinite(images))
+  for options in ({"guidance": 2.0}, {"guidance_interval": (0.5, 1.0)}):
+    with pytest.raises(UserError, match="not class-conditional, so there is nothing to guide; leave out --guidance"):
+      task.check_sample_request(2, **options)
+  with pytest.raises(UserError, match="--eta is DDIM's noise scale: use a value >= 0"):
+    task.check_sample_request(2, eta=float("nan"))
+  conditional = make_task(config_lib.load_config(os.path.join(ROOT, "configs", "ddpm_mnist.py"), TINY_UNET))
+  with pytest.raises(UserError, match="--guidance is nan; use a finite scale"):
+    conditional.check_sample_request(2, guidance=float("nan"))

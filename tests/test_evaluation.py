@@ -1,5 +1,6 @@
 import os
 
+import flax.serialization
 import jax
 import numpy as np
 import pytest
@@ -105,6 +106,28 @@ def test_damaged_cache_file_is_rebuilt(cache):
   assert lines[0].startswith("Could not read the cached classifier") and 0 <= classifier.accuracy <= 1
   assert get_classifier(data, hparams=TINY, log=lines.append).accuracy == classifier.accuracy
   assert lines[-1].startswith("Loaded")
+  # A file that parses but lacks a layer is not this classifier either.
+  saved = flax.serialization.msgpack_restore(path.read_bytes())
+  del saved["params"]["Dense_1"]
+  path.write_bytes(flax.serialization.msgpack_serialize(saved))
+  lines.clear()
+  assert 0 <= get_classifier(data, hparams=TINY, log=lines.append).accuracy <= 1
+  assert lines[0].startswith("Could not read the cached classifier") and "training it again" in lines[0]
+
+
+def test_a_cache_that_cannot_be_written_still_serves_the_classifier(cache, monkeypatch):
+  data, lines = tiny_data(), []
+  real_replace = os.replace
+
+  def read_only(src, dst):
+    if dst.endswith(".msgpack"):
+      raise OSError(30, "Read-only file system")
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(os, "replace", read_only)
+  classifier = get_classifier(data, hparams=TINY, log=lines.append)
+  assert 0 <= classifier.accuracy <= 1
+  assert lines[-1].startswith("Could not cache the classifier at ") and "(Read-only file system)" in lines[-1]
 
 
 def test_cache_key_changes_with_data_and_hyperparameters():

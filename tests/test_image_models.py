@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import types
 
 import flax.linen as nn
 import jax
@@ -13,6 +14,7 @@ import pytest
 
 from aigc_jax import cli
 from aigc_jax import evaluate as evaluate_lib
+from aigc_jax.errors import UserError
 from aigc_jax.evaluation import TrainHParams, get_classifier
 from aigc_jax.models import gan as gan_lib
 from aigc_jax.nn.conv import TAP_GRAD_MIN_FEATURES, Conv, upsample_nearest
@@ -67,6 +69,22 @@ def test_gradient_penalty_is_zero_for_a_unit_slope_critic():
   np.testing.assert_allclose(gan_lib.gradient_penalty(critic, real, fake, jax.random.PRNGKey(0)), 0.0, atol=1e-4)
   doubled = lambda x: 2.0 * critic(x)  # |grad| = 2 -> weight * (2 - 1)^2
   np.testing.assert_allclose(gan_lib.gradient_penalty(doubled, real, fake, jax.random.PRNGKey(0)), 10.0, rtol=1e-4)
+
+
+def test_gan_shapes_that_do_not_fit_are_one_sentence(monkeypatch):
+  with pytest.raises(UserError, match="The DCGAN halves image_size twice and it is 30; use a multiple of 4"):
+    gan_lib.GANConfig(image_size=30)
+  with pytest.raises(UserError, match=r"GroupNorm splits conv_features \(12\) into 8 groups; use a multiple of 8"):
+    gan_lib.GANConfig(conv_features=12)
+  assert gan_lib.GANConfig(architecture="mlp", image_size=30).image_size == 30  # the MLP GAN takes any size
+
+  from aigc_jax import config as config_lib
+  from aigc_jax.data import images
+  from aigc_jax.tasks import make_task
+  wide = types.SimpleNamespace(data=types.SimpleNamespace(image_shape=(28, 24, 1)), num_classes=10)
+  monkeypatch.setattr(images.ImageDataset, "from_config", lambda data: wide)  # a data set of 28x24 images
+  with pytest.raises(UserError, match="The image models take square images and embedded:digits gives 28x24 ones"):
+    make_task(config_lib.load_config(CONFIGS["gan_mnist"]))
 
 
 def test_gan_losses_match_their_definitions():
@@ -133,10 +151,21 @@ def test_bad_image_input_is_one_sentence(tmp_path, capsys):
   code, _, err = run(train_args("gan_mlp_mnist", workdir, ["--config.num_train_steps=1"]), capsys)
   assert code == 0, err
   for argv, message in [(["--label", "3"], "not class-conditional"), (["--steps", "5"], "--steps does not apply"),
+                        (["--guidance-interval", "0", "1"], "--guidance-interval does not apply to a gan model"),
+                        (["--out", str(tmp_path / "grid.jpg")], "does not name a .png file; give a path like"),
+                        (["--num-samples", "-2", "--label", "3"], "--num-samples is -2; ask for at least one"),
                         (["--prompt", "hi"], "--prompt applies to language models only"),
                         (["--num-samples", "0"], "ask for at least one")]:
     code, _, err = run(["sample", "--workdir", workdir] + argv, capsys)
     assert code == 2 and message in err, (argv, err)
+  for argv, message in [(["--seed", "99999999999999999999"], "is not a whole number between -2**63 and 2**63 - 1"),
+                        (["--eta", "nan"], "argument --eta: 'nan' is not a finite number")]:
+    with pytest.raises(SystemExit) as stop:  # argparse's usage error
+      cli.main(["sample", "--workdir", workdir] + argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+  out = tmp_path / "new" / "folder" / "grid.png"  # missing folders are made
+  assert run(["sample", "--workdir", workdir, "--num-samples", "2", "--out", str(out)], capsys)[0] == 0
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 DDPM = os.path.join(ROOT, "configs", "ddpm_mnist.py")

@@ -118,6 +118,11 @@ def get_classifier(data: ImageData, *, log: Callable[[str], None] = print,
     try:
       with open(path, "rb") as f:
         saved = flax.serialization.msgpack_restore(f.read())
+      image = jnp.zeros((1,) + data.splits["test"][0].shape[1:])
+      expected = jax.eval_shape(_init(data.num_classes), jax.random.key(0), image)["params"]
+      shapes = lambda tree: jax.tree.map(lambda x: tuple(np.shape(x)), tree)
+      if shapes(saved["params"]) != shapes(expected):  # parses, but is not this classifier
+        raise ValueError("its parameters have other names or shapes")
       classifier = Classifier(saved["params"], data.num_classes, float(saved["accuracy"]))
       log(f"Loaded the {data.name} classifier from {path} (held-out accuracy {classifier.accuracy:.4f}).")
       return classifier
@@ -131,12 +136,18 @@ def get_classifier(data: ImageData, *, log: Callable[[str], None] = print,
   classifier.accuracy = float(np.mean(classifier.predict(to_float(test_images)) == test_labels))
   log(f"Trained in {time.perf_counter() - start:.1f} s: held-out accuracy {classifier.accuracy:.4f} "
       f"on {len(test_labels)} {data.name} test images; saved to {path}.")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(flax.serialization.msgpack_serialize(
-        {"params": jax.tree.map(np.asarray, params), "accuracy": classifier.accuracy, "data": data.name}))
-  os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(tmp, "wb") as f:
+      f.write(flax.serialization.msgpack_serialize(
+          {"params": jax.tree.map(np.asarray, params), "accuracy": classifier.accuracy, "data": data.name}))
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
+  except OSError as e:  # a read-only or full cache: the classifier still serves this evaluation
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    log(f"Could not cache the classifier at {path} ({e.strerror or type(e).__name__}); it will be trained again "
+        f"next time (set AIGC_JAX_CACHE to a writable folder).")
   return classifier
 
 

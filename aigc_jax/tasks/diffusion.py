@@ -1,6 +1,7 @@
 """Diffusion training (DDPM loss, EMA) and sampling (DDPM ancestral or DDIM, classifier-free guidance)."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -71,10 +72,16 @@ class DiffusionTask(ImageTask):
       raise UserError(f"The model was trained with {self.schedule.num_steps} diffusion steps; use --steps between "
                       f"1 and {self.schedule.num_steps}.")
     eta = options.get("eta")
-    if eta is not None and (eta < 0 or self.config.sample.sampler != "ddim"):
+    if eta is not None and (not 0 <= eta < math.inf or self.config.sample.sampler != "ddim"):
       raise UserError("--eta is DDIM's noise scale: use a value >= 0 with sample.sampler ddim.")
-    if options.get("guidance_interval") is not None:
-      diffusion.check_guidance_interval(options["guidance_interval"])
+    guidance, interval = options.get("guidance"), options.get("guidance_interval")
+    if not self.conditional and (guidance is not None or interval is not None):
+      raise UserError("This diffusion model is not class-conditional, so there is nothing to guide; leave out "
+                      "--guidance and --guidance-interval.")
+    if guidance is not None and not math.isfinite(guidance):
+      raise UserError(f"--guidance is {guidance}; use a finite scale (0 unconditional, 1 conditional, more guides).")
+    if interval is not None:
+      diffusion.check_guidance_interval(interval)
 
   def sample(self, params, rng, num_samples: int, labels=None, *, steps=None, eta=None, guidance=None,
              guidance_interval=None):
@@ -83,8 +90,12 @@ class DiffusionTask(ImageTask):
     options = {"steps": steps or s.steps, "eta": (s.eta if eta is None else eta) if s.sampler == "ddim" else eta,
                "guidance": s.guidance if guidance is None else guidance,
                "guidance_interval": tuple(s.guidance_interval if guidance_interval is None else guidance_interval)}
+    if not self.conditional:  # nothing to guide: what the caller asked for is checked, the config's values are moot
+      options.update(guidance=guidance, guidance_interval=guidance_interval)
     self.check_sample_request(num_samples, labels, **options)
-    if labels is None and self.conditional:
+    if not self.conditional:
+      options.update(guidance=1.0, guidance_interval=(0.0, 1.0))
+    elif labels is None:
       options["guidance"] = 0.0  # no label asked for: the unconditional (null-class) model
     labels = None if labels is None else jnp.asarray(labels, jnp.int32)
     return self._sampler(num_samples, **options)(params, rng, labels)

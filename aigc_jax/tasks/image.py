@@ -23,6 +23,9 @@ class ImageTask(Task):
     super().__init__(config)
     self.dataset = ImageDataset.from_config(config.data)
     self.image_shape = self.dataset.data.image_shape  # (H, W, C)
+    if self.image_shape[0] != self.image_shape[1]:
+      raise UserError(f"The image models take square images and {config.data.source} gives "
+                      f"{self.image_shape[0]}x{self.image_shape[1]} ones; use a data set of square images.")
     self.num_classes = self.dataset.num_classes
     self.units_per_batch = config.batch_size
 
@@ -48,7 +51,8 @@ class ImageTask(Task):
       raise UserError(f"--num-samples is {num_samples}; ask for at least one.")
     unknown = [name for name, value in options.items() if value is not None and name not in self.sample_options]
     if unknown:
-      raise UserError(f"--{unknown[0]} does not apply to a {self.config.model.name} model; leave it out.")
+      raise UserError(f"--{unknown[0].replace('_', '-')} does not apply to a {self.config.model.name} model; leave it "
+                      f"out.")
     if labels is not None:
       if not self.conditional:
         raise UserError(f"This {self.config.model.name} model is not class-conditional; leave out --label.")
