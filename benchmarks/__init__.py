@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import sys
+import time
 
 from aigc_jax.errors import UserError
 
@@ -49,6 +50,17 @@ def at_least(minimum: int):
       raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {minimum}")
     return value
   return parse
+
+
+def time_calls(compiled, args, calls: int = 1) -> float:
+  """ms per call over `calls` calls of `compiled(*args)` dispatched back to back, the last one waited for."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  start = time.perf_counter()
+  for _ in range(calls):
+    out = compiled(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) * 1000 / calls
 
 
 def add_resume_argument(parser: argparse.ArgumentParser) -> None:

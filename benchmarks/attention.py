@@ -36,7 +36,6 @@ side by side (their backward is the same Triton kernels).
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +45,7 @@ from aigc_jax.errors import UserError
 from aigc_jax.nn import attention as attention_lib
 from aigc_jax.nn import flash_attention as flash_lib
 from aigc_jax.nn import flash_attention_hopper as hopper_lib
-from benchmarks import Report, add_resume_argument, at_least, environment
+from benchmarks import Report, add_resume_argument, at_least, environment, time_calls
 from benchmarks.peak import default_dtype, peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,15 +156,6 @@ def relative_error(got, want) -> float:
   errors = [jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) / jnp.max(jnp.abs(b.astype(jnp.float32)))
             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
   return float(max(errors))
-
-
-def time_calls(compiled, args, calls: int = 1) -> float:
-  """ms per call over `calls` calls dispatched back to back, the last one waited for."""
-  start = time.perf_counter()
-  for _ in range(calls):
-    out = compiled(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) * 1000 / calls
 
 
 def calls_per_rep(warm_ms: float) -> int:

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -35,7 +34,7 @@ from aigc_jax.tasks.diffusion import unet_config
 from aigc_jax.train.loop import jit_init
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_train_step
-from benchmarks import Report, add_resume_argument, at_least, environment
+from benchmarks import Report, add_resume_argument, at_least, environment, time_calls
 from benchmarks.peak import default_dtype, peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,12 +139,6 @@ def _flops(compiled) -> float | None:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def _time(fn, args) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start
-
-
 def run(args) -> int:
   backend = jax.default_backend()
   dtype = default_dtype(args.dtype)
@@ -182,11 +175,11 @@ def run(args) -> int:
       times = {impl: [] for impl in IMPLEMENTATIONS}
       for impl in IMPLEMENTATIONS:  # warm-up (the first call also allocates)
         fn, fn_args, _ = built[impl][0][what]
-        _time(fn, fn_args)
+        time_calls(fn, fn_args)
       for _ in range(args.reps):  # alternate, so a slow phase of a shared machine hits both
         for impl in IMPLEMENTATIONS:
           fn, fn_args, _ = built[impl][0][what]
-          times[impl].append(_time(fn, fn_args))
+          times[impl].append(time_calls(fn, fn_args) / 1000)  # seconds
       ref_s = float(np.median(times["stock_flax_conv"]))
       for impl in IMPLEMENTATIONS:
         compiled, n_params, sample_steps, _ = built[impl]
