@@ -7,6 +7,7 @@
   aigc-jax eval --workdir DIR [--num-samples N] [--seed S] [--steps N] [--eta E] [--guidance W]
                 [--guidance-interval LO HI]
   aigc-jax bench attention|denoise|train [--quick] [--out PATH] [...]
+  aigc-jax bench show REPORT.json [...]
 """
 
 import argparse
@@ -19,9 +20,11 @@ from aigc_jax.cache import enable_compilation_cache
 from aigc_jax.errors import UserError
 from benchmarks import attention as attention_bench
 from benchmarks import denoise as denoise_bench
+from benchmarks import show as show_bench
 from benchmarks import train as train_bench
 
-BENCHMARKS = {"attention": attention_bench, "denoise": denoise_bench, "train": train_bench}  # `aigc-jax bench NAME`: module with add_arguments(parser), run(args)
+# `aigc-jax bench NAME`: a module with add_arguments(parser) and run(args); `show` puts reports in TensorBoard.
+BENCHMARKS = {"attention": attention_bench, "denoise": denoise_bench, "train": train_bench, "show": show_bench}
 
 
 def _finite(text: str) -> float:

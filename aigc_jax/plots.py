@@ -26,9 +26,20 @@ def plot_training_curves(metrics_path: str, png_path: str, ylabel: str = "loss")
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(png_path)
+  return save_figure(fig, png_path)
+
+
+def save_figure(fig, png_path: str, dpi: int = 100) -> np.ndarray:
+  """Writes a matplotlib figure as PNG and closes it; returns the picture as [H, W, 3] uint8 (for TensorBoard)."""
+  fig.savefig(png_path, dpi=dpi)
   plt.close(fig)
-  return np.asarray(Image.open(png_path).convert("RGB"))
+  return read_png(png_path)
+
+
+def read_png(path: str) -> np.ndarray:
+  """A PNG file as [H, W, 3] uint8."""
+  return np.asarray(Image.open(path).convert("RGB"))
+
 
 
 def to_uint8(images) -> np.ndarray:

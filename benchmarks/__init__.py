@@ -71,7 +71,8 @@ def add_resume_argument(parser: argparse.ArgumentParser) -> None:
 
 class Report:
   """A suite's JSON report {meta, rows}, rewritten after every cell so that a run stopped partway (killed, out
-  of time on a lent machine) keeps what it measured; the PNG chart is drawn once all cells are in.
+  of time on a lent machine) keeps what it measured; once all cells are in, the PNG chart is drawn (`plot(rows,
+  title)` returns a matplotlib figure) and chart and rows are shown in TensorBoard (`write_tensorboard`).
 
   A cell is the rows one measurement writes together (an attention grid point with all its implementations,
   a model shape with its reference): `cell` names the row fields that identify it. With `resume`, the cells of
@@ -131,13 +132,17 @@ class Report:
     self._write()
 
   def finish(self) -> None:
-    """Marks the report complete and draws its chart."""
+    """Marks the report complete, draws its chart and shows both in TensorBoard."""
+    from aigc_jax import plots  # pylint: disable=g-import-not-at-top
+
     self.meta["complete"] = True
     self._write()
     png = os.path.splitext(self.path)[0] + ".png"
     meta = self.meta
-    self.plot(self.rows, png, f"{meta['device']['kind']}, {meta['dtype']}, peak {meta['peak_note'].split(': ')[-1]}")
-    print(f"wrote {self.path} and {png}")
+    plots.save_figure(self.plot(self.rows, f"{meta['device']['kind']}, {meta['dtype']}, "
+                                           f"peak {meta['peak_note'].split(': ')[-1]}"), png)
+    logdir = write_tensorboard(self.path)
+    print(f"wrote {self.path} and {png}; to see them in TensorBoard: tensorboard --logdir {os.path.dirname(logdir)}")
 
   def _write(self) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -147,7 +152,87 @@ class Report:
     os.replace(partial, self.path)  # a run killed while writing leaves the last whole report
 
 
+def tensorboard_dir(report_path: str) -> str:
+  """Where a report's TensorBoard events go: `tensorboard/<report name>/` beside it, one TensorBoard run per
+  report, so `tensorboard --logdir <folder>/tensorboard` compares all the reports in a folder."""
+  folder, name = os.path.split(os.path.abspath(report_path))
+  return os.path.join(folder, "tensorboard", os.path.splitext(name)[0])
+
+
+def load_report(path: str) -> dict:
+  """A benchmark report {meta, rows} from its JSON file; anything else is a UserError."""
+  try:
+    with open(path) as f:
+      report = json.load(f)
+  except OSError as e:
+    raise UserError(f"Cannot read the benchmark report {path} ({e.strerror}); give the path of a report a bench "
+                    f"suite wrote with --out.") from None
+  except ValueError:
+    report = None
+  if not (isinstance(report, dict) and isinstance(report.get("meta"), dict) and isinstance(report.get("rows"), list)
+          and all(isinstance(row, dict) for row in report["rows"])):
+    raise UserError(f"{path} is not a benchmark report (a JSON object with `meta` and a list of `rows`); give one "
+                    f"that a bench suite wrote with --out.")
+  return report
+
+
+def write_tensorboard(report_path: str) -> str:
+  """Shows a report in TensorBoard: its rows and its meta (device, versions, peak) as tables, and its chart (the
+  PNG beside it, where there is one) as an image. Replaces what an earlier run of the same report wrote there;
+  returns the folder."""
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+  from aigc_jax import plots  # pylint: disable=g-import-not-at-top
+
+  report = load_report(report_path)
+  logdir = tensorboard_dir(report_path)
+  os.makedirs(logdir, exist_ok=True)
+  for name in os.listdir(logdir):
+    if name.startswith("events.out.tfevents."):
+      os.remove(os.path.join(logdir, name))
+  writer = SummaryWriter(logdir)
+  writer.add_text("rows", rows_markdown(report["rows"]), 0)
+  writer.add_text("meta", meta_markdown(report["meta"]), 0)
+  png = os.path.splitext(report_path)[0] + ".png"
+  if os.path.exists(png):
+    writer.add_image("chart", plots.read_png(png), 0, dataformats="HWC")
+  writer.close()
+  return logdir
+
+
+def rows_markdown(rows: list[dict]) -> str:
+  """The rows as a Markdown table, one column per field (in order of first appearance)."""
+  columns = list(dict.fromkeys(key for row in rows for key in row))
+  lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+  lines += ["| " + " | ".join(_markdown_cell(row.get(key)) for key in columns) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def meta_markdown(meta: dict) -> str:
+  """The meta fields as a two-column Markdown table, nested fields dotted (`device.kind`); what a cell recorded as
+  wrong or not run, one entry per line."""
+  entries = []
+  for key, value in meta.items():
+    if isinstance(value, dict):
+      entries += [(f"{key}.{k}", v) for k, v in value.items()]
+    elif isinstance(value, list) and key in ("wrong", "not_run"):
+      entries += [(key, ", ".join(f"{k} {v}" for k, v in item.items()) if isinstance(item, dict) else item)
+                  for item in value] or [(key, "none")]
+    elif not isinstance(value, list):
+      entries.append((key, value))
+  return "\n".join(["| field | value |", "| --- | --- |", *(f"| {k} | {_markdown_cell(v)} |" for k, v in entries)])
+
+
+def _markdown_cell(value) -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return str(value).replace("|", "\\|").replace("\n", " ")
+
+
 def _field(meta: dict, dotted: str):
+
   for part in dotted.split("."):
     meta = meta.get(part) if isinstance(meta, dict) else None
   return meta

@@ -276,11 +276,9 @@ def run(args) -> int:
   return 0
 
 
-def plot(rows, path, title):
+def plot(rows, title):
   """TFLOP/s against seq_len per implementation, one panel per (head_dim, causal, mode)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from aigc_jax.plots import plt  # pylint: disable=g-import-not-at-top
 
   panels = sorted({(r["head_dim"], r["causal"], r["mode"]) for r in rows})
   cols = 4
@@ -301,8 +299,7 @@ def plot(rows, path, title):
     ax.axis("off")
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  return fig
 
 
 if __name__ == "__main__":

@@ -206,11 +206,9 @@ def run(args) -> int:
   return 0
 
 
-def plot(rows, path, title):
+def plot(rows, title):
   """Images/s per implementation, one panel per (shape, measurement), the reference ratio on each bar."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from aigc_jax.plots import plt  # pylint: disable=g-import-not-at-top
 
   panels = list(dict.fromkeys((r["shape"], r["what"]) for r in rows))
   fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
@@ -225,8 +223,7 @@ def plot(rows, path, title):
     ax.tick_params(axis="x", labelsize=7)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  return fig
 
 
 if __name__ == "__main__":

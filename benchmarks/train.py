@@ -258,11 +258,9 @@ def run(args) -> int:
   return 0
 
 
-def plot(rows, path, title):
+def plot(rows, title):
   """Bars per shape: MFU (PaLM formula) of ours and the reference, and ours' speed-up over the reference."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from aigc_jax.plots import plt  # pylint: disable=g-import-not-at-top
 
   shapes = list(dict.fromkeys(r["shape"] for r in rows))
   labels = [f"{s}\n{r['batch']}x{r['seq_len']}" for s in shapes for r in rows
@@ -284,8 +282,7 @@ def plot(rows, path, title):
   ax_ratio.set_ylabel("speed-up of ours over reference")
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  return fig
 
 
 if __name__ == "__main__":

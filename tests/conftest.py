@@ -58,16 +58,67 @@ def tiny_config(text_file):
 def run_bench(tmp_path):
   """Runs a benchmark suite (`benchmarks.NAME`) with `argv` into tmp_path; returns its JSON report.
 
-  Every suite writes a PNG chart beside its JSON: that it is there and not empty is checked here.
+  Every suite writes a PNG chart beside its JSON and shows both in TensorBoard: checked here.
   """
   import json
 
+  import numpy as np
+
+  from aigc_jax.plots import read_png
   from benchmarks import parse_args
 
   def run(module, *argv):
-    out = tmp_path / (module.__name__.rsplit(".", 1)[-1] + ".json")
+    name = module.__name__.rsplit(".", 1)[-1]
+    out = tmp_path / (name + ".json")
     assert module.run(parse_args(module, [*argv, "--out", str(out)])) == 0
-    assert os.path.getsize(out.with_suffix(".png")) > 0
     with open(out) as f:
-      return json.load(f)
+      report = json.load(f)
+    events = read_tensorboard(str(tmp_path / "tensorboard" / name))
+    assert sorted(events) == ["chart", "meta/text_summary", "rows/text_summary"]
+    [(_, chart)] = events["chart"]
+    assert np.array_equal(chart, read_png(str(out.with_suffix(".png")))) and chart.shape[0] > 100
+    [(_, table)] = events["rows/text_summary"]
+    lines = table.splitlines()
+    assert lines[0] == "| " + " | ".join(report["rows"][0]) + " |" and len(lines) == 2 + len(report["rows"])
+    [(_, meta)] = events["meta/text_summary"]
+    assert f"| versions.jax | {report['meta']['versions']['jax']} |" in meta
+    return report
   return run
+
+
+@pytest.fixture
+def tensorboard_events():
+  """`read_tensorboard`, for tests."""
+  return read_tensorboard
+
+
+def read_tensorboard(logdir: str) -> dict:
+  """The summaries in a TensorBoard folder's event files: {tag: [(step, value)]}, a value being a float
+  (scalars), a str (text) or an [H, W, C] uint8 array (images)."""
+  import io
+  import struct
+
+  import numpy as np
+  from PIL import Image
+  from tensorboardX.proto import event_pb2
+
+  summaries = {}
+  for name in sorted(os.listdir(logdir)):
+    if not name.startswith("events.out.tfevents."):
+      continue
+    with open(os.path.join(logdir, name), "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):  # TFRecords: length (u64), its CRC (u32), the record, its CRC (u32)
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 16 + length
+      for value in event.summary.value:
+        if value.HasField("image"):
+          item = np.asarray(Image.open(io.BytesIO(value.image.encoded_image_string)))
+        elif value.HasField("tensor"):
+          item = value.tensor.string_val[0].decode()
+        else:
+          item = value.simple_value
+        summaries.setdefault(value.tag, []).append((event.step, item))
+  return summaries

@@ -145,3 +145,33 @@ def test_a_capped_run_reports_xla_out_of_memory_where_chunked_runs():
 def test_a_capped_run_that_fails_for_another_reason_raises():
   with pytest.raises(RuntimeError, match="failed .* for a reason other than memory"):
     attention_memory.run_capped("no_such_kernel", 64, "fwd", attention_memory.physical_memory())
+
+
+def test_show_puts_reports_made_elsewhere_in_tensorboard_and_refuses_other_files(tmp_path, capsys,
+                                                                                   tensorboard_events):
+  from benchmarks import show
+  report = tmp_path / "gpu" / "attention.json"
+  report.parent.mkdir()
+  rows = [dict(implementation="cudnn", seq_len=2048, ms=1.5, note="a|b"), dict(implementation="flash", ms=None)]
+  report.write_text(json.dumps(dict(meta=dict(device=dict(kind="NVIDIA H100 80GB HBM3"), dtype="bfloat16",
+                                              wrong=[], not_run=[dict(implementation="xla", why="memory")]),
+                                    rows=rows)))
+  assert show.run(parse_args(show, [str(report)])) == 0
+  logdir = tmp_path / "gpu" / "tensorboard" / "attention"
+  assert f"to see them: tensorboard --logdir {logdir.parent}" in capsys.readouterr().out
+  events = tensorboard_events(str(logdir))
+  assert sorted(events) == ["meta/text_summary", "rows/text_summary"]  # no PNG beside it: no chart
+  assert events["rows/text_summary"] == [(0, "| implementation | seq_len | ms | note |\n| --- | --- | --- | --- |\n"
+                                              "| cudnn | 2048 | 1.5 | a\\|b |\n| flash | - | - | - |")]
+  assert events["meta/text_summary"] == [(0, "| field | value |\n| --- | --- |\n"
+                                              "| device.kind | NVIDIA H100 80GB HBM3 |\n| dtype | bfloat16 |\n"
+                                              "| wrong | none |\n| not_run | implementation xla, why memory |")]
+  assert show.run(parse_args(show, [str(report)])) == 0  # shown again: replaces, does not add
+  assert [len(v) for v in tensorboard_events(str(logdir)).values()] == [1, 1]
+  other = tmp_path / "other.json"
+  other.write_text(json.dumps(dict(machine="x", runs=[])))
+  with pytest.raises(UserError, match=r"other.json is not a benchmark report \(a JSON object with `meta` and a list "
+                                      r"of `rows`\); give one that a bench suite wrote with --out\.$"):
+    show.run(parse_args(show, [str(report), str(other)]))
+  with pytest.raises(UserError, match=r"Cannot read the benchmark report .*missing.json \(No such file or directory\)"):
+    show.run(parse_args(show, [str(tmp_path / "missing.json")]))

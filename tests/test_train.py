@@ -11,6 +11,7 @@ import pytest
 
 from aigc_jax import config as config_lib
 from aigc_jax.errors import UserError
+from aigc_jax.plots import read_png
 from aigc_jax.tasks import make_task
 from aigc_jax.train import loop, parallel
 from aigc_jax.train import steps as steps_lib
@@ -70,7 +71,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path, monkeypatch
   assert [r["step"] for r in rows_b if "val_loss" in r] == [3, 6]
 
 
-def test_workdir_outputs(tiny_config, tmp_path):
+def test_workdir_outputs(tiny_config, tmp_path, tensorboard_events):
   workdir = str(tmp_path / "run")
   result = loop.train_and_evaluate(tiny_config, workdir, show_progress=False)
   assert set(result) == {"train_loss", "val_loss"}
@@ -80,9 +81,12 @@ def test_workdir_outputs(tiny_config, tmp_path):
   assert all({"tokens_per_sec", "ms_per_step"} <= set(r) for r in rows if "loss" in r and r["step"] > 1)
   assert rows[-1]["val_loss"] == pytest.approx(result["val_loss"])
   assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["step_000003.txt", "step_000006.txt"]
-  assert os.listdir(os.path.join(workdir, "tensorboard"))
-  with open(os.path.join(workdir, "curves.png"), "rb") as f:
-    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  events = tensorboard_events(os.path.join(workdir, "tensorboard"))
+  assert [step for step, _ in events["loss"]] == [1, 2, 3, 4, 5, 6]
+  assert events["val_loss"] == [(r["step"], pytest.approx(r["val_loss"])) for r in rows if "val_loss" in r]
+  assert [step for step, _ in events["sample/text_summary"]] == [3, 6]
+  [(step, curves)] = events["curves"]  # the curves.png picture, at the last step
+  assert step == 6 and np.array_equal(curves, read_png(os.path.join(workdir, "curves.png")))
   assert os.path.exists(os.path.join(workdir, "config.json")) and os.path.exists(os.path.join(workdir, "vocab.json"))
   assert Checkpointer(workdir).manager.all_steps() == [3, 6]
   # Run again when already trained: the final evaluation is returned, not written a second time.
