@@ -398,3 +398,19 @@ def test_flash_runs_per_batch_shard_under_a_data_parallel_mesh():
                        timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "per-shard flash == xla" in out.stdout
+
+
+@pytest.mark.parametrize("t,s", [(24, 24), (24, 40), (40, 40), (7, 33), (16, 16)])
+@pytest.mark.parametrize("block_q,block_k", [(8, 8), (16, 8), (8, 16)])
+def test_causal_tile_ranges_skip_exactly_the_tiles_no_query_sees(t, s, block_q, block_k):
+  """The loop bounds `chunked` and the Triton kernels share, against every (query, key) pair by brute force:
+  query q (of t, the last t of s positions) sees the keys k <= q + s - t."""
+  from aigc_jax.nn.chunked_attention import first_query_block, key_blocks_seen, round_up
+  nq, nk = round_up(t, block_q) // block_q, round_up(s, block_k) // block_k
+  seen = {(q // block_q, k // block_k) for q in range(t) for k in range(s) if k <= q + s - t}
+  for i in range(nq):
+    assert int(key_blocks_seen(i * block_q, block_q, block_k, nk, t, s)) == max(
+        (j + 1 for qi, j in seen if qi == i), default=0)
+  for j in range(nk):
+    start = int(first_query_block(j * block_k, block_q, nq, t, s))
+    assert start == min((i for i, kj in seen if kj == j), default=start) and 0 <= start <= nq

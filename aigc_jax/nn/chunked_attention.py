@@ -27,7 +27,7 @@ from aigc_jax.nn import segments as segments_lib
 # and keep a [512, 512] fp32 tile per batch-head (1 MiB) in cache-sized pieces.
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 512
-_M_START = -1e30  # running max starts finite, so a fully masked tile gives exp(-inf - _M_START) = 0, never NaN
+M_START = -1e30  # running max starts finite, so a fully masked tile gives exp(-inf - M_START) = 0, never NaN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,7 @@ def chunked_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=N
   if block_q < 1 or block_k < 1:
     raise UserError(f"Chunked attention block sizes must be positive (got block_q={block_q}, block_k={block_k}).")
   bq, bk = min(block_q, t), min(block_k, s)
-  tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
+  tp, sp = round_up(t, bq), round_up(s, bk)
   # Query heads that share a kv head sit next to each other within a time step, so one
   # query tile is a plain [block_q * G, D] matrix and k/v are never repeated over the group.
   q5 = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 1, 3, 4)  # [B, K, T, G, D]
@@ -123,15 +123,25 @@ def _scores(q_tile, k_tile, keep, st: _Static):
   return scores.reshape(b, kv_heads, m, bk)
 
 
-def _key_blocks_seen(i, st: _Static, nk: int):
-  """Causal: key blocks [0, n) hold every key visible from query block i (the rest are skipped)."""
-  last_q = jnp.minimum((i + 1) * st.block_q, st.t) - 1 + (st.s - st.t)
-  return jnp.clip(last_q // st.block_k + 1, 0, nk)
+def round_up(n, multiple):
+  """The smallest multiple of `multiple` that is at least n (a length padded to whole blocks)."""
+  return -(-n // multiple) * multiple
 
 
-def _first_query_block(j, st: _Static, nq: int):
-  """Causal: query blocks before this one see nothing of key block j."""
-  return jnp.clip((j * st.block_k - (st.s - st.t)) // st.block_q, 0, nq)
+# The causal tile ranges, shared with the Pallas kernels (`aigc_jax.nn.flash_attention`): the T queries are the
+# last T of the S positions. Written with lax.div of non-negative numbers, which Pallas's Triton lowering takes,
+# where floor division of a negative number is not.
+def key_blocks_seen(q_start, block_q: int, block_k: int, nk: int, t: int, s: int):
+  """Causal: key blocks [0, n) hold every key visible from the block_q queries from q_start (the rest are
+  skipped)."""
+  last_q = jnp.minimum(q_start + block_q, t) - 1 + (s - t)
+  return jnp.minimum(jnp.where(last_q < 0, 0, lax.div(jnp.maximum(last_q, 0), block_k) + 1), nk)
+
+
+def first_query_block(k_start, block_q: int, nq: int, t: int, s: int):
+  """Causal: the query blocks before this one see none of the keys from k_start."""
+  first = k_start - (s - t)
+  return jnp.minimum(jnp.where(first < 0, 0, lax.div(jnp.maximum(first, 0), block_q)), nq)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -162,9 +172,9 @@ def _forward(q, k, v, masks, st: _Static):
                                                   preferred_element_type=jnp.float32)
       return acc, m_new, l
 
-    init = (jnp.zeros((b, kv_heads, rows, d), jnp.float32), jnp.full((b, kv_heads, rows), _M_START, jnp.float32),
+    init = (jnp.zeros((b, kv_heads, rows, d), jnp.float32), jnp.full((b, kv_heads, rows), M_START, jnp.float32),
             jnp.zeros((b, kv_heads, rows), jnp.float32))
-    stop = _key_blocks_seen(i, st, nk) if st.causal else nk
+    stop = key_blocks_seen(i * st.block_q, st.block_q, st.block_k, nk, st.t, st.s) if st.causal else nk
     acc, m, l = lax.fori_loop(0, stop, key_step, init)
     seen = l > 0
     out = acc / jnp.where(seen, l, 1.0)[..., None]
@@ -209,7 +219,8 @@ def _backward(st: _Static, residuals, d_out):
       return d_q, d_k, d_v
 
     zeros = jnp.zeros((b, kv_heads, st.block_k, d), jnp.float32)
-    start = _first_query_block(j, st, nq) if st.causal else 0
+    start = first_query_block(j * st.block_k, st.block_q, nq, st.t, st.s) if st.causal else 0
+
     d_q, d_k, d_v = lax.fori_loop(start, nq, query_step, (d_q, zeros, zeros))
     return d_q, (d_k.astype(k.dtype), d_v.astype(v.dtype))
 

@@ -32,11 +32,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from aigc_jax.errors import UserError
+from aigc_jax.nn import chunked_attention as chunked_lib
 from aigc_jax.nn import flash_attention_hopper as hopper_lib
 from aigc_jax.nn import segments as segments_lib
 
 _LOG2E = math.log2(math.e)  # the kernels work in base 2: e^x = 2^(x log2 e), and exp2 is the cheap one
-_M_START = -1e30  # running max starts finite, so a fully masked tile gives exp2(-inf - _M_START) = 0, never NaN
 MAX_HEAD_DIM = 256  # above this a [block, D] fp32 accumulator no longer fits a Triton program's registers
 
 
@@ -110,8 +110,8 @@ def flash_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=Non
   fit = lambda block, n: max(16, min(block, pl.next_power_of_2(n)))
   blocks = BlockSizes(fit(block_sizes.block_q, t), fit(block_sizes.block_k, s), fit(block_sizes.block_q_bwd, t),
                       fit(block_sizes.block_k_bwd, s))
-  tp = round_up(t, max(blocks.block_q, blocks.block_q_bwd))
-  sp = round_up(s, max(blocks.block_k, blocks.block_k_bwd))
+  tp = chunked_lib.round_up(t, max(blocks.block_q, blocks.block_q_bwd))
+  sp = chunked_lib.round_up(s, max(blocks.block_k, blocks.block_k_bwd))
   dp = max(16, pl.next_power_of_2(d))
   q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, dp - d)))
   k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, dp - d)))
@@ -129,11 +129,6 @@ def flash_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=Non
   return _flash(q, k, v, ids, st)[:, :t, :, :d]
 
 
-def round_up(n, multiple):
-  """The smallest multiple of `multiple` that is at least n (a length padded to whole blocks)."""
-  return -(-n // multiple) * multiple
-
-
 def _keep(q_pos, q_ids, k_start, block_k, kv_ids_ref, st: _Static):
   """Kept scores of a [len(q_pos), block_k] tile: bool array broadcastable to it, or None.
 
@@ -149,12 +144,6 @@ def _keep(q_pos, q_ids, k_start, block_k, kv_ids_ref, st: _Static):
     same = q_ids[:, None] == kv_ids_ref[pl.ds(k_start, block_k)][None, :]
     keep = same if keep is None else jnp.logical_and(keep, same)
   return keep
-
-
-def _key_blocks_seen(q_start, block_q, block_k, nk, st: _Static):
-  """Causal: key blocks [0, n) hold every key visible from the queries starting at q_start."""
-  last_q = jnp.minimum(q_start + block_q, st.t) - 1 + (st.s - st.t)
-  return jnp.minimum(jnp.where(last_q < 0, 0, lax.div(jnp.maximum(last_q, 0), block_k) + 1), nk)
 
 
 def _forward_kernel(*refs, st: _Static):
@@ -182,8 +171,8 @@ def _forward_kernel(*refs, st: _Static):
     return acc, m_new, l * rescale + jnp.sum(probs, axis=-1)
 
   nk = sp // block_k
-  stop = _key_blocks_seen(q_start, block_q, block_k, nk, st) if st.causal else nk
-  init = (jnp.zeros((block_q, dp), jnp.float32), jnp.full((block_q,), _M_START, jnp.float32),
+  stop = chunked_lib.key_blocks_seen(q_start, block_q, block_k, nk, st.t, st.s) if st.causal else nk
+  init = (jnp.zeros((block_q, dp), jnp.float32), jnp.full((block_q,), chunked_lib.M_START, jnp.float32),
           jnp.zeros((block_q,), jnp.float32))
   acc, m, l = lax.fori_loop(0, stop, body, init)
   seen = l > 0
@@ -226,10 +215,7 @@ def _dkv_kernel(*refs, st: _Static):
     return dk, dv
 
   nq = tp // block_q
-  start = 0
-  if st.causal:
-    first = k_start - (st.s - st.t)
-    start = jnp.minimum(jnp.where(first < 0, 0, lax.div(jnp.maximum(first, 0), block_q)), nq)
+  start = chunked_lib.first_query_block(k_start, block_q, nq, st.t, st.s) if st.causal else 0
   zeros = jnp.zeros((block_k, dp), jnp.float32)
   dk, dv = lax.fori_loop(start, nq, body, (zeros, zeros))
   dk_ref[...] = dk
@@ -237,7 +223,7 @@ def _dkv_kernel(*refs, st: _Static):
 
 
 def _padded_kv_len(st: _Static) -> int:
-  return round_up(st.s, max(st.blocks.block_k, st.blocks.block_k_bwd))
+  return chunked_lib.round_up(st.s, max(st.blocks.block_k, st.blocks.block_k_bwd))
 
 
 def _dq_kernel(*refs, st: _Static):
@@ -260,7 +246,7 @@ def _dq_kernel(*refs, st: _Static):
     return dq + plgpu.dot(d_scores.astype(k.dtype), k)
 
   nk = sp // block_k
-  stop = _key_blocks_seen(q_start, block_q, block_k, nk, st) if st.causal else nk
+  stop = chunked_lib.key_blocks_seen(q_start, block_q, block_k, nk, st.t, st.s) if st.causal else nk
   dq_ref[...] = lax.fori_loop(0, stop, body, jnp.zeros((block_q, dp), jnp.float32)).astype(dq_ref.dtype)
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from aigc_jax.errors import UserError
+from aigc_jax.nn import chunked_attention as chunked_lib
 from aigc_jax.nn import flash_attention as flash_lib
 from aigc_jax.nn import segments as segments_lib
 
@@ -63,7 +64,7 @@ def flash_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=Non
       raise UserError(f"TPU flash attention {name} must be a positive multiple of {LANES} (got {size}).")
   if interpret is None:
     interpret = jax.default_backend() != "tpu"
-  tp, sp = flash_lib.round_up(t, block_q), flash_lib.round_up(s, block_kv)
+  tp, sp = chunked_lib.round_up(t, block_q), chunked_lib.round_up(s, block_kv)
   q = jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), ((0, 0), (0, tp - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
