@@ -1,6 +1,6 @@
 """The `aigc-jax` command line: a thin layer over the library.
 
-  aigc-jax train --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]
+  aigc-jax train --config configs/NAME.py --workdir DIR [--profile N] [--config.KEY=VALUE ...]
   aigc-jax sample --workdir DIR [--num-samples N] [--seed S]
       language models: [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--beams B]
       image models:    [--out PNG] [--label K] [--steps N] [--eta E] [--guidance W] [--guidance-interval LO HI]
@@ -18,6 +18,7 @@ import sys
 
 from aigc_jax.cache import enable_compilation_cache
 from aigc_jax.errors import UserError
+from benchmarks import at_least
 from benchmarks import attention as attention_bench
 from benchmarks import denoise as denoise_bench
 from benchmarks import show as show_bench
@@ -54,7 +55,7 @@ def _train(args, overrides):
   from aigc_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load_config(args.config, overrides)
-  result = train_and_evaluate(config, args.workdir)
+  result = train_and_evaluate(config, args.workdir, profile_steps=args.profile)
   print(", ".join(f"{k} {v:.4f}" for k, v in result.items()))
   sample = os.path.join(args.workdir, "samples")
   latest = max(os.listdir(sample)) if os.path.isdir(sample) and os.listdir(sample) else None
@@ -118,6 +119,9 @@ def parser() -> argparse.ArgumentParser:
   train = sub.add_parser("train", help="train a config, resuming from the workdir's latest checkpoint")
   train.add_argument("--config", required=True, help="configs/NAME.py; override fields with --config.KEY=VALUE")
   train.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events, samples")
+  train.add_argument("--profile", type=at_least(1), default=0, metavar="N",
+                     help="trace N training steps (after the first, which compiles) with jax.profiler into "
+                     "DIR/tensorboard, for TensorBoard's Profile tab")
   train.set_defaults(run=_train)
   sample = sub.add_parser("sample", help="generate from the latest checkpoint in a workdir")
   sample.add_argument("--workdir", required=True)

@@ -69,6 +69,12 @@ def test_bad_train_input_is_one_sentence(argv, message, tmp_path, text_file, cap
   assert len(err.strip().splitlines()[-1]) > 0 and err.strip().splitlines()[-1].startswith("aigc-jax: ")
 
 
+def test_profile_needs_a_step_count(tmp_path, text_file, capsys):
+  with pytest.raises(SystemExit) as stop:  # argparse's usage error
+    cli.main(train_args(str(tmp_path / "run"), text_file) + ["--profile", "0"])
+  assert stop.value.code == 2 and "argument --profile: '0' is not a whole number >= 1" in capsys.readouterr().err
+
+
 def test_gpt_runs_saved_before_position_encoding_existed_sample_with_the_learned_table(tmp_path, text_file, capsys):
   workdir = str(tmp_path / "run")
   extra = ["--config.num_train_steps=2", "--config.model.position_encoding=learned"]

@@ -238,3 +238,16 @@ def test_train_step_runs_flash_kernels_per_batch_shard(text_file):
     _, metrics = steps.train(state, batch)
     losses[attention] = float(metrics["loss"][0])  # (sum, count) over the batch
   assert losses["flash"] == pytest.approx(losses["xla"], rel=1e-5)
+
+
+def test_profile_traces_the_steps_after_the_compiling_one_into_tensorboard(tiny_config, tmp_path):
+  import glob
+  import gzip
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(tiny_config, workdir, show_progress=False, profile_steps=2)
+  [trace] = glob.glob(os.path.join(workdir, "tensorboard", "plugins", "profile", "*", "*.trace.json.gz"))
+  assert glob.glob(os.path.join(os.path.dirname(trace), "*.xplane.pb"))  # what TensorBoard's Profile tab reads
+  with gzip.open(trace) as f:
+    events = json.load(f)["traceEvents"]
+  assert sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == "train") == [1, 2]
+  assert any(e.get("name") == "PjitFunction(train_step)" for e in events)

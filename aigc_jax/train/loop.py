@@ -1,5 +1,6 @@
 """`train_and_evaluate(config, workdir)`: the one training loop every family runs through."""
 
+import contextlib
 import json
 import logging
 import math
@@ -26,6 +27,37 @@ CONFIG_FILE = "config.json"
 
 class TrainingDiverged(UserError):
   """The loss became NaN or infinite."""
+
+
+class StepProfiler:
+  """Traces `num_steps` training steps with `jax.profiler` into `logdir` (TensorBoard's Profile tab, from
+  tensorboard-plugin-profile, shows it), starting at the second step this process runs: the first one compiles."""
+
+  def __init__(self, logdir: str, start: int, end: int, num_steps: int):
+    self.logdir, self.num_steps, self.active = logdir, num_steps, False
+    self.first = min(start + 1, end - 1)
+    self.last = min(self.first + num_steps, end) - 1
+
+  def step(self, step: int):
+    """A context for running training step `step`: starts the trace at the first profiled step and names each
+    traced step in it."""
+    if self.num_steps and step == self.first:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+    return jax.profiler.StepTraceAnnotation("train", step_num=step) if self.active else contextlib.nullcontext()
+
+  def done(self, step: int, outputs) -> None:
+    """After step `step`: at the last profiled step, waits for its outputs and writes the trace."""
+    if self.active and step == self.last:
+      jax.block_until_ready(outputs)
+      self.stop()
+      logging.info("profiled steps %d..%d into %s (TensorBoard's Profile tab)", self.first + 1, step + 1,
+                   self.logdir)
+
+  def stop(self) -> None:
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()
 
 
 def build_state(task, tx, config, mesh):
@@ -136,8 +168,13 @@ def _changed_keys(saved_path: str, config) -> list[str]:
   return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
-def train_and_evaluate(config, workdir: str, *, show_progress: bool = True) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last evaluation."""
+def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, profile_steps: int = 0
+                       ) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last evaluation.
+
+  `profile_steps` > 0 traces that many training steps (after the first, which compiles) into
+  `workdir/tensorboard` with `jax.profiler`.
+  """
   os.makedirs(workdir, exist_ok=True)
   task = make_task(config, workdir)
   mesh = parallel.data_mesh()
@@ -178,10 +215,13 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True) -> d
   progress = tqdm(total=config.num_train_steps, initial=start, disable=not show_progress, unit="step",
                   dynamic_ncols=True)
   pending, window_start, window_first = [], None, start
+  profiler = StepProfiler(writer.tensorboard.logdir, start, config.num_train_steps, profile_steps)
   last_eval, last_saved = {}, checkpointer.latest_step()
   try:
     for step in range(start, config.num_train_steps):
-      state, metrics = steps.train(state, parallel.shard_batch(task.train_batch(step), mesh))
+      with profiler.step(step):
+        state, metrics = steps.train(state, parallel.shard_batch(task.train_batch(step), mesh))
+      profiler.done(step, metrics)
       pending.append(metrics)
       done = step + 1
       is_last = done == config.num_train_steps
@@ -218,6 +258,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True) -> d
     curves = plot_training_curves(writer.path, os.path.join(workdir, "curves.png"), task.loss_label)
     writer.write_image(config.num_train_steps, "curves", curves)
   finally:  # an interrupted run keeps every checkpoint it started writing
+    profiler.stop()
     progress.close()
     checkpointer.close()
     writer.close()
