@@ -18,18 +18,35 @@ import ml_collections
 from aigc_jax.errors import UserError
 
 
-# Settings that only make sense in a range: dotted key -> (test, what it must be). Checked where a config has them.
+# Settings that only make sense in a range: field name (at any depth: `learning_rate` is `optim.learning_rate` and
+# `optim.generator.learning_rate`) -> (test, what it must be). Checked wherever a config has them, when it is loaded,
+# so that a value that cannot work stops the run before it starts, not at its first evaluation.
+def _at_least(n):
+  return lambda v: v >= n, f"{n} or more" if n == 0 else f"at least {n}"
+
+
+def _fraction(upper_open: bool = True):
+  return ((lambda v: 0 <= v < 1, "at least 0 and below 1") if upper_open else
+          (lambda v: 0 < v <= 1, "above 0 and at most 1"))
+
+
+COUNTS = ("batch_size", "grad_accum_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+          "seq_len", "num_layers", "num_heads", "emb_dim", "mlp_ratio", "hidden_dim", "latent_dim", "d_steps",
+          "base_features", "num_res_blocks", "norm_groups", "conv_features", "num_samples", "max_new_tokens", "steps",
+          "num_steps", "bound_images", "bound_stride")
+DTYPES = ("float32", "bfloat16", "float16")
 RANGES = {
-    "num_train_steps": (lambda v: v >= 0, "0 or more"),
-    "batch_size": (lambda v: v >= 1, "at least 1"),
-    "grad_accum_steps": (lambda v: v >= 1, "at least 1"),
-    "log_every_steps": (lambda v: v >= 1, "at least 1"),
-    "eval_every_steps": (lambda v: v >= 1, "at least 1"),
-    "eval_batches": (lambda v: v >= 0, "0 or more"),
-    "checkpoint_every_steps": (lambda v: v >= 1, "at least 1"),
+    **{name: _at_least(1) for name in COUNTS},
     "keep_checkpoints": (lambda v: v >= 1, "at least 1 (the run resumes from the latest)"),
-    "data.seq_len": (lambda v: v >= 1, "at least 1"),
-    "data.val_fraction": (lambda v: 0 < v < 1, "between 0 and 1"),
+    **{name: _at_least(0) for name in ("num_train_steps", "eval_batches", "num_kv_heads", "warmup_steps",
+                                       "min_learning_rate", "weight_decay", "grad_clip", "top_k", "temperature",
+                                       "eta", "guidance", "gp_weight")},
+    "learning_rate": (lambda v: v > 0, "above 0"),
+    "eps": (lambda v: v > 0, "above 0"),
+    **{name: _fraction() for name in ("b1", "b2", "dropout", "dropout_rate", "cond_drop_prob", "ema_decay")},
+    "top_p": _fraction(upper_open=False),
+    "val_fraction": (lambda v: 0 < v < 1, "between 0 and 1"),
+    "dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
 }
 
 
@@ -42,13 +59,20 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
     if not sep:
       raise UserError(f"Config override {item!r} has no '='; write it as --config.KEY=VALUE.")
     set_key(config, key, value)
-  for key, (fits, what) in RANGES.items():
-    node = config
-    for part in key.split("."):
-      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
-    if isinstance(node, (int, float)) and not fits(node):
-      raise UserError(f"Config key {key!r} is {node!r} and must be {what}; set --config.{key}=VALUE.")
+  for key, value in _leaves(config):
+    fits, what = RANGES.get(key.rpartition(".")[2], (None, None))
+    if fits is not None and isinstance(value, (int, float, str)) and not isinstance(value, bool) and not fits(value):
+      raise UserError(f"Config key {key!r} is {value!r} and must be {what}; set --config.{key}=VALUE.")
   return config
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = ""):
+  """(dotted key, value) of every field that is not itself a group."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield prefix + key, value
 
 
 def base_config(this_file: str, name: str) -> ml_collections.ConfigDict:

@@ -38,7 +38,7 @@ TINY_MODELS = {
 
 # A two-level UNet with 20 diffusion steps: the diffusion configs' model shrunk for tests.
 TINY_UNET = ["model.base_features=8", "model.channel_mults=(1, 2)", "model.attention_resolutions=(14,)",
-             "model.num_heads=2", "model.norm_groups=4", "diffusion.num_steps=20"]
+             "model.num_heads=2", "model.norm_groups=4", "diffusion.num_steps=20", "sample.steps=5"]
 
 
 def tiny_overrides(text_path: str, model: str = "transformer") -> list[str]:

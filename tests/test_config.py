@@ -1,6 +1,7 @@
 import contextlib
 import glob
 import os
+import re
 
 import jax
 import pytest
@@ -34,12 +35,12 @@ def test_every_config_parses_and_builds(path, text_file):
 
 def test_override_parses_value_by_field_type():
   config = config_lib.load_config(CPU_CONFIG, ["batch_size=24", "optim.learning_rate=3e-4", "model.use_bias=True",
-                                               "data.source=text_file:/x y.txt", "optim.b2=1"])
+                                               "data.source=text_file:/x y.txt", "optim.b2=0"])
   assert config.batch_size == 24
   assert config.optim.learning_rate == 3e-4
   assert config.model.use_bias is True
   assert config.data.source == "text_file:/x y.txt"
-  assert config.optim.b2 == 1.0
+  assert config.optim.b2 == 0.0 and isinstance(config.optim.b2, float)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -63,6 +64,41 @@ def test_override_parses_value_by_field_type():
 def test_bad_override_is_one_clear_sentence(override, message):
   with pytest.raises(UserError, match=message):
     config_lib.load_config(CPU_CONFIG, [override])
+
+
+@pytest.mark.parametrize("name, override, message", [
+    # values that used to pass the checks and then crash (a traceback) or train nonsense
+    ("gpt_shakespeare_char_cpu", "model.dtype=bf16", "'model.dtype' is 'bf16' and must be one of float32, bfloat16, "
+                                                     "float16; set --config.model.dtype=VALUE."),
+    ("gpt_shakespeare_char_cpu", "model.num_layers=0", "'model.num_layers' is 0 and must be at least 1"),
+    ("gpt_shakespeare_char_cpu", "optim.learning_rate=-1.0", "'optim.learning_rate' is -1.0 and must be above 0"),
+    ("gpt_shakespeare_char_cpu", "sample.temperature=-1.0", "'sample.temperature' is -1.0 and must be 0 or more"),
+    ("gpt_shakespeare_char_cpu", "sample.top_p=5.0", "'sample.top_p' is 5.0 and must be above 0 and at most 1"),
+    ("gpt_shakespeare_char_cpu", "model.dropout_rate=1.0", "'model.dropout_rate' is 1.0 and must be at least 0 and "
+                                                           "below 1"),
+    ("gan_mnist", "model.d_steps=0", "'model.d_steps' is 0 and must be at least 1"),
+    ("gan_mnist", "optim.generator.learning_rate=0.0", "'optim.generator.learning_rate' is 0.0 and must be above 0"),
+    ("gan_mlp_mnist", "sample.num_samples=0", "'sample.num_samples' is 0 and must be at least 1"),
+    ("gan_mlp_mnist", "model.latent_dim=0", "'model.latent_dim' is 0 and must be at least 1"),
+    ("ddpm_mnist", "sample.steps=0", "'sample.steps' is 0 and must be at least 1"),
+    ("ddpm_mnist", "ema_decay=1.0", "'ema_decay' is 1.0 and must be at least 0 and below 1"),
+])
+def test_values_that_cannot_work_are_refused_when_the_config_loads(name, override, message):
+  with pytest.raises(UserError, match=re.escape(message)):
+    config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py"), [override])
+
+
+@pytest.mark.parametrize("name, override, message", [
+    ("vae_mnist", "model.likelihood=normal", "Unknown model.likelihood 'normal'; use one of bernoulli, gaussian."),
+    ("ddpm_mnist", "sample.steps=2000", "sample.steps is 2000 and the model has 1000 diffusion steps; set "
+                                        "--config.sample.steps between 1 and 1000."),
+    ("ddpm_mnist", "sample.guidance_interval=(0.5, 2.0)", "sample.guidance_interval is (0.5, 2); set "
+                                                          "--config.sample.guidance_interval=(LO, HI) with 0 <= LO"),
+])
+def test_settings_a_model_cannot_take_are_refused_before_training(name, override, message):
+  config = config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py"), [override])
+  with pytest.raises(UserError, match=re.escape(message)):
+    make_task(config)
 
 
 @pytest.mark.parametrize("text, message", [

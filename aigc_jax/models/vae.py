@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aigc_jax.errors import UserError
 from aigc_jax.nn.conv import Conv, upsample_nearest
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -27,6 +28,10 @@ class VAEConfig:
   hidden_dim: int = 256  # dense layer between the convolutions and the latent
   likelihood: str = "bernoulli"  # bernoulli: binarized pixels; gaussian: pixels in [-1, 1]
   dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.likelihood not in LIKELIHOODS:
+      raise UserError(f"Unknown model.likelihood {self.likelihood!r}; use one of {', '.join(LIKELIHOODS)}.")
 
   @property
   def num_dims(self) -> int:
@@ -65,8 +70,6 @@ class VAE(nn.Module):
   config: VAEConfig
 
   def setup(self):
-    if self.config.likelihood not in LIKELIHOODS:
-      raise ValueError(f"Unknown likelihood {self.config.likelihood!r}; use one of {', '.join(LIKELIHOODS)}.")
     self.encoder = Encoder(self.config)
     self.decoder = Decoder(self.config)
     if self.config.likelihood == "gaussian":

@@ -43,6 +43,13 @@ class DiffusionTask(ImageTask):
     self.schedule = diffusion.make_schedule(d.schedule, d.num_steps)
     if config.sample.sampler not in SAMPLERS:
       raise UserError(f"Unknown sample.sampler {config.sample.sampler!r}; use one of {', '.join(SAMPLERS)}.")
+    if config.sample.steps > d.num_steps:  # checked here, before training, not at the first evaluation
+      raise UserError(f"sample.steps is {config.sample.steps} and the model has {d.num_steps} diffusion steps; set "
+                      f"--config.sample.steps between 1 and {d.num_steps}.")
+    lo, hi = config.sample.guidance_interval
+    if not 0.0 <= lo <= hi <= 1.0:
+      raise UserError(f"sample.guidance_interval is ({lo:g}, {hi:g}); set --config.sample.guidance_interval=(LO, HI) "
+                      f"with 0 <= LO <= HI <= 1.")
 
   def init_params(self, rng):
     x = jnp.zeros((1, *self.image_shape), jnp.float32)
