@@ -56,7 +56,8 @@ def _train(args, overrides):
 
   config = config_lib.load_config(args.config, overrides)
   result = train_and_evaluate(config, args.workdir, profile_steps=args.profile)
-  print(", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+  if result:
+    print(", ".join(f"{k} {v:.4f}" for k, v in result.items()))
   sample = os.path.join(args.workdir, "samples")
   latest = max(os.listdir(sample)) if os.path.isdir(sample) and os.listdir(sample) else None
   if latest and latest.endswith(".txt"):
@@ -133,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
   text.add_argument("--temperature", type=_finite, default=None, help="default 0.8; 0 is greedy")
   text.add_argument("--top-k", type=int, default=None, help="default 0: off")
   text.add_argument("--top-p", type=_finite, default=None, help="default 1.0: off")
-  text.add_argument("--beams", type=int, default=None, help="beam search with this many beams when > 1")
+  text.add_argument("--beams", type=at_least(1), default=None, help="beam search with this many beams when > 1")
   image = sample.add_argument_group("image models")
   image.add_argument("--out", default=None, help="PNG path (default: DIR/samples/sample_step_N_seed_S.png)")
   image.add_argument("--label", type=int, default=None, help="class-conditional: all samples of this class")
@@ -168,7 +169,9 @@ def main(argv=None) -> int:
   overrides = []
   for item in rest:
     if not item.startswith("--config."):
-      print(f"aigc-jax: unknown argument {item!r}; see `aigc-jax {args.command} --help`.", file=sys.stderr)
+      hint = (f"write the override as --config.{overrides[-1]}=VALUE, with '='" if overrides and "=" not in
+              overrides[-1] else f"see `aigc-jax {args.command} --help`")
+      print(f"aigc-jax: unknown argument {item!r}; {hint}.", file=sys.stderr)
       return 2
     overrides.append(item[len("--config."):])
   # force: importing orbax.checkpoint installs a root handler at WARNING, which would drop our INFO lines.
@@ -183,9 +186,9 @@ def main(argv=None) -> int:
     print(f"aigc-jax: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    again = ("the same command with --resume to measure only the cells still missing" if args.command == "bench"
-             else "the same command again to resume from the last checkpoint")
-    print(f"aigc-jax: interrupted; run {again}.", file=sys.stderr)
+    again = {"train": "; run the same command again to resume from the last checkpoint",
+             "bench": "; run the same command with --resume to measure only the cells still missing"}
+    print(f"aigc-jax: interrupted{again.get(args.command, '')}.", file=sys.stderr)
     return 130
   return 0
 

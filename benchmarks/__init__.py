@@ -39,6 +39,14 @@ def environment() -> dict:
                     python=platform.python_version()))
 
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def default_out(suite: str, backend: str, quick: bool) -> str:
+  """Where a suite's report goes without --out: the committed record, benchmarks/results/SUITE_BACKEND[_quick].json."""
+  return os.path.join(RESULTS, f"{suite}_{backend}{'_quick' if quick else ''}.json")
+
+
 def at_least(minimum: int):
   """An argparse type: an integer >= minimum; anything else is argparse's one-line usage error."""
   def parse(text: str) -> int:

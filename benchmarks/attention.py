@@ -34,7 +34,6 @@ side by side (their backward is the same Triton kernels).
 """
 
 import argparse
-import os
 import sys
 
 import jax
@@ -45,10 +44,9 @@ from aigc_jax.errors import UserError
 from aigc_jax.nn import attention as attention_lib
 from aigc_jax.nn import flash_attention as flash_lib
 from aigc_jax.nn import flash_attention_hopper as hopper_lib
-from benchmarks import Report, add_resume_argument, at_least, environment, time_calls
+from benchmarks import Report, add_resume_argument, at_least, default_out, environment, time_calls
 from benchmarks.peak import default_dtype, peak_flops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = dict(tokens=16384, width=2048, lengths=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128))
 QUICK = dict(tokens=2048, width=256, lengths=(512, 1024, 2048, 4096), head_dims=(64,))
 MODES = ("fwd", "fwd_bwd")
@@ -181,8 +179,7 @@ def run(args) -> int:
     implementations.insert(0, reference)
   peak, peak_note = peak_flops(dtype)
   limit = args.memory_limit_gb * 2 ** 30 if args.memory_limit_gb else default_memory_limit()
-  out_path = args.out or os.path.join(ROOT, "benchmarks", "results",
-                                      f"attention_{backend}{'_quick' if args.quick else ''}.json")
+  out_path = args.out or default_out("attention", backend, args.quick)
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({backend}); peak: {peak_note}; dtype {dtype.name}; "
         f"memory limit {limit / 2 ** 30:.1f} GiB; {args.warmup} warm-up + {args.reps} timed reps per cell")

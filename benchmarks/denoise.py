@@ -34,7 +34,7 @@ from aigc_jax.tasks.diffusion import unet_config
 from aigc_jax.train.loop import jit_init
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_train_step
-from benchmarks import Report, add_resume_argument, at_least, environment, time_calls
+from benchmarks import Report, add_resume_argument, at_least, default_out, environment, time_calls
 from benchmarks.peak import default_dtype, peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,8 +148,7 @@ def run(args) -> int:
       raise UserError(f"Unknown denoise shape {name!r}; use some of {', '.join(SHAPES)}.")
   peak, peak_note = peak_flops(dtype)
   grid = QUICK if args.quick else FULL
-  out_path = args.out or os.path.join(ROOT, "benchmarks", "results",
-                                      f"denoise_{backend}{'_quick' if args.quick else ''}.json")
+  out_path = args.out or default_out("denoise", backend, args.quick)
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({backend}); peak: {peak_note}; dtype {dtype.name}; {args.reps} timed reps")
   print(f"{'shape':>13s} {'what':>10s} {'implementation':>16s} {'batch':>5s} {'ms':>9s} {'images/s':>9s} "

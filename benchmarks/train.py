@@ -57,7 +57,7 @@ from aigc_jax.nn.attention import IMPLEMENTATIONS, resolve_implementation
 from aigc_jax.tasks.language_model import LanguageModelTask
 from aigc_jax.train import parallel
 from aigc_jax.train.loop import compile_steps
-from benchmarks import Report, add_resume_argument, at_least, environment
+from benchmarks import Report, add_resume_argument, at_least, default_out, environment
 from benchmarks.peak import default_dtype, peak_flops
 from benchmarks.train_step import matmul_params, reference_step, time_steps
 
@@ -222,8 +222,7 @@ def run(args) -> int:
     raise UserError("The full training grid is sized for a GPU (GPT-2 at 16 x 1024 takes minutes per step on a "
                     "CPU); pass --quick, or --shapes cpu.")
   peak, peak_note = peak_flops(dtype)
-  out_path = args.out or os.path.join(ROOT, "benchmarks", "results",
-                                      f"train_{backend}{'_quick' if args.quick else ''}.json")
+  out_path = args.out or default_out("train", backend, args.quick)
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({backend}); peak: {peak_note}; dtype {dtype.name}; attention (ours) "
         f"{args.attention}\n")

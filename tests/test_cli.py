@@ -61,6 +61,8 @@ def test_train_resume_and_sample(model, tmp_path, text_file, capsys):
     (["--config.model.attention=flashy"], "aigc-jax: Unknown attention implementation 'flashy'"),
     (["--config.model.position_encoding=alibi"], "aigc-jax: Unknown position_encoding 'alibi'; use one of learned"),
     (["--steps=5"], "aigc-jax: unknown argument '--steps=5'"),
+    (["--config.eval_batches", "2"], "aigc-jax: unknown argument '2'; write the override as "
+                                     "--config.eval_batches=VALUE, with '='."),
 ])
 def test_bad_train_input_is_one_sentence(argv, message, tmp_path, text_file, capsys):
   code, _, err = run(train_args(str(tmp_path / "run"), text_file) + argv, capsys)
@@ -100,6 +102,24 @@ def test_bad_sample_input_is_one_sentence(tmp_path, text_file, capsys):
   assert code == 2 and "outside the model's vocabulary ('Zb~')" in err
   code, _, err = run(["sample", "--workdir", workdir, "--prompt", ""], capsys)
   assert code == 2 and "prompt is empty" in err
+  with pytest.raises(SystemExit) as stop:  # argparse's usage error
+    cli.main(["sample", "--workdir", workdir, "--beams", "0"])
+  assert stop.value.code == 2 and "argument --beams: '0' is not a whole number >= 1" in capsys.readouterr().err
+  vocab = os.path.join(workdir, "vocab.json")
+  with open(vocab) as f:
+    saved = f.read()
+  with open(vocab, "w") as f:
+    f.write("{")
+  code, _, err = run(["sample", "--workdir", workdir], capsys)
+  assert code == 2 and err == (f"aigc-jax: The vocabulary {vocab} cannot be read (JSONDecodeError); delete it to "
+                               f"have `train` rebuild it from the run's data.source (the same corpus gives the same "
+                               f"vocabulary).\n")
+  os.remove(vocab)  # as the message says: train rebuilds it, and the run samples again
+  assert run(train_args(workdir, text_file, extra=["--config.num_train_steps=3"]), capsys)[0] == 0
+  with open(vocab) as f:
+    assert f.read() == saved
+  code, _, err = run(train_args(vocab, text_file), capsys)
+  assert code == 2 and f"--workdir {vocab} is a file; name a folder" in err
   code, _, err = run(["sample", "--workdir", workdir, "--beams", "2", "--max-new-tokens", "40"], capsys)
   assert code == 2 and "ask for at most 16 new tokens" in err
   for bad in (["--temperature", "-1"], ["--top-p", "0"]):
@@ -124,6 +144,8 @@ def test_an_interrupted_command_says_how_to_go_on(monkeypatch, capsys):
   code, _, err = run(["train", "--config", CPU_CONFIG, "--workdir", "unused"], capsys)
   assert (code, err) == (130, "aigc-jax: interrupted; run the same command again to resume from the last "
                               "checkpoint.\n")
+  monkeypatch.setattr(cli, "_sample", stop)  # nothing to resume
+  assert run(["sample", "--workdir", "unused"], capsys)[:3:2] == (130, "aigc-jax: interrupted.\n")
 
 
 def test_a_start_that_fails_leaves_the_run_as_it_was(tmp_path, capsys):

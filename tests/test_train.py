@@ -18,7 +18,7 @@ from aigc_jax.train import steps as steps_lib
 from aigc_jax.train.checkpoint import Checkpointer
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.writer import MetricWriter
-from conftest import CPU_CONFIG, ROOT, TINY_UNET, tiny_overrides
+from conftest import CPU_CONFIG, ROOT, TEXT, TINY_UNET, tiny_overrides
 
 
 def final_params(workdir, config):
@@ -238,6 +238,14 @@ def test_train_step_runs_flash_kernels_per_batch_shard(text_file):
     _, metrics = steps.train(state, batch)
     losses[attention] = float(metrics["loss"][0])  # (sum, count) over the batch
   assert losses["flash"] == pytest.approx(losses["xla"], rel=1e-5)
+
+
+def test_zero_steps_on_a_new_run_evaluates_the_initial_model(tiny_config, tmp_path):
+  tiny_config.num_train_steps = 0
+  workdir = str(tmp_path / "run")
+  result = loop.train_and_evaluate(tiny_config, workdir, show_progress=False)
+  assert set(result) == {"train_loss", "val_loss"} and result["val_loss"] == pytest.approx(np.log(len(set(TEXT))), abs=0.2)  # near uniform
+  assert not os.path.exists(os.path.join(workdir, "metrics.jsonl")) and Checkpointer(workdir).latest_step() is None
 
 
 def test_profile_traces_the_steps_after_the_compiling_one_into_tensorboard(tiny_config, tmp_path):

@@ -116,8 +116,15 @@ class CharVocab:
 
   @classmethod
   def load(cls, path: str) -> "CharVocab":
-    with open(path, encoding="utf-8") as f:
-      return cls(json.load(f)["chars"])
+    try:
+      with open(path, encoding="utf-8") as f:
+        chars = json.load(f)["chars"]
+      if not (isinstance(chars, str) and chars and len(set(chars)) == len(chars)):
+        raise TypeError("chars is not a string of distinct characters")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise UserError(f"The vocabulary {path} cannot be read ({type(e).__name__}); delete it to have `train` "
+                      f"rebuild it from the run's data.source (the same corpus gives the same vocabulary).") from None
+    return cls(chars)
 
 
 class CharDataset:

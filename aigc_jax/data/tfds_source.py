@@ -21,8 +21,9 @@ def prepare(builder, name: str, alternatives: str) -> None:
   try:
     builder.download_and_prepare(file_format="array_record")
   except ModuleNotFoundError as e:
-    raise UserError(f"Preparing TFDS data set {name!r} needs {e.name}; `pip install aigc-jax[tfds-prepare]` "
-                    f"or use data.source={alternatives}.") from None
+    raise UserError(f"Preparing TFDS data set {name!r} needs the Python package {e.name!r}: install the "
+                    f"'tfds-prepare' extra (`pip install -e '.[tfds-prepare]'` in a clone), or use "
+                    f"data.source={alternatives}.") from None
   except Exception as e:  # Network and download failures come in many types.
     raise UserError(f"Could not download TFDS data set {name!r} ({type(e).__name__}: {str(e)[:120]}); "
                     f"check the network or use data.source={alternatives}.") from None

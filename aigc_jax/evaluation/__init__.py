@@ -48,7 +48,7 @@ def image_metrics(classifier: Classifier, real_images: np.ndarray, samples: np.n
   metrics = {
       "frechet_distance": frechet_distance(classifier.features(samples[:n]), half_a),
       "frechet_distance_real": frechet_distance(half_b, half_a),
-      "frechet_num_images": float(n),
+      "frechet_num_images": n,
       "classifier_accuracy": float(classifier.accuracy),
   }
   if sample_labels is not None:

@@ -170,11 +170,14 @@ def _changed_keys(saved_path: str, config) -> list[str]:
 
 def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, profile_steps: int = 0
                        ) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last evaluation.
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last evaluation (for families
+  with no evaluation metrics, GANs, the last logged training metrics).
 
   `profile_steps` > 0 traces that many training steps (after the first, which compiles) into
   `workdir/tensorboard` with `jax.profiler`.
   """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir} is a file; name a folder (new or holding a run).")
   os.makedirs(workdir, exist_ok=True)
   task = make_task(config, workdir)
   mesh = parallel.data_mesh()
@@ -207,7 +210,8 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
       metrics = reduce_metrics(jax.device_get([steps.eval(params, b) for b in batches]))
       results.update({f"{prefix}_{name}": value for name, value in metrics.items()})
     if record:
-      writer.write_scalars(step, results)
+      if results:  # GANs have no evaluation metrics, only samples
+        writer.write_scalars(step, results)
       task.on_eval(params, step, writer)
     return results
 
@@ -216,7 +220,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
                   dynamic_ncols=True)
   pending, window_start, window_first = [], None, start
   profiler = StepProfiler(writer.tensorboard.logdir, start, config.num_train_steps, profile_steps)
-  last_eval, last_saved = {}, checkpointer.latest_step()
+  last_eval, last_logged, last_saved = {}, {}, checkpointer.latest_step()
   try:
     for step in range(start, config.num_train_steps):
       with profiler.step(step):
@@ -243,10 +247,12 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
           progress.set_postfix({"loss": f"{summary.get('loss', float('nan')):.4f}",
                                 f"{task.units}/s": f"{summary[task.units + '_per_sec']:.0f}"})
         writer.write_scalars(done, summary)  # "loss": the running training loss; evaluations log train_/val_loss
+        last_logged = summary
         pending, window_start, window_first = [], now, done
       if evaluating:
         last_eval = evaluate(state.eval_params, done)
-        progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+        if last_eval:  # GANs have no evaluation metrics, only samples
+          progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
         window_start = time.perf_counter()  # evaluation time is not training throughput
       if saving:
         checkpointer.save(done, state, {"data": {"next_batch": done, "seed": config.seed}})
@@ -255,11 +261,12 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
     if start >= config.num_train_steps and not last_eval:
       logging.info("already trained to step %d; evaluating", start)
       last_eval = evaluate(state.eval_params, start, record=False)  # the run's own evaluation there is kept
-    curves = plot_training_curves(writer.path, os.path.join(workdir, "curves.png"), task.loss_label)
-    writer.write_image(config.num_train_steps, "curves", curves)
+    if os.path.exists(writer.path):  # nothing is logged by a run of 0 steps
+      curves = plot_training_curves(writer.path, os.path.join(workdir, "curves.png"), task.loss_label)
+      writer.write_image(config.num_train_steps, "curves", curves)
   finally:  # an interrupted run keeps every checkpoint it started writing
     profiler.stop()
     progress.close()
     checkpointer.close()
     writer.close()
-  return last_eval
+  return last_eval or last_logged
