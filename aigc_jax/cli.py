@@ -193,5 +193,18 @@ def main(argv=None) -> int:
   return 0
 
 
+def console_main() -> None:
+  """The `aigc-jax` executable: `main`, then exit with its code; at once (output flushed) after a failed checkpoint
+  read, whose abandoned reads would otherwise print tracebacks under the one-sentence error as Python shuts down."""
+  code = main()
+  from aigc_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  if checkpoint.reads_abandoned:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # what the abandoned reads' threads still print, they print nowhere
+    os._exit(code)
+  sys.exit(code)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  console_main()

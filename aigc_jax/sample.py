@@ -32,7 +32,11 @@ def load_trained(workdir: str):
   config = config_lib.fill_missing(config, task_class(config).later_keys)
   task = make_task(config, workdir)
   steps = compile_steps(task, config, parallel.data_mesh())
-  state, _ = Checkpointer(workdir).restore(steps.abstract)
+  checkpointer = Checkpointer(workdir)
+  try:
+    state, _ = checkpointer.restore(steps.abstract)
+  finally:
+    checkpointer.close()
   return task, state.eval_params, int(state.step)
 
 

@@ -163,11 +163,50 @@ def test_a_start_that_fails_leaves_the_run_as_it_was(tmp_path, capsys):
   assert code == 2 and ("aigc-jax: The checkpoints in " in err and "were written with a different config "
                         "(model.emb_dim changed since the run's config.json); resume with the run's own settings, "
                         "or train in a new --workdir." in err), err
-  code, _, err = run(train_args(workdir, str(tmp_path / "gone.txt")), capsys)
-  assert code == 2 and "gone.txt' does not exist" in err
+  code, _, err = run(train_args(workdir, str(tmp_path / "other.txt")), capsys)  # other data for the rest of it
+  assert code == 2 and "(data.source changed since the run's config.json); resume with the run's own" in err
   assert open(config_path).read() == saved
 
   corpus.unlink()
+  code, _, err = run(train_args(workdir, str(corpus)), capsys)
+  assert code == 2 and "corpus.txt' does not exist" in err
+  assert open(config_path).read() == saved
   code, out, err = run(["sample", "--workdir", workdir, "--max-new-tokens", "5"], capsys)
   assert code == 0, err
   assert len(out.strip()) > 0
+
+
+def test_a_resume_may_change_how_long_and_how_fast_but_says_what_changed(tmp_path, text_file, capsys):
+  workdir = str(tmp_path / "run")
+  assert run(train_args(workdir, text_file, extra=["--config.num_train_steps=3"]), capsys)[0] == 0
+  longer = ["--config.num_train_steps=5", "--config.optim.learning_rate=0.0005"]
+  code, _, err = run(train_args(workdir, text_file, extra=longer), capsys)
+  assert code == 0 and "resuming with num_train_steps, optim.learning_rate changed since the run's config.json" in err
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  assert (saved["num_train_steps"], saved["optim"]["learning_rate"]) == (5, 0.0005)
+  code, _, err = run(train_args(workdir, text_file, extra=["--config.num_train_steps=5", "--config.seed=1"]), capsys)
+  assert code == 2 and "(seed changed since the run's config.json)" in err
+  assert run(train_args(workdir, text_file, extra=["--config.num_train_steps=2"] + longer[1:]), capsys)[0] == 0
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f) == saved  # past num_train_steps: evaluated as it is, its config kept
+
+
+def test_a_damaged_checkpoint_ends_the_command_on_its_one_sentence(tmp_path, text_file, capsys):
+  """Orbax abandons its other reads when one fails; their tracebacks used to follow the message, pages of them."""
+  import glob
+  import subprocess
+  import sys
+  workdir = str(tmp_path / "run")
+  assert run(train_args(workdir, text_file, extra=["--config.num_train_steps=2"]), capsys)[0] == 0
+  for path in glob.glob(os.path.join(workdir, "checkpoints", "2", "state", "ocdbt.process_0", "d", "*")):
+    with open(path, "wb") as f:
+      f.write(b"garbage")
+  done = subprocess.run([sys.executable, "-m", "aigc_jax.cli", "sample", "--workdir", workdir], capture_output=True,
+                        text=True, timeout=300)
+  message = (f"aigc-jax: The checkpoint at step 2 in {os.path.join(workdir, 'checkpoints')} could not be read "
+             f"(Exception); delete {os.path.join(workdir, 'checkpoints', '2')} to resume from the one before it.")
+  assert done.returncode == 2 and done.stderr.splitlines()[-1] == message, done.stderr[-3000:]
+  # Resumed with a longer schedule (a change a resume may make), it is still the damage that is named.
+  code, _, err = run(train_args(workdir, text_file, extra=["--config.num_train_steps=4"]), capsys)
+  assert code == 2 and err.splitlines()[-1] == message

@@ -1,11 +1,18 @@
 """Orbax checkpoints in `WORKDIR/checkpoints`: periodic saves, keep the last N, resume from the latest."""
 
+import logging
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
 
 from aigc_jax.errors import UserError
+
+# Set when a restore failed: Orbax reads the arrays concurrently, and when one read fails the rest are abandoned in
+# flight; as they finish, or are collected at exit, each prints a page of traceback from a background thread. The
+# command line ends such a process at once after its one-sentence error (`aigc_jax.cli.console_main`).
+reads_abandoned = False
 
 
 class Checkpointer:
@@ -32,6 +39,7 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax raises many types for missing or damaged files.
+      _quiet_abandoned_reads()
       raise UserError(
           f"The checkpoint at step {step} in {self.directory} could not be read ({type(e).__name__}); "
           f"delete {os.path.join(self.directory, str(step))} to resume from the one before it.") from None
@@ -42,6 +50,28 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _quiet_abandoned_reads() -> None:
+  """Drops the reports of the reads a failed restore abandoned, and only those: unraisable exceptions of Orbax's
+  coroutines, asyncio's 'Task exception was never retrieved' for them, and 'Event loop is closed' raised in the
+  threads that finish them."""
+  global reads_abandoned
+  if reads_abandoned:
+    return
+  reads_abandoned = True
+  unraisable_hook, except_hook = sys.unraisablehook, sys.excepthook
+
+  def loop_closed(value) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+  def abandoned(unraisable) -> bool:
+    code = getattr(unraisable.object, "cr_code", None)
+    return "orbax" in getattr(code, "co_filename", "") or loop_closed(unraisable.exc_value)
+
+  sys.unraisablehook = lambda u: None if abandoned(u) else unraisable_hook(u)
+  sys.excepthook = lambda kind, value, tb: None if loop_closed(value) else except_hook(kind, value, tb)
+  logging.getLogger("asyncio").addFilter(lambda record: "orbax" not in record.getMessage())
 
 
 def abstract_with_sharding(tree, shardings):

@@ -23,6 +23,11 @@ from aigc_jax.train.steps import reduce_metrics
 from aigc_jax.train.writer import MetricWriter
 
 CONFIG_FILE = "config.json"
+# What a resumed run may change from its config.json: how long it trains, when and what it logs, evaluates, samples
+# and keeps, and the optimizer's settings (lowering optim.learning_rate after a divergence is how such a run goes
+# on). Anything else (the model, the data, the batch, the seed) would make the rest of the run silently another one.
+RESUMABLE_CHANGES = ("num_train_steps", "log_every_steps", "eval_every_steps", "eval_batches",
+                     "checkpoint_every_steps", "keep_checkpoints", "sample.", "eval.", "optim.")
 
 
 class TrainingDiverged(UserError):
@@ -133,7 +138,10 @@ def _resume(checkpointer, abstract_state, config, workdir: str):
   try:
     state, meta = checkpointer.restore(abstract_state)
   except UserError:
-    changed = _changed_keys(os.path.join(workdir, CONFIG_FILE), config)
+    # Settings that shape the saved state (the optimizer's, say grad_clip's chain) can make it unreadable; how long
+    # the run is and what it logs cannot, and the rest were refused before (_check_changes).
+    changed = [key for key in _changed_keys(os.path.join(workdir, CONFIG_FILE), config)
+               if key.startswith("optim.") or not key.startswith(RESUMABLE_CHANGES)]
     if changed:
       raise UserError(f"The checkpoints in {checkpointer.directory} were written with a different config "
                       f"({', '.join(changed)} changed since the run's {CONFIG_FILE}); resume with the run's own "
@@ -145,6 +153,18 @@ def _resume(checkpointer, abstract_state, config, workdir: str):
                     f"resume from the one before it.")
   logging.info("resumed from step %d in %s", int(state.step), checkpointer.directory)
   return state
+
+
+def _check_changes(checkpointer, config, workdir: str) -> None:
+  """Refuses to resume with settings outside RESUMABLE_CHANGES changed since the run's config.json; logs the rest."""
+  changed = _changed_keys(os.path.join(workdir, CONFIG_FILE), config)
+  refused = [key for key in changed if not key.startswith(RESUMABLE_CHANGES)]
+  if refused:
+    raise UserError(f"The checkpoints in {checkpointer.directory} were written with a different config "
+                    f"({', '.join(refused)} changed since the run's {CONFIG_FILE}); resume with the run's own "
+                    f"settings, or train in a new --workdir.")
+  if changed:
+    logging.info("resuming with %s changed since the run's %s", ", ".join(changed), CONFIG_FILE)
 
 
 def _changed_keys(saved_path: str, config) -> list[str]:
@@ -185,6 +205,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
   checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   if checkpointer.latest_step() is not None:
     try:
+      _check_changes(checkpointer, config, workdir)
       state = _resume(checkpointer, steps.abstract, config, workdir)
     except UserError:
       checkpointer.close()  # stops Orbax's background threads before the error ends the process
@@ -198,9 +219,14 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
   eval_batches = {split: [parallel.shard_batch(b, mesh) for b in batches]
                   for split, batches in task.eval_batches().items()}
   # Written only once the run has started or resumed and read its data: a start that fails (a changed model, a
-  # missing corpus) leaves the workdir's run as it was, still resumable and sampled as trained.
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config_lib.to_json(config))
+  # missing corpus) leaves the workdir's run as it was, still resumable and sampled as trained. A run already past
+  # num_train_steps trains no further, and keeps the config it was trained with.
+  if start <= config.num_train_steps:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config_lib.to_json(config))
+  else:
+    logging.info("the run is at step %d, past num_train_steps=%d: evaluating it as it is", start,
+                 config.num_train_steps)
   task.save_assets(workdir)
 
   def evaluate(params, step, record=True):
