@@ -20,6 +20,17 @@ def test_bad_source_is_one_clear_sentence(source, message):
     load_text(source)
 
 
+def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(UserError) as error:
+    load_text("text_file:data/input.txt")
+  assert str(error.value) == (f"Text file 'data/input.txt' does not exist in {tmp_path} (a relative path is read from "
+                              f"the current directory, and a run keeps data.source as given: run from where it "
+                              f"trained, or train with an absolute path); check data.source=text_file:PATH.")
+  with pytest.raises(UserError, match=r"^Text file '/no/such.txt' does not exist; check data.source=text_file:PATH"):
+    load_text("text_file:/no/such.txt")  # an absolute path needs no such note
+
+
 def test_embedded_default_is_real_python_source():
   text = load_text("embedded:python_stdlib")
   assert len(text) == EMBEDDED_CHARS

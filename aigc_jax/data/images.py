@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 
+from aigc_jax.data import missing_path
 from aigc_jax.data.tfds_source import prepare, tfds_builder
 from aigc_jax.errors import UserError
 
@@ -101,7 +102,7 @@ def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
 def read_idx(path: str) -> np.ndarray:
   """Reads one IDX file (gzipped or raw, told apart by content) into an array of its shape."""
   if not os.path.isfile(path):
-    raise UserError(f"IDX file {path!r} does not exist; check the path in data.source=mnist_idx:DIR.")
+    raise missing_path("IDX file", path, "mnist_idx:DIR")
   try:
     with open(path, "rb") as f:
       raw = f.read()
@@ -153,7 +154,7 @@ def _idx_pair(directory: str, prefix: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _mnist_idx(directory: str) -> ImageData:
   if not os.path.isdir(directory):
-    raise UserError(f"MNIST directory {directory!r} does not exist; check data.source=mnist_idx:DIR.")
+    raise missing_path("MNIST directory", directory, "mnist_idx:DIR")
   test = _idx_pair(directory, "t10k")
   if _find_idx(directory, "train", "images") or _find_idx(directory, "train", "labels"):
     train = _idx_pair(directory, "train")

@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 
+from aigc_jax.data import missing_path
 from aigc_jax.data.tfds_source import prepare, tfds_builder
 from aigc_jax.errors import UserError
 
@@ -57,7 +58,7 @@ def _embedded_text(name: str) -> str:
 
 def _read_text_file(path: str) -> str:
   if not os.path.isfile(path):
-    raise UserError(f"Text file {path!r} does not exist; check data.source=text_file:PATH.")
+    raise missing_path("Text file", path, "text_file:PATH")
   try:
     with open(path, encoding="utf-8") as f:
       text = f.read()
