@@ -196,6 +196,7 @@ def test_diffusion_train_resume_sample_and_eval(tmp_path, capsys, monkeypatch, t
   code, out, err = run(["eval", "--workdir", workdir, "--guidance", "1.5", "--steps", "3",
                         "--guidance-interval", "0.25", "1"], capsys)
   assert code == 0, err
+  assert "variational bound: 8 / 8 held-out images (every 5-th timestep)" in err  # progress of the slow part
   results = json.load(open(os.path.join(workdir, "eval.json")))
   assert {"frechet_distance", "frechet_distance_real", "label_accuracy", "classifier_accuracy"} <= set(results)
   assert (results["steps"], results["eta"], results["guidance"]) == (3, 0.0, 1.5)  # what was used, recorded
