@@ -136,7 +136,8 @@ def parser() -> argparse.ArgumentParser:
   text.add_argument("--top-p", type=_finite, default=None, help="default 1.0: off")
   text.add_argument("--beams", type=at_least(1), default=None, help="beam search with this many beams when > 1")
   image = sample.add_argument_group("image models")
-  image.add_argument("--out", default=None, help="PNG path (default: DIR/samples/sample_step_N_seed_S.png)")
+  image.add_argument("--out", default=None, help="PNG path (default: DIR/samples/sample_step_N_seed_S.png, "
+                     "with _label_K, _steps_N, ... for each option given)")
   image.add_argument("--label", type=int, default=None, help="class-conditional: all samples of this class")
   image.add_argument("--steps", type=int, default=None, help="diffusion: sampler steps (default: the config's)")
   image.add_argument("--eta", type=_finite, default=None, help="diffusion: DDIM eta (0 deterministic, 1 DDPM-like)")

@@ -76,11 +76,25 @@ def check_prompt(model, prompt_len: int, max_new_tokens: int, beams: int = 1, vo
         f"is {prompt_len + max_new_tokens}; ask for at most {max(max_len + 1 - prompt_len, 0)} new tokens.")
 
 
+def check_tokens(model, prompt) -> None:
+  """Token ids outside the model's vocabulary would index past its embedding table: JAX clamps such a gather, so
+  they would silently read another token's embedding."""
+  ids = jnp.asarray(prompt)
+  vocab_size = model.config.vocab_size
+  if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+    raise UserError(f"The prompt has token ids from {int(ids.min())} to {int(ids.max())}, outside the model's "
+                    f"vocabulary 0..{vocab_size - 1}; encode it with the vocabulary the model was trained with.")
+
+
 def sample(model, params, prompt, rng, *, max_new_tokens: int, temperature=1.0, top_k=0, top_p=1.0):
   """Continues each row of prompt [B, P]; returns tokens [B, P + max_new_tokens].
 
   One compiled program per (model, shapes, max_new_tokens): the sampling settings are traced.
   """
+  if not (temperature >= 0 and top_k >= 0 and 0 < top_p <= 1):  # NaN fails too
+    raise UserError(f"Sampling takes temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k} "
+                    f"and {top_p}.")
+  check_tokens(model, prompt)
   return _sample(model, params, jnp.asarray(prompt, jnp.int32), rng, max_new_tokens,
                  jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
 
@@ -117,9 +131,14 @@ def _sample(model, params, prompt, rng, max_new_tokens, temperature, top_k, top_
   return jax.lax.fori_loop(start, total, windowed, tokens) if start < total else tokens
 
 
-@functools.partial(jax.jit, static_argnames=("model", "beams", "max_new_tokens"))
 def beam_search(model, params, prompt, *, beams: int, max_new_tokens: int):
   """Beam search from prompt [P]; returns (tokens [beams, P + max_new_tokens], log-probs [beams]), best first."""
+  check_tokens(model, prompt)
+  return _beam_search(model, params, jnp.asarray(prompt, jnp.int32), beams=beams, max_new_tokens=max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beams", "max_new_tokens"))
+def _beam_search(model, params, prompt, *, beams: int, max_new_tokens: int):
   p = prompt.shape[0]
   total = p + max_new_tokens
   logits, cache = decode_step(model, params, init_cache(model, 1), prompt[None])

@@ -62,6 +62,10 @@ def generate_text(task, params, *, prompt: str = "\n", num_samples: int = 1, max
   return [task.vocab.decode(row) for row in np.asarray(tokens)]
 
 
+def _name_part(value) -> str:
+  return "-".join(f"{v:g}" for v in value) if isinstance(value, (tuple, list)) else f"{value:g}"
+
+
 def generate_images(task, params, step: int, workdir: str, *, num_samples: int = 64, label: int | None = None,
                     seed: int = 0, out: str | None = None, **options) -> str:
   """Samples `num_samples` images (all of class `label`, or every class in turn) and writes a PNG grid."""
@@ -75,7 +79,10 @@ def generate_images(task, params, step: int, workdir: str, *, num_samples: int =
   columns = task.num_classes if task.conditional and label is None else None
   grid = plots.image_grid(plots.to_uint8(images), columns=columns)
   if out is None:
-    out = os.path.join(workdir, SAMPLES_DIR, f"sample_step_{step:06d}_seed_{seed}.png")
+    # Named by every option given, so that samples with other labels, steps or guidance do not overwrite each other.
+    given = {"label": label, **options}
+    suffix = "".join(f"_{name}_{_name_part(value)}" for name, value in given.items() if value is not None)
+    out = os.path.join(workdir, SAMPLES_DIR, f"sample_step_{step:06d}_seed_{seed}{suffix}.png")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   plots.save_png(grid, out, scale=2)
   return out

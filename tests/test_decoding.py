@@ -143,6 +143,15 @@ def test_bad_generation_requests():
                                       "vocabulary of 3; use fewer beams or more new tokens"):
     decoding.check_prompt(model, 2, 1, beams=5, vocab_size=3)
   decoding.check_prompt(model, 2, 2, beams=5, vocab_size=3)  # 9 continuations of 2 tokens
+  params, rng = params_of(model), jax.random.PRNGKey(0)
+  for settings in (dict(top_p=0.0), dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_k=-1)):
+    with pytest.raises(UserError, match=r"Sampling takes temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "):
+      decoding.sample(model, params, jnp.array([[1, 2]]), rng, max_new_tokens=2, **settings)
+  for prompt in ([[1, VOCAB]], [[-1, 2]]):  # would silently read another token's embedding
+    with pytest.raises(UserError, match=rf"outside the model's vocabulary 0..{VOCAB - 1}; encode it with"):
+      decoding.sample(model, params, jnp.array(prompt), rng, max_new_tokens=2)
+  with pytest.raises(UserError, match=rf"token ids from 1 to {VOCAB}, outside the model's vocabulary"):
+    decoding.beam_search(model, params, jnp.array([1, VOCAB]), beams=2, max_new_tokens=2)
 
 
 def test_rope_transformer_has_no_position_table_and_unknown_encodings_are_refused():

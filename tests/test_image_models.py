@@ -193,6 +193,10 @@ def test_diffusion_train_resume_sample_and_eval(tmp_path, capsys, monkeypatch, t
   code, out, err = run(["sample", "--workdir", workdir, "--num-samples", "3", "--label", "7", "--steps", "4",
                         "--eta", "0.5", "--guidance", "2", "--out", out_png], capsys)
   assert code == 0 and os.path.exists(out_png), err
+  code, out, err = run(["sample", "--workdir", workdir, "--num-samples", "2", "--label", "7", "--steps", "4",
+                        "--guidance-interval", "0.5", "1"], capsys)  # the default name tells the options apart
+  named = os.path.join(workdir, "samples", "sample_step_000004_seed_0_label_7_steps_4_guidance_interval_0.5-1.png")
+  assert code == 0 and out.strip() == f"wrote {named}" and os.path.exists(named), err
   code, out, err = run(["eval", "--workdir", workdir, "--guidance", "1.5", "--steps", "3",
                         "--guidance-interval", "0.25", "1"], capsys)
   assert code == 0, err
