@@ -76,9 +76,19 @@ def check_prompt(model, prompt_len: int, max_new_tokens: int, beams: int = 1, vo
         f"is {prompt_len + max_new_tokens}; ask for at most {max(max_len + 1 - prompt_len, 0)} new tokens.")
 
 
+def settings_ok(temperature, top_k, top_p) -> bool:
+  """Whether sampling can take these settings: 0 <= temperature < inf, top_k >= 0, 0 < top_p <= 1 (NaN fails).
+  Values traced under a caller's jax.jit cannot be looked at, and pass."""
+  if any(isinstance(v, jax.core.Tracer) for v in (temperature, top_k, top_p)):
+    return True
+  return bool(0 <= temperature < float("inf") and top_k >= 0 and 0 < top_p <= 1)
+
+
 def check_tokens(model, prompt) -> None:
   """Token ids outside the model's vocabulary would index past its embedding table: JAX clamps such a gather, so
-  they would silently read another token's embedding."""
+  they would silently read another token's embedding. (Traced ids, under a caller's jax.jit, are not checked.)"""
+  if isinstance(prompt, jax.core.Tracer):
+    return
   ids = jnp.asarray(prompt)
   vocab_size = model.config.vocab_size
   if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
@@ -91,9 +101,9 @@ def sample(model, params, prompt, rng, *, max_new_tokens: int, temperature=1.0, 
 
   One compiled program per (model, shapes, max_new_tokens): the sampling settings are traced.
   """
-  if not (temperature >= 0 and top_k >= 0 and 0 < top_p <= 1):  # NaN fails too
-    raise UserError(f"Sampling takes temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k} "
-                    f"and {top_p}.")
+  if not settings_ok(temperature, top_k, top_p):
+    raise UserError(f"Sampling takes 0 <= temperature < inf, top_k >= 0 and 0 < top_p <= 1; got {temperature}, "
+                    f"{top_k} and {top_p}.")
   check_tokens(model, prompt)
   return _sample(model, params, jnp.asarray(prompt, jnp.int32), rng, max_new_tokens,
                  jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))

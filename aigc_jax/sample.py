@@ -1,6 +1,5 @@
 """Generation from a trained workdir: what `aigc-jax sample` runs (text or an image grid)."""
 
-import math
 import os
 
 import jax
@@ -46,7 +45,7 @@ def generate_text(task, params, *, prompt: str = "\n", num_samples: int = 1, max
   """Samples (or beam-searches) continuations of `prompt` from a language-model task."""
   if num_samples < 1:
     raise UserError(f"--num-samples is {num_samples}; ask for at least one.")
-  if not 0 <= temperature < math.inf or top_k < 0 or not 0 < top_p <= 1:  # `not` so that NaN fails too
+  if not decoding.settings_ok(temperature, top_k, top_p):
     raise UserError("Use --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1.")
   ids = task.vocab.encode(prompt)
   decoding.check_prompt(task.model, len(ids), max_new_tokens, beams, vocab_size=task.vocab.size)

@@ -226,7 +226,11 @@ def meta_markdown(meta: dict) -> str:
     elif isinstance(value, list) and key in ("wrong", "not_run"):
       entries += [(key, ", ".join(f"{k} {v}" for k, v in item.items()) if isinstance(item, dict) else item)
                   for item in value] or [(key, "none")]
-    elif not isinstance(value, list):
+    elif isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
+      entries.append((key, f"{len(value)} entries (in the JSON)"))  # per-cell records, e.g. timing spreads
+    elif isinstance(value, list):
+      entries.append((key, ", ".join(str(item) for item in value)))
+    else:
       entries.append((key, value))
   return "\n".join(["| field | value |", "| --- | --- |", *(f"| {k} | {_markdown_cell(v)} |" for k, v in entries)])
 

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from aigc_jax.errors import UserError
 from benchmarks import load_report, write_tensorboard
 
 
@@ -19,10 +20,18 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def run(args) -> int:
-  for path in args.reports:  # all checked before anything is written
-    load_report(path)
-  folders = dict.fromkeys(os.path.dirname(write_tensorboard(path)) for path in args.reports)
-  print(f"wrote TensorBoard events for {len(args.reports)} report(s); to see them: "
+  reports = []
+  for path in args.reports:  # all read before anything is written; a glob may catch other JSON files
+    try:
+      load_report(path)
+      reports.append(path)
+    except UserError as e:
+      print(f"skipped: {e}")
+  if not reports:
+    raise UserError("None of the files given is a benchmark report; give the JSON files that a bench suite wrote "
+                    "with --out.")
+  folders = dict.fromkeys(os.path.dirname(write_tensorboard(path)) for path in reports)
+  print(f"wrote TensorBoard events for {len(reports)} report(s); to see them: "
         + "; ".join(f"tensorboard --logdir {folder}" for folder in folders))
   return 0
 

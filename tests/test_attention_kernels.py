@@ -400,7 +400,7 @@ def test_flash_runs_per_batch_shard_under_a_data_parallel_mesh():
   assert "per-shard flash == xla" in out.stdout
 
 
-@pytest.mark.parametrize("t,s", [(24, 24), (24, 40), (40, 40), (7, 33), (16, 16)])
+@pytest.mark.parametrize("t,s", [(24, 24), (24, 40), (40, 40), (7, 33), (16, 16), (40, 24), (33, 7)])
 @pytest.mark.parametrize("block_q,block_k", [(8, 8), (16, 8), (8, 16)])
 def test_causal_tile_ranges_skip_exactly_the_tiles_no_query_sees(t, s, block_q, block_k):
   """The loop bounds `chunked` and the Triton kernels share, against every (query, key) pair by brute force:

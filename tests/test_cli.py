@@ -187,9 +187,15 @@ def test_a_resume_may_change_how_long_and_how_fast_but_says_what_changed(tmp_pat
   assert (saved["num_train_steps"], saved["optim"]["learning_rate"]) == (5, 0.0005)
   code, _, err = run(train_args(workdir, text_file, extra=["--config.num_train_steps=5", "--config.seed=1"]), capsys)
   assert code == 2 and "(seed changed since the run's config.json)" in err
-  assert run(train_args(workdir, text_file, extra=["--config.num_train_steps=2"] + longer[1:]), capsys)[0] == 0
-  with open(os.path.join(workdir, "config.json")) as f:
-    assert json.load(f) == saved  # past num_train_steps: evaluated as it is, its config kept
+  for finished in (["--config.num_train_steps=2"], ["--config.num_train_steps=5", "--config.optim.learning_rate=0.1"]):
+    assert run(train_args(workdir, text_file, extra=longer[1:] + finished), capsys)[0] == 0
+    with open(os.path.join(workdir, "config.json")) as f:
+      assert json.load(f) == saved  # at or past num_train_steps: evaluated as it is, its config kept
+  del saved["model"]["mlp_ratio"]  # as in a run saved before a key was added to the configs (the same value)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(saved, f)
+  code, _, err = run(train_args(workdir, text_file, extra=["--config.num_train_steps=6"] + longer[1:]), capsys)
+  assert code == 0, err  # a key the saved config lacks is left to the restore, which takes the checkpoint
 
 
 def test_a_damaged_checkpoint_ends_the_command_on_its_one_sentence(tmp_path, text_file, capsys):

@@ -144,8 +144,9 @@ def test_bad_generation_requests():
     decoding.check_prompt(model, 2, 1, beams=5, vocab_size=3)
   decoding.check_prompt(model, 2, 2, beams=5, vocab_size=3)  # 9 continuations of 2 tokens
   params, rng = params_of(model), jax.random.PRNGKey(0)
-  for settings in (dict(top_p=0.0), dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_k=-1)):
-    with pytest.raises(UserError, match=r"Sampling takes temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "):
+  for settings in (dict(top_p=0.0), dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_k=-1),
+                   dict(temperature=float("inf"))):
+    with pytest.raises(UserError, match=r"Sampling takes 0 <= temperature < inf, top_k >= 0 and 0 < top_p <= 1; got "):
       decoding.sample(model, params, jnp.array([[1, 2]]), rng, max_new_tokens=2, **settings)
   for prompt in ([[1, VOCAB]], [[-1, 2]]):  # would silently read another token's embedding
     with pytest.raises(UserError, match=rf"outside the model's vocabulary 0..{VOCAB - 1}; encode it with"):

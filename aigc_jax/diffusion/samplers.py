@@ -76,12 +76,12 @@ def guided_prediction(apply_fn: ApplyFn, x, t, labels, *, num_classes: int, guid
   return uncond + guidance * (cond - uncond)
 
 
-def check_guidance_interval(interval) -> tuple[float, float]:
-  """(lo, hi) as floats with 0 <= lo <= hi <= 1, or a one-sentence error."""
+def check_guidance_interval(interval, setting: str = "--guidance-interval LO HI") -> tuple[float, float]:
+  """(lo, hi) as floats with 0 <= lo <= hi <= 1, or a one-sentence error telling to use `setting`."""
   lo, hi = (float(v) for v in interval)
   if not 0.0 <= lo <= hi <= 1.0:
     raise UserError(f"The guidance interval ({lo:g}, {hi:g}) is not within the noise levels 0..1; "
-                    "use --guidance-interval LO HI with 0 <= LO <= HI <= 1.")
+                    f"use {setting} with 0 <= LO <= HI <= 1.")
   return lo, hi
 
 

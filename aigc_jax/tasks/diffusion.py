@@ -47,10 +47,7 @@ class DiffusionTask(ImageTask):
     if config.sample.steps > d.num_steps:  # checked here, before training, not at the first evaluation
       raise UserError(f"sample.steps is {config.sample.steps} and the model has {d.num_steps} diffusion steps; set "
                       f"--config.sample.steps between 1 and {d.num_steps}.")
-    lo, hi = config.sample.guidance_interval
-    if not 0.0 <= lo <= hi <= 1.0:
-      raise UserError(f"sample.guidance_interval is ({lo:g}, {hi:g}); set --config.sample.guidance_interval=(LO, HI) "
-                      f"with 0 <= LO <= HI <= 1.")
+    diffusion.check_guidance_interval(config.sample.guidance_interval, "--config.sample.guidance_interval=(LO, HI)")
 
   def init_params(self, rng):
     x = jnp.zeros((1, *self.image_shape), jnp.float32)

@@ -3,6 +3,7 @@
 import logging
 import os
 import sys
+import threading
 
 import jax
 import orbax.checkpoint as ocp
@@ -60,7 +61,7 @@ def _quiet_abandoned_reads() -> None:
   if reads_abandoned:
     return
   reads_abandoned = True
-  unraisable_hook, except_hook = sys.unraisablehook, sys.excepthook
+  unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
 
   def loop_closed(value) -> bool:
     return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
@@ -70,7 +71,7 @@ def _quiet_abandoned_reads() -> None:
     return "orbax" in getattr(code, "co_filename", "") or loop_closed(unraisable.exc_value)
 
   sys.unraisablehook = lambda u: None if abandoned(u) else unraisable_hook(u)
-  sys.excepthook = lambda kind, value, tb: None if loop_closed(value) else except_hook(kind, value, tb)
+  threading.excepthook = lambda args: None if loop_closed(args.exc_value) else thread_hook(args)
   logging.getLogger("asyncio").addFilter(lambda record: "orbax" not in record.getMessage())
 
 

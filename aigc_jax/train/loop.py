@@ -42,6 +42,10 @@ class StepProfiler:
     self.logdir, self.num_steps, self.active = logdir, num_steps, False
     self.first = min(start + 1, end - 1)
     self.last = min(self.first + num_steps, end) - 1
+    if num_steps and start >= end:
+      logging.info("--profile: the run is already at step %d of %d, so there is no step to trace", start, end)
+    elif num_steps and self.first == start:
+      logging.info("--profile: one step is left to train, so the trace includes its compilation")
 
   def step(self, step: int):
     """A context for running training step `step`: starts the trace at the first profiled step and names each
@@ -157,7 +161,8 @@ def _resume(checkpointer, abstract_state, config, workdir: str):
 
 def _check_changes(checkpointer, config, workdir: str) -> None:
   """Refuses to resume with settings outside RESUMABLE_CHANGES changed since the run's config.json; logs the rest."""
-  changed = _changed_keys(os.path.join(workdir, CONFIG_FILE), config)
+  # Keys the run's config.json lacks (added to the configs since it was written) are left to the restore to judge.
+  changed = _changed_keys(os.path.join(workdir, CONFIG_FILE), config, missing=False)
   refused = [key for key in changed if not key.startswith(RESUMABLE_CHANGES)]
   if refused:
     raise UserError(f"The checkpoints in {checkpointer.directory} were written with a different config "
@@ -167,8 +172,9 @@ def _check_changes(checkpointer, config, workdir: str) -> None:
     logging.info("resuming with %s changed since the run's %s", ", ".join(changed), CONFIG_FILE)
 
 
-def _changed_keys(saved_path: str, config) -> list[str]:
-  """Dotted keys whose values differ between the JSON config at saved_path (if readable) and `config`."""
+def _changed_keys(saved_path: str, config, missing: bool = True) -> list[str]:
+  """Dotted keys whose values differ between the JSON config at saved_path (if readable) and `config`; with
+  `missing`, also those only one of them has."""
   try:
     with open(saved_path) as f:
       saved = json.load(f)
@@ -185,7 +191,8 @@ def _changed_keys(saved_path: str, config) -> list[str]:
     return items
 
   old, new = flat(saved), flat(json.loads(config_lib.to_json(config)))
-  return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+  keys = old.keys() | new.keys() if missing else old.keys() & new.keys()
+  return sorted(k for k in keys if old.get(k) != new.get(k))
 
 
 def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, profile_steps: int = 0
@@ -221,10 +228,10 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
   # Written only once the run has started or resumed and read its data: a start that fails (a changed model, a
   # missing corpus) leaves the workdir's run as it was, still resumable and sampled as trained. A run already past
   # num_train_steps trains no further, and keeps the config it was trained with.
-  if start <= config.num_train_steps:
+  if checkpointer.latest_step() is None or start < config.num_train_steps:
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config_lib.to_json(config))
-  else:
+  elif start > config.num_train_steps:
     logging.info("the run is at step %d, past num_train_steps=%d: evaluating it as it is", start,
                  config.num_train_steps)
   task.save_assets(workdir)
