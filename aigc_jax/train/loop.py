@@ -147,9 +147,7 @@ def _resume(checkpointer, abstract_state, config, workdir: str):
     changed = [key for key in _changed_keys(os.path.join(workdir, CONFIG_FILE), config)
                if key.startswith("optim.") or not key.startswith(RESUMABLE_CHANGES)]
     if changed:
-      raise UserError(f"The checkpoints in {checkpointer.directory} were written with a different config "
-                      f"({', '.join(changed)} changed since the run's {CONFIG_FILE}); resume with the run's own "
-                      f"settings, or train in a new --workdir.") from None
+      raise _config_changed(checkpointer, changed) from None
     raise
   if not isinstance(meta, dict) or (meta.get("data") or {}).get("next_batch") != int(state.step):
     raise UserError(f"The checkpoint at step {int(state.step)} in {checkpointer.directory} has no record of where "
@@ -165,11 +163,15 @@ def _check_changes(checkpointer, config, workdir: str) -> None:
   changed = _changed_keys(os.path.join(workdir, CONFIG_FILE), config, missing=False)
   refused = [key for key in changed if not key.startswith(RESUMABLE_CHANGES)]
   if refused:
-    raise UserError(f"The checkpoints in {checkpointer.directory} were written with a different config "
-                    f"({', '.join(refused)} changed since the run's {CONFIG_FILE}); resume with the run's own "
-                    f"settings, or train in a new --workdir.")
+    raise _config_changed(checkpointer, refused)
   if changed:
     logging.info("resuming with %s changed since the run's %s", ", ".join(changed), CONFIG_FILE)
+
+
+def _config_changed(checkpointer, keys: list[str]) -> UserError:
+  return UserError(f"The checkpoints in {checkpointer.directory} were written with a different config "
+                   f"({', '.join(keys)} changed since the run's {CONFIG_FILE}); resume with the run's own "
+                   f"settings, or train in a new --workdir.")
 
 
 def _changed_keys(saved_path: str, config, missing: bool = True) -> list[str]:
