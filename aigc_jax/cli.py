@@ -1,11 +1,11 @@
 """The `aigc-jax` command line: a thin layer over the library.
 
   aigc-jax train --config configs/NAME.py --workdir DIR [--profile N] [--config.KEY=VALUE ...]
-  aigc-jax sample --workdir DIR [--num-samples N] [--seed S]
+  aigc-jax sample --workdir DIR [--num-samples N] [--seed S] [--config.sample.KEY=VALUE ...]
       language models: [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--beams B]
       image models:    [--out PNG] [--label K] [--steps N] [--eta E] [--guidance W] [--guidance-interval LO HI]
   aigc-jax eval --workdir DIR [--num-samples N] [--seed S] [--steps N] [--eta E] [--guidance W]
-                [--guidance-interval LO HI]
+                [--guidance-interval LO HI] [--config.eval.KEY=VALUE ...] [--config.sample.KEY=VALUE ...]
   aigc-jax bench attention|denoise|train [--quick] [--out PATH] [...]
   aigc-jax bench show REPORT.json [...]
 """
@@ -67,50 +67,50 @@ def _train(args, overrides):
     print(f"samples: {os.path.join(sample, latest)}")
 
 
+# Language-model sampling options and their defaults; those the run's config has under sample.* default to its value.
 TEXT_OPTIONS = {"prompt": "\n", "max_new_tokens": 500, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "beams": 1}
+RUN_TEXT_DEFAULTS = ("prompt", "temperature", "top_k", "top_p")
 IMAGE_OPTIONS = ("out", "label", "steps", "eta", "guidance", "guidance_interval")
 
 
-def _no_overrides(command, overrides):
-  if overrides:
-    raise UserError(f"`aigc-jax {command}` takes no config overrides (got {overrides[0]}); it reads DIR/config.json.")
-
-
 def _sample(args, overrides):
-  _no_overrides("sample", overrides)
   from aigc_jax import sample  # pylint: disable=g-import-not-at-top
   from aigc_jax.tasks.image import ImageTask  # pylint: disable=g-import-not-at-top
 
-  task, params, step = sample.load_trained(args.workdir)
+  task, params, step = sample.load_trained(args.workdir, overrides)
   is_image = isinstance(task, ImageTask)
   misplaced = [name for name in (TEXT_OPTIONS if is_image else IMAGE_OPTIONS) if getattr(args, name) is not None]
   if misplaced:
     kind = "language" if is_image else "image"
     raise UserError(f"--{misplaced[0].replace('_', '-')} applies to {kind} models only; leave it out for this one.")
   if is_image:
-    path = sample.generate_images(task, params, step, args.workdir, num_samples=64 if args.num_samples is None else args.num_samples,
+    num_samples = sample.NUM_IMAGES if args.num_samples is None else args.num_samples
+    path = sample.generate_images(task, params, step, args.workdir, num_samples=num_samples,
                                   label=args.label, seed=args.seed, out=args.out, steps=args.steps, eta=args.eta,
                                   guidance=args.guidance, guidance_interval=args.guidance_interval)
     print(f"wrote {path}")
     return
-  options = {name: default if getattr(args, name) is None else getattr(args, name)
-             for name, default in TEXT_OPTIONS.items()}
-  texts = sample.generate_text(task, params, num_samples=1 if args.num_samples is None else args.num_samples, seed=args.seed, **options)
+  run = task.config.sample
+  defaults = {**TEXT_OPTIONS, **{name: run[name] for name in RUN_TEXT_DEFAULTS if name in run}}
+  options = {name: default if getattr(args, name) is None else getattr(args, name) for name, default in defaults.items()}
+  texts = sample.generate_text(task, params, num_samples=1 if args.num_samples is None else args.num_samples,
+                               seed=args.seed, **options)
   for i, text in enumerate(texts):
     print(f"--- sample {i} ---\n{text}")
 
 
 def _eval(args, overrides):
-  _no_overrides("eval", overrides)
   from aigc_jax.evaluate import evaluate_workdir  # pylint: disable=g-import-not-at-top
 
-  results = evaluate_workdir(args.workdir, num_samples=args.num_samples, seed=args.seed, steps=args.steps,
-                             eta=args.eta, guidance=args.guidance, guidance_interval=args.guidance_interval)
+  results = evaluate_workdir(args.workdir, num_samples=args.num_samples, seed=args.seed, overrides=overrides,
+                             steps=args.steps, eta=args.eta, guidance=args.guidance, guidance_interval=args.guidance_interval)
   print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
 
 
 def _bench(args, overrides):
-  _no_overrides("bench", overrides)
+  if overrides:
+    raise UserError(f"`aigc-jax bench` takes no config overrides (got --config.{overrides[0]}); see "
+                    f"`aigc-jax bench {args.suite} --help` for its options.")
   sys.exit(args.bench_run(args))
 
 
@@ -129,11 +129,11 @@ def parser() -> argparse.ArgumentParser:
   sample.add_argument("--num-samples", type=int, default=None, help="default: 1 text, a grid of 64 images")
   sample.add_argument("--seed", type=_seed, default=0)
   text = sample.add_argument_group("language models")
-  text.add_argument("--prompt", default=None, help="text to continue (default: a newline)")
+  text.add_argument("--prompt", default=None, help="text to continue (default: the run's sample.prompt, or a newline)")
   text.add_argument("--max-new-tokens", type=int, default=None, help="default 500")
-  text.add_argument("--temperature", type=_finite, default=None, help="default 0.8; 0 is greedy")
-  text.add_argument("--top-k", type=int, default=None, help="default 0: off")
-  text.add_argument("--top-p", type=_finite, default=None, help="default 1.0: off")
+  text.add_argument("--temperature", type=_finite, default=None, help="default: the run's sample.temperature, or 0.8; 0 is greedy")
+  text.add_argument("--top-k", type=int, default=None, help="default: the run's sample.top_k, or 0 (off)")
+  text.add_argument("--top-p", type=_finite, default=None, help="default: the run's sample.top_p, or 1.0 (off)")
   text.add_argument("--beams", type=at_least(1), default=None, help="beam search with this many beams when > 1")
   image = sample.add_argument_group("image models")
   image.add_argument("--out", default=None, help="PNG path (default: DIR/samples/sample_step_N_seed_S.png, "
@@ -152,7 +152,8 @@ def parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--seed", type=_seed, default=0)
   evaluate.add_argument("--steps", type=int, default=None, help="diffusion: sampler steps (default: the config's)")
   evaluate.add_argument("--eta", type=_finite, default=None, help="diffusion: DDIM eta (default: the config's)")
-  evaluate.add_argument("--guidance", type=_finite, default=None, help="diffusion: guidance scale (default: the config's)")
+  evaluate.add_argument("--guidance", type=_finite, default=None,
+                        help="diffusion: guidance scale (default: the config's)")
   evaluate.add_argument("--guidance-interval", type=_finite, nargs=2, default=None, metavar=("LO", "HI"),
                         help="diffusion: guide only where LO <= t / (T - 1) <= HI (default: the config's)")
   evaluate.set_defaults(run=_eval)

@@ -10,6 +10,7 @@ import ast
 import contextlib
 import importlib.util
 import json
+import math
 import os
 from typing import Iterable
 
@@ -33,14 +34,20 @@ def _fraction(upper_open: bool = True):
 COUNTS = ("batch_size", "grad_accum_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
           "seq_len", "num_layers", "num_heads", "emb_dim", "mlp_ratio", "hidden_dim", "latent_dim", "d_steps",
           "base_features", "num_res_blocks", "norm_groups", "conv_features", "num_samples", "max_new_tokens", "steps",
-          "num_steps", "bound_images", "bound_stride")
+          "num_steps", "bound_images", "bound_stride", "image_size", "channels")
+# Tuples of layer widths (or width multipliers): at least one entry, each a whole number of at least 1.
+WIDTHS = ("channel_mults", "features", "mlp_features")
 DTYPES = ("float32", "bfloat16", "float16")
 RANGES = {
     **{name: _at_least(1) for name in COUNTS},
     "keep_checkpoints": (lambda v: v >= 1, "at least 1 (the run resumes from the latest)"),
     **{name: _at_least(0) for name in ("num_train_steps", "eval_batches", "num_kv_heads", "warmup_steps",
                                        "min_learning_rate", "weight_decay", "grad_clip", "top_k", "temperature",
-                                       "eta", "guidance", "gp_weight")},
+                                       "eta", "gp_weight")},
+    # Negative scales guide away from the label, which some research wants; only inf and nan cannot work.
+    "guidance": (math.isfinite, "a finite number (0 unconditional, 1 conditional, more guides)"),
+    **{name: (lambda v: isinstance(v, int) and v >= 1, "whole numbers of at least 1")
+       for name in (*WIDTHS, "attention_resolutions")},
     "learning_rate": (lambda v: v > 0, "above 0"),
     "eps": (lambda v: v > 0, "above 0"),
     **{name: _fraction() for name in ("b1", "b2", "dropout", "dropout_rate", "cond_drop_prob", "ema_decay")},
@@ -54,16 +61,39 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
   """Imports `path`, calls its `get_config()`, applies overrides, locks it and checks the settings' ranges."""
   config = _config_from_file(path)
   config.lock()
+  apply_overrides(config, overrides)
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str],
+                    groups: tuple[str, ...] | None = None, why: str = "") -> None:
+  """Sets each `KEY=VALUE` of `overrides` (only keys in `groups`, if given; `why` says why) and checks the ranges."""
   for item in overrides:
     key, sep, value = item.partition("=")
     if not sep:
       raise UserError(f"Config override {item!r} has no '='; write it as --config.KEY=VALUE.")
+    if groups is not None and key.partition(".")[0] not in groups:
+      raise UserError(f"--config.{key} cannot change here: {why}; override only "
+                      f"{', '.join(g + '.*' for g in groups)} settings.")
     set_key(config, key, value)
+  check_ranges(config)
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+  """One sentence for the first field whose value (or, for a tuple, an entry of it) is outside its `RANGES` rule."""
   for key, value in _leaves(config):
-    fits, what = RANGES.get(key.rpartition(".")[2], (None, None))
-    if fits is not None and isinstance(value, (int, float, str)) and not isinstance(value, bool) and not fits(value):
+    name = key.rpartition(".")[2]
+    fits, what = RANGES.get(name, (None, None))
+    if fits is None or isinstance(value, bool):
+      continue
+    if isinstance(value, (tuple, list)):
+      if name in WIDTHS and not value:
+        raise UserError(f"Config key {key!r} is empty and needs at least one entry; set --config.{key}=(VALUE,).")
+      if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and fits(v) for v in value):
+        raise UserError(f"Config key {key!r} is {tuple(value)!r} and its entries must be {what}; set "
+                        f"--config.{key}=(VALUE, ...).")
+    elif isinstance(value, (int, float, str)) and not fits(value):
       raise UserError(f"Config key {key!r} is {value!r} and must be {what}; set --config.{key}=VALUE.")
-  return config
 
 
 def _leaves(config: ml_collections.ConfigDict, prefix: str = ""):

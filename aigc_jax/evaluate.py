@@ -29,13 +29,14 @@ def sample_many(task, params, num_samples: int, labels, rng, **options):
   return np.concatenate(chunks)
 
 
-def evaluate_workdir(workdir: str, *, num_samples: int | None = None, seed: int = 0, **options) -> dict:
+def evaluate_workdir(workdir: str, *, num_samples: int | None = None, seed: int = 0, overrides=(), **options) -> dict:
   """Writes and returns `DIR/eval.json`: Fréchet distances, label and classifier accuracy, the family's bound.
 
   `options` are the family's sampling options (diffusion: `steps`, `eta`, `guidance`, `guidance_interval`); None
-  keeps the config's `sample.*` value. The values used are recorded in the results.
+  keeps the config's `sample.*` value. The values used are recorded in the results. `overrides` (`KEY=VALUE`) change
+  the run's `eval.*` and `sample.*` settings, like `eval.bound_images=100` for a quicker bound.
   """
-  task, params, step = load_trained(workdir)
+  task, params, step = load_trained(workdir, overrides)
   if not isinstance(task, ImageTask):
     raise UserError("`aigc-jax eval` measures image models; a language model's held-out loss is in metrics.jsonl.")
   num_samples = task.config.eval.num_samples if num_samples is None else num_samples

@@ -1,6 +1,7 @@
 """Generation from a trained workdir: what `aigc-jax sample` runs (text or an image grid)."""
 
 import os
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,16 @@ from aigc_jax.train.checkpoint import Checkpointer
 from aigc_jax.train.loop import CONFIG_FILE, compile_steps
 
 
-def load_trained(workdir: str):
-  """(task, params, step) from the latest checkpoint in `workdir`; params are the EMA where one is kept."""
+# What `sample` and `eval` may override in a trained run's config (`--config.eval.bound_images=100`): settings that
+# do not change the trained model.
+AFTER_TRAINING = ("eval", "sample")
+
+
+def load_trained(workdir: str, overrides: Iterable[str] = ()):
+  """(task, params, step) from the latest checkpoint in `workdir`; params are the EMA where one is kept.
+
+  `overrides` (`KEY=VALUE`, keys under `AFTER_TRAINING`) change how the run is sampled and evaluated.
+  """
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise UserError(f"{workdir!r} holds no trained run ({CONFIG_FILE} is missing); train with `aigc-jax train` first.")
@@ -29,6 +38,7 @@ def load_trained(workdir: str):
   except ValueError as e:
     raise UserError(f"{path} is not valid JSON ({e}); restore it, or retrain into a fresh workdir.") from None
   config = config_lib.fill_missing(config, task_class(config).later_keys)
+  config_lib.apply_overrides(config, overrides, AFTER_TRAINING, f"the trained model is fixed by {path}")
   task = make_task(config, workdir)
   steps = compile_steps(task, config, parallel.data_mesh())
   checkpointer = Checkpointer(workdir)
@@ -65,7 +75,10 @@ def _name_part(value) -> str:
   return "-".join(f"{v:g}" for v in value) if isinstance(value, (tuple, list)) else f"{value:g}"
 
 
-def generate_images(task, params, step: int, workdir: str, *, num_samples: int = 64, label: int | None = None,
+NUM_IMAGES = 64  # the default grid: 8x8, or 10 columns of classes for a conditional model
+
+
+def generate_images(task, params, step: int, workdir: str, *, num_samples: int = NUM_IMAGES, label: int | None = None,
                     seed: int = 0, out: str | None = None, **options) -> str:
   """Samples `num_samples` images (all of class `label`, or every class in turn) and writes a PNG grid."""
   if out is not None and not out.lower().endswith(".png"):
@@ -78,8 +91,9 @@ def generate_images(task, params, step: int, workdir: str, *, num_samples: int =
   columns = task.num_classes if task.conditional and label is None else None
   grid = plots.image_grid(plots.to_uint8(images), columns=columns)
   if out is None:
-    # Named by every option given, so that samples with other labels, steps or guidance do not overwrite each other.
-    given = {"label": label, **options}
+    # Named by every option given, so that samples with other counts, labels, steps or guidance do not overwrite each
+    # other (a default count is left out: it is the same grid as no count).
+    given = {"num_samples": None if num_samples == NUM_IMAGES else num_samples, "label": label, **options}
     suffix = "".join(f"_{name}_{_name_part(value)}" for name, value in given.items() if value is not None)
     out = os.path.join(workdir, SAMPLES_DIR, f"sample_step_{step:06d}_seed_{seed}{suffix}.png")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

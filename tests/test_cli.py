@@ -128,6 +128,27 @@ def test_bad_sample_input_is_one_sentence(tmp_path, text_file, capsys):
   with pytest.raises(SystemExit) as stop:  # argparse's usage error
     cli.main(["sample", "--workdir", workdir, "--temperature", "nan"])
   assert stop.value.code == 2 and "argument --temperature: 'nan' is not a finite number" in capsys.readouterr().err
+  code, _, err = run(["sample", "--workdir", workdir, "--config.model.num_layers=2"], capsys)
+  assert code == 2 and err == (f"aigc-jax: --config.model.num_layers cannot change here: the trained model is fixed "
+                               f"by {workdir}/config.json; override only eval.*, sample.* settings.\n")
+  code, _, err = run(["sample", "--workdir", workdir, "--config.sample.top_p=5.0"], capsys)
+  assert code == 2 and "'sample.top_p' is 5.0 and must be above 0 and at most 1" in err
+
+
+def test_text_samples_default_to_the_runs_sample_settings(tmp_path, text_file, capsys):
+  workdir = str(tmp_path / "run")
+  assert run(train_args(workdir, text_file, extra=["--config.num_train_steps=1", "--config.sample.temperature=0.0"]),
+             capsys)[0] == 0
+
+  def text(*argv):
+    code, out, err = run(["sample", "--workdir", workdir, "--max-new-tokens", "12", *argv], capsys)
+    assert code == 0, err
+    return out
+
+  greedy = text("--seed", "0")
+  assert text("--seed", "1") == greedy  # the run's temperature 0: greedy, whatever the seed
+  assert text("--seed", "1", "--config.sample.temperature=1.0") != text("--seed", "2", "--temperature", "1")
+  assert text("--seed", "1", "--config.sample.temperature=1.0") == text("--seed", "1", "--temperature", "1")
 
 
 def test_an_interrupted_command_says_how_to_go_on(monkeypatch, capsys):

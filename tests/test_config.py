@@ -82,10 +82,29 @@ def test_bad_override_is_one_clear_sentence(override, message):
     ("gan_mlp_mnist", "model.latent_dim=0", "'model.latent_dim' is 0 and must be at least 1"),
     ("ddpm_mnist", "sample.steps=0", "'sample.steps' is 0 and must be at least 1"),
     ("ddpm_mnist", "ema_decay=1.0", "'ema_decay' is 1.0 and must be at least 0 and below 1"),
+    ("ddpm_mnist", "sample.guidance=1e999", "'sample.guidance' is inf and must be a finite number"),
+    ("ddpm_mnist", "data.channels=0", "'data.channels' is 0 and must be at least 1"),
+    # tuples of widths: every entry is checked (these used to blame attention_resolutions, divide by zero, or train)
+    ("ddpm_mnist", "model.channel_mults=(1, 0)", "'model.channel_mults' is (1, 0) and its entries must be whole "
+                                                  "numbers of at least 1; set --config.model.channel_mults=(VALUE, "
+                                                  "...)."),
+    ("ddpm_mnist", "model.channel_mults=()", "'model.channel_mults' is empty and needs at least one entry; set "
+                                             "--config.model.channel_mults=(VALUE,)."),
+    ("ddpm_mnist", "model.attention_resolutions=(7, 0)", "'model.attention_resolutions' is (7, 0) and its entries"),
+    ("vae_mnist", "model.features=(0, 64)", "'model.features' is (0, 64) and its entries must be whole numbers"),
+    ("vae_mnist", "model.features=(32.5, 64)", "'model.features' is (32.5, 64) and its entries must be whole"),
+    ("gan_mnist", "model.mlp_features=(-1, 5)", "'model.mlp_features' is (-1, 5) and its entries must be whole"),
 ])
 def test_values_that_cannot_work_are_refused_when_the_config_loads(name, override, message):
   with pytest.raises(UserError, match=re.escape(message)):
     config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py"), [override])
+
+
+def test_values_at_the_edges_of_the_ranges_load():
+  # negative guidance steers away from the label (as --guidance allows); no attention is a valid UNet
+  overrides = ["sample.guidance=-1.0", "model.attention_resolutions=()", "model.channel_mults=(1,)"]
+  config = config_lib.load_config(os.path.join(ROOT, "configs", "ddpm_mnist.py"), overrides)
+  assert (config.sample.guidance, config.model.attention_resolutions, config.model.channel_mults) == (-1.0, (), (1,))
 
 
 @pytest.mark.parametrize("name, override, message", [

@@ -195,17 +195,20 @@ def test_diffusion_train_resume_sample_and_eval(tmp_path, capsys, monkeypatch, t
   assert code == 0 and os.path.exists(out_png), err
   code, out, err = run(["sample", "--workdir", workdir, "--num-samples", "2", "--label", "7", "--steps", "4",
                         "--guidance-interval", "0.5", "1"], capsys)  # the default name tells the options apart
-  named = os.path.join(workdir, "samples", "sample_step_000004_seed_0_label_7_steps_4_guidance_interval_0.5-1.png")
+  named = os.path.join(workdir, "samples", "sample_step_000004_seed_0_num_samples_2_label_7_steps_4_"
+                       "guidance_interval_0.5-1.png")
   assert code == 0 and out.strip() == f"wrote {named}" and os.path.exists(named), err
   code, out, err = run(["eval", "--workdir", workdir, "--guidance", "1.5", "--steps", "3",
-                        "--guidance-interval", "0.25", "1"], capsys)
+                        "--guidance-interval", "0.25", "1", "--config.eval.bound_images=3"], capsys)
   assert code == 0, err
-  assert "variational bound: 8 / 8 held-out images (every 5-th timestep)" in err  # progress of the slow part
+  assert "variational bound: 3 / 3 held-out images (every 5-th timestep)" in err  # progress of the slow part
   results = json.load(open(os.path.join(workdir, "eval.json")))
   assert {"frechet_distance", "frechet_distance_real", "label_accuracy", "classifier_accuracy"} <= set(results)
   assert (results["steps"], results["eta"], results["guidance"]) == (3, 0.0, 1.5)  # what was used, recorded
   assert results["guidance_interval"] == [0.25, 1.0]
   assert 0 <= results["label_accuracy"] <= 1 and results["bits_per_dim"] > 0 and results["bound_stride"] == 5
+  assert results["bound_images"] == 3 and json.load(open(os.path.join(workdir, "config.json")))["eval"][
+      "bound_images"] == 8  # the override was for this command: the run's config is as trained
 
   code, _, err = run(["eval", "--workdir", workdir, "--steps", "21"], capsys)
   assert code == 2 and "use --steps between 1 and 20" in err
