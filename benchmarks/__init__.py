@@ -132,6 +132,10 @@ class Report:
     """Whether the cell with these field values is already in the report."""
     return tuple(cell[k] for k in self.cell) in self._cells()
 
+  def kept(self, **cell) -> list:
+    """The rows of a cell already in the report (kept from the run resumed), for the suite to print again."""
+    return [row for row in self.rows if all(row[k] == cell[k] for k in self.cell)]
+
   def add(self, rows: list, **entries) -> None:
     """Appends one cell's rows (and per-cell entries to the `lists` fields), then rewrites the JSON."""
     self.rows.extend(rows)

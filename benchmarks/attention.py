@@ -162,6 +162,16 @@ def calls_per_rep(warm_ms: float) -> int:
   return int(np.clip(np.ceil(MIN_REP_MS / max(warm_ms, 1e-3)), 1, MAX_CALLS))
 
 
+def print_row(row: dict, iqr: float | None) -> None:
+  """One line of the table (the header is in `run`)."""
+  fmt = lambda x, f: format(x, f) if x is not None else "-"
+  print(f"{row['implementation']:>14s} {row['seq_len']:7d} {row['head_dim']:8d} {str(row['causal']):>6s} "
+        f"{row['mode']:>7s} {fmt(row['ms'], '9.1f'):>9s} {fmt(iqr, '7.1f'):>7s} {fmt(row['tflops'], '8.4f'):>8s} "
+        f"{fmt(row['peak_fraction'] and 100 * row['peak_fraction'], '6.1f'):>7s} "
+        f"{fmt(row['ratio_to_reference'], '7.2f'):>7s} {fmt(row['error_vs_reference'], '7.1e'):>7s} "
+        f"{fmt(row['memory_bytes'] and row['memory_bytes'] / 2 ** 20, '7.1f'):>7s}", flush=True)
+
+
 def run(args) -> int:
   backend = jax.default_backend()
   on_gpu = backend == "gpu"
@@ -204,6 +214,9 @@ def run(args) -> int:
   print(header)
   for seq_len, head_dim, causal, mode, batch, heads in grid(g):
     if report.done(seq_len=seq_len, head_dim=head_dim, causal=causal, mode=mode):
+      for row in report.kept(seq_len=seq_len, head_dim=head_dim, causal=causal, mode=mode):  # the whole table
+        spread = [s for s in report.meta["spread"] if all(s[k] == row[k] for k in ("implementation", *report.cell))]
+        print_row(row, spread[0]["iqr_ms"] if spread else None)
       continue
     rows, not_run, spreads, wrong = [], [], [], []
     rng = np.random.default_rng([seq_len, head_dim, causal, MODES.index(mode)])  # the same inputs when resumed
@@ -253,12 +266,7 @@ def run(args) -> int:
       iqr = float(np.percentile(times[name], 75) - np.percentile(times[name], 25)) if ms else None
       spreads.append(dict(implementation=name, seq_len=seq_len, head_dim=head_dim, causal=causal, mode=mode,
                           all_ms=times.get(name), iqr_ms=iqr))
-      fmt = lambda x, f: format(x, f) if x is not None else "-"
-      print(f"{name:>14s} {seq_len:7d} {head_dim:8d} {str(causal):>6s} {mode:>7s} {fmt(ms, '9.1f'):>9s} "
-            f"{fmt(iqr, '7.1f'):>7s} {fmt(tflops, '8.4f'):>8s} "
-            f"{fmt(row['peak_fraction'] and 100 * row['peak_fraction'], '6.1f'):>7s} "
-            f"{fmt(row['ratio_to_reference'], '7.2f'):>7s} {fmt(row['error_vs_reference'], '7.1e'):>7s} "
-            f"{fmt(row['memory_bytes'] and row['memory_bytes'] / 2 ** 20, '7.1f'):>7s}", flush=True)
+      print_row(row, iqr)
     del arrays, compiled, outputs, footprints
     report.add(rows, wrong=wrong, not_run=not_run, spread=spreads)
 

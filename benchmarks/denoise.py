@@ -163,6 +163,8 @@ def run(args) -> int:
                   resume=args.resume)
   for name in shapes:
     if report.done(shape=name):
+      for row in report.kept(shape=name):  # the whole table
+        print_row(row)
       continue
     rows = []
     config_file, overrides, size, channels, classes = SHAPES[name]
@@ -195,14 +197,19 @@ def run(args) -> int:
                    peak_fraction=tflops * 1e12 / peak if tflops and peak else None, ratio_to_reference=ref_s / seconds,
                    all_ms=[1000 * t for t in times[impl]])
         rows.append(row)
-        fmt = lambda v, f: format(v, f) if v is not None else "-"
-        print(f"{name:>13s} {what:>10s} {impl:>16s} {batch:5d} {row['ms']:9.1f} {row['images_per_sec']:9.1f} "
-              f"{fmt(row['steps_per_sec'], '8.2f'):>8s} {fmt(tflops, '8.4f'):>8s} "
-              f"{fmt(row['peak_fraction'] and 100 * row['peak_fraction'], '6.1f'):>7s} "
-              f"{row['ratio_to_reference']:7.2f}", flush=True)
+        print_row(row)
     report.add(rows)
   report.finish()
   return 0
+
+
+def print_row(row: dict) -> None:
+  """One line of the table (the header is in `run`)."""
+  fmt = lambda v, f: format(v, f) if v is not None else "-"
+  print(f"{row['shape']:>13s} {row['what']:>10s} {row['implementation']:>16s} {row['batch']:5d} {row['ms']:9.1f} "
+        f"{row['images_per_sec']:9.1f} {fmt(row['steps_per_sec'], '8.2f'):>8s} {fmt(row['tflops'], '8.4f'):>8s} "
+        f"{fmt(row['peak_fraction'] and 100 * row['peak_fraction'], '6.1f'):>7s} "
+        f"{row['ratio_to_reference']:7.2f}", flush=True)
 
 
 def plot(rows, title):

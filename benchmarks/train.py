@@ -240,21 +240,27 @@ def run(args) -> int:
                                                                "warmup", "reps"), resume=args.resume)
   for name in names:
     if report.done(shape=name):
+      print_shape(report.kept(shape=name))  # the whole table
       continue
     shape_rows = bench_shape(name, args, dtype, peak)
     report.add(shape_rows)
-    for r in shape_rows:
-      pct = lambda x: f"{100 * x:5.1f}%" if x is not None else "-"
-      print(f"{name:>5s} {r['implementation']:>9s} {r['attention']:>13s} {r['batch']:5d} {r['seq_len']:5d} "
-            f"{r['ms']:9.1f} {r['tokens_per_s']:9.0f} {r['tflops']:8.4f} {pct(r['mfu']):>6s} "
-            f"{pct(r['mfu_causal']):>6s} {r['ratio_to_reference']:6.2f}", flush=True)
-    ours = shape_rows[0]
-    xla = f"{ours['xla_flops_per_step'] / ours['model_flops_per_step']:.2f}x" if ours["xla_flops_per_step"] else "-"
-    print(f"      {ours['matmul_params'] / 1e6:.2f}M matmul params, {ours['flops_per_token'] / 1e6:.1f} MFLOP/token;"
-          f" XLA cost analysis / model FLOPs (ours): {xla}" + (f"; {ours['note']}" if ours["note"] else ""))
+    print_shape(shape_rows)
   print()
   report.finish()
   return 0
+
+
+def print_shape(shape_rows: list) -> None:
+  """A shape's lines of the table (ours, then the reference; the header is in `run`) and its model's size."""
+  pct = lambda x: f"{100 * x:5.1f}%" if x is not None else "-"
+  for r in shape_rows:
+    print(f"{r['shape']:>5s} {r['implementation']:>9s} {r['attention']:>13s} {r['batch']:5d} {r['seq_len']:5d} "
+          f"{r['ms']:9.1f} {r['tokens_per_s']:9.0f} {r['tflops']:8.4f} {pct(r['mfu']):>6s} "
+          f"{pct(r['mfu_causal']):>6s} {r['ratio_to_reference']:6.2f}", flush=True)
+  ours = shape_rows[0]
+  xla = f"{ours['xla_flops_per_step'] / ours['model_flops_per_step']:.2f}x" if ours["xla_flops_per_step"] else "-"
+  print(f"      {ours['matmul_params'] / 1e6:.2f}M matmul params, {ours['flops_per_token'] / 1e6:.1f} MFLOP/token;"
+        f" XLA cost analysis / model FLOPs (ours): {xla}" + (f"; {ours['note']}" if ours["note"] else ""))
 
 
 def plot(rows, title):

@@ -66,8 +66,10 @@ def test_a_run_stopped_partway_keeps_its_cells_and_resume_runs_only_the_rest(tmp
     return real_build(implementation, causal, mode, arrays)
 
   monkeypatch.setattr(bench_attention, "build", build_then_stop)
+  capsys.readouterr()
   with pytest.raises(KeyboardInterrupt):
     bench_attention.run(parse_args(bench_attention, argv))
+  first_lines = [line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("xla")]
   partial = json.loads(out.read_text())
   assert partial["meta"]["complete"] is False and not out.with_suffix(".png").exists()
   assert [(r["causal"], r["mode"]) for r in partial["rows"]] == [(False, "fwd"), (False, "fwd_bwd")]
@@ -77,7 +79,10 @@ def test_a_run_stopped_partway_keeps_its_cells_and_resume_runs_only_the_rest(tmp
   monkeypatch.setattr(bench_attention, "build", lambda *a: built.append(a[1:3]) or real_build(*a))
   assert bench_attention.run(parse_args(bench_attention, [*argv, "--resume"])) == 0
   assert built == [(True, "fwd"), (True, "fwd_bwd")]  # only the cells the first run did not finish
-  assert f"resuming {out}: 2 cells already in it, kept" in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert f"resuming {out}: 2 cells already in it, kept" in printed
+  lines = [line for line in printed.splitlines() if line.lstrip().startswith("xla")]
+  assert len(first_lines) == 2 and len(lines) == 4 and lines[:2] == first_lines  # the whole table, kept rows too
   report = json.loads(out.read_text())
   assert report["meta"]["complete"] is True and report["meta"]["runs"] == 2
   assert report["rows"][:2] == partial["rows"]  # kept as measured

@@ -45,12 +45,15 @@ def test_run_on_the_tiny_shape_writes_rows_and_a_chart(run_bench):
   assert report["meta"]["complete"] is True
 
 
-def test_resume_keeps_the_shapes_already_measured(run_bench, tmp_path, monkeypatch):
+def test_resume_keeps_the_shapes_already_measured(run_bench, tmp_path, monkeypatch, capsys):
   from benchmarks import denoise as bench_denoise
   argv = ["--quick", "--shapes", "tiny", "--reps", "1"]
   for suite, extra, stage in ((bench_train, ["--warmup", "1", "--steps", "1"], "bench_shape"),
                               (bench_denoise, [], "build")):
+    capsys.readouterr()
     first = run_bench(suite, *argv, *extra)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("tiny")]
+    assert len(table) == len(first["rows"])
 
     def unexpected(*args, **kwargs):
       raise AssertionError("a shape already in the report was measured again")
@@ -58,6 +61,9 @@ def test_resume_keeps_the_shapes_already_measured(run_bench, tmp_path, monkeypat
     monkeypatch.setattr(suite, stage, unexpected)
     again = run_bench(suite, *argv, *extra, "--resume")
     assert again["rows"] == first["rows"] and again["meta"]["runs"] == 2 and again["meta"]["complete"] is True
+    printed = capsys.readouterr().out
+    assert "resuming" in printed and [line for line in printed.splitlines() if line.lstrip().startswith("tiny")] == \
+        table  # the kept rows make the same table
 
 
 def test_unknown_shape_is_a_user_error(tmp_path):
