@@ -1,6 +1,7 @@
 """The `aigc-jax` command line: a thin layer over the library.
 
   aigc-jax train --config configs/NAME.py --workdir DIR [--profile N] [--config.KEY=VALUE ...]
+                 [--distributed] [--coordinator HOST:PORT --num-processes N --process-id I]
   aigc-jax sample --workdir DIR [--num-samples N] [--seed S] [--config.sample.KEY=VALUE ...]
       language models: [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--beams B]
       image models:    [--out PNG] [--label K] [--steps N] [--eta E] [--guidance W] [--guidance-interval LO HI]
@@ -52,10 +53,17 @@ def _seed(text: str) -> int:
 
 def _train(args, overrides):
   from aigc_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from aigc_jax.train import parallel  # pylint: disable=g-import-not-at-top
   from aigc_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load_config(args.config, overrides)
+  if args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
+    parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if not parallel.is_primary():  # process 0 speaks for the run; the others only report problems
+      logging.getLogger().setLevel(logging.WARNING)
   result = train_and_evaluate(config, args.workdir, profile_steps=args.profile)
+  if not parallel.is_primary():
+    return
   if result:
     print(", ".join(f"{k} {v:.4f}" for k, v in result.items()))
   sample = os.path.join(args.workdir, "samples")
@@ -123,6 +131,14 @@ def parser() -> argparse.ArgumentParser:
   train.add_argument("--profile", type=at_least(1), default=0, metavar="N",
                      help="trace N training steps (after the first, which compiles) with jax.profiler into "
                      "DIR/tensorboard, for TensorBoard's Profile tab")
+  hosts = train.add_argument_group("multi-process runs (one process per host, each running the same command on "
+                                   "a shared --workdir)")
+  hosts.add_argument("--distributed", action="store_true",
+                     help="join the other processes with jax.distributed.initialize, which finds them on Cloud TPU "
+                     "pods, SLURM, Open MPI and Kubernetes; the next three flags say it by hand (and imply this)")
+  hosts.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's host and a free port")
+  hosts.add_argument("--num-processes", type=at_least(1), default=None, metavar="N")
+  hosts.add_argument("--process-id", type=at_least(0), default=None, metavar="I", help="0 <= I < N")
   train.set_defaults(run=_train)
   sample = sub.add_parser("sample", help="generate from the latest checkpoint in a workdir")
   sample.add_argument("--workdir", required=True)

@@ -12,10 +12,10 @@ from aigc_jax import decoding
 from aigc_jax import plots
 from aigc_jax.errors import UserError
 from aigc_jax.tasks import make_task, task_class
-from aigc_jax.tasks.image import SAMPLES_DIR
 from aigc_jax.train import parallel
 from aigc_jax.train.checkpoint import Checkpointer
 from aigc_jax.train.loop import CONFIG_FILE, compile_steps
+from aigc_jax.train.writer import SAMPLES_DIR
 
 
 # What `sample` and `eval` may override in a trained run's config (`--config.eval.bound_images=100`): settings that

@@ -112,8 +112,9 @@ class CharVocab:
     return "".join(self.chars[int(i)] for i in ids)
 
   def save(self, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump({"chars": self.chars}, f)
+    from aigc_jax.train.writer import write_atomically  # pylint: disable=g-import-not-at-top
+
+    write_atomically(path, json.dumps({"chars": self.chars}))
 
   @classmethod
   def load(cls, path: str) -> "CharVocab":

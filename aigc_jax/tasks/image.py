@@ -1,7 +1,5 @@
 """What the image families share: labelled image data, sample grids, sampling requests."""
 
-import os
-
 import jax
 import numpy as np
 
@@ -9,8 +7,6 @@ from aigc_jax import plots
 from aigc_jax.data.images import ImageDataset
 from aigc_jax.errors import UserError
 from aigc_jax.tasks.base import Task
-
-SAMPLES_DIR = "samples"
 
 
 class ImageTask(Task):
@@ -68,8 +64,5 @@ class ImageTask(Task):
     n = self.config.sample.num_samples
     labels = self.default_labels(n)
     images = self.sample(params, jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step), n, labels)
-    grid = plots.image_grid(plots.to_uint8(images), columns=self.num_classes if self.conditional else None)
-    directory = os.path.join(writer.workdir, SAMPLES_DIR)
-    os.makedirs(directory, exist_ok=True)
-    plots.save_png(grid, os.path.join(directory, f"step_{step:06d}.png"), scale=2)
-    writer.write_image(step, "samples", grid)
+    writer.write_sample(step, plots.image_grid(plots.to_uint8(images),
+                                               columns=self.num_classes if self.conditional else None))

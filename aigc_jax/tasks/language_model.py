@@ -64,8 +64,5 @@ class LanguageModelTask(Task):
     tokens = decoding.sample(self.model, params, jnp.asarray(prompt)[None], jax.random.PRNGKey(self.config.seed),
                              max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
     text = self.vocab.decode(np.asarray(tokens[0]))
-    os.makedirs(os.path.join(writer.workdir, "samples"), exist_ok=True)
-    with open(os.path.join(writer.workdir, "samples", f"step_{step:06d}.txt"), "w", encoding="utf-8") as f:
-      f.write(text)
-    writer.write_text(step, "sample", text)
+    writer.write_sample(step, text)
     return text

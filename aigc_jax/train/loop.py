@@ -20,7 +20,7 @@ from aigc_jax.train import parallel
 from aigc_jax.train.checkpoint import Checkpointer, abstract_with_sharding
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import reduce_metrics
-from aigc_jax.train.writer import MetricWriter
+from aigc_jax.train.writer import MetricWriter, write_atomically
 
 CONFIG_FILE = "config.json"
 # What a resumed run may change from its config.json: how long it trains, when and what it logs, evaluates, samples
@@ -203,8 +203,12 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
   with no evaluation metrics, GANs, the last logged training metrics).
 
   `profile_steps` > 0 traces that many training steps (after the first, which compiles) into
-  `workdir/tensorboard` with `jax.profiler`.
+  `workdir/tensorboard` with `jax.profiler` (the primary process's, in a multi-process run).
+
+  In a multi-process run (`parallel.initialize_distributed`) every process calls this with the same config and
+  workdir (a folder they share); only the primary one writes logs, samples and the config, and shows progress.
   """
+  primary = parallel.is_primary()
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir} is a file; name a folder (new or holding a run).")
   os.makedirs(workdir, exist_ok=True)
@@ -231,12 +235,13 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
   # missing corpus) leaves the workdir's run as it was, still resumable and sampled as trained. A run already past
   # num_train_steps trains no further, and keeps the config it was trained with.
   if checkpointer.latest_step() is None or start < config.num_train_steps:
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config_lib.to_json(config))
+    if primary:
+      write_atomically(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(config))
   elif start > config.num_train_steps:
     logging.info("the run is at step %d, past num_train_steps=%d: evaluating it as it is", start,
                  config.num_train_steps)
-  task.save_assets(workdir)
+  if primary:
+    task.save_assets(workdir)
 
   def evaluate(params, step, record=True):
     results = {}
@@ -250,11 +255,11 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
       task.on_eval(params, step, writer)
     return results
 
-  writer = MetricWriter(workdir, resume_step=start)
-  progress = tqdm(total=config.num_train_steps, initial=start, disable=not show_progress, unit="step",
+  writer = MetricWriter(workdir, resume_step=start, active=primary)
+  progress = tqdm(total=config.num_train_steps, initial=start, disable=not (show_progress and primary), unit="step",
                   dynamic_ncols=True)
   pending, window_start, window_first = [], None, start
-  profiler = StepProfiler(writer.tensorboard.logdir, start, config.num_train_steps, profile_steps)
+  profiler = StepProfiler(writer.logdir, start, config.num_train_steps, profile_steps if primary else 0)
   last_eval, last_logged, last_saved = {}, {}, checkpointer.latest_step()
   try:
     for step in range(start, config.num_train_steps):
@@ -286,7 +291,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
         pending, window_start, window_first = [], now, done
       if evaluating:
         last_eval = evaluate(state.eval_params, done)
-        if last_eval:  # GANs have no evaluation metrics, only samples
+        if last_eval and primary:  # GANs have no evaluation metrics, only samples
           progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
         window_start = time.perf_counter()  # evaluation time is not training throughput
       if saving:
@@ -296,7 +301,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
     if start >= config.num_train_steps and not last_eval:
       logging.info("already trained to step %d; evaluating", start)
       last_eval = evaluate(state.eval_params, start, record=False)  # the run's own evaluation there is kept
-    if os.path.exists(writer.path):  # nothing is logged by a run of 0 steps
+    if primary and os.path.exists(writer.path):  # nothing is logged by a run of 0 steps
       curves = plot_training_curves(writer.path, os.path.join(workdir, "curves.png"), task.loss_label)
       writer.write_image(config.num_train_steps, "curves", curves)
   finally:  # an interrupted run keeps every checkpoint it started writing

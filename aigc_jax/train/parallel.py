@@ -1,4 +1,10 @@
-"""Data parallelism over every device: batch sharded on a `data` mesh axis, state replicated."""
+"""Data parallelism over every device: batch sharded on a `data` mesh axis, state replicated.
+
+Every device means every device of every process: a run over several hosts (a TPU pod slice, a GPU cluster) starts
+one process per host, joined by `initialize_distributed`, and the mesh spans them all. Each process computes the
+same global batch (batches are pure functions of the step) and places the rows its own devices hold; only the
+primary process (`is_primary`) writes the workdir's logs and samples, while Orbax coordinates the checkpoints.
+"""
 
 import jax
 import numpy as np
@@ -6,6 +12,31 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn.attention import BATCH_AXIS
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, timeout_s: int = 300) -> None:
+  """Joins this process to a multi-process run with `jax.distributed.initialize`, before anything uses a device.
+
+  Values left None are found by JAX's cluster detection (Cloud TPU pods, SLURM, Open MPI, Kubernetes, ...; the
+  coordinator also from JAX_COORDINATOR_ADDRESS). CPU processes reduce over TCP (gloo), so a run of several
+  processes on one machine works too.
+  """
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s)
+  except (ValueError, TypeError) as e:  # nothing given and no cluster detected, or values that do not fit
+    raise UserError(f"Cannot join a multi-process run ({e}); on a cluster JAX does not detect, pass --coordinator "
+                    f"HOST:PORT --num-processes N --process-id I (0 <= I < N) to every process.") from None
+  except Exception as e:  # noqa: BLE001 - XlaRuntimeError: the coordinator did not answer in time
+    raise UserError(f"Cannot join a multi-process run at {coordinator or 'the detected coordinator'} "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); start every process with the same "
+                    f"--coordinator and --num-processes, process 0 on the coordinator's host.") from None
+
+
+def is_primary() -> bool:
+  """Whether this process writes the workdir's logs, metrics and samples: process 0 of a multi-process run."""
+  return jax.process_index() == 0
 
 
 def data_mesh() -> jax.sharding.Mesh:
@@ -32,14 +63,8 @@ def check_batch_size(batch_size: int, mesh, grad_accum_steps: int = 1) -> None:
 def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   """Places a global host batch on the mesh, split along the batch axis.
 
-  Every process computes the same global batch (batches are pure functions of the
-  step) and contributes its own contiguous slice of rows.
+  Every process computes the same global batch (batches are pure functions of the step) and places the rows its
+  own devices hold, wherever the mesh put them.
   """
   sharding = batch_sharding(mesh)
-  index, count = jax.process_index(), jax.process_count()
-
-  def local(x):
-    rows = x.shape[0] // count
-    return x[index * rows:(index + 1) * rows]
-
-  return {k: jax.make_array_from_process_local_data(sharding, local(v), v.shape) for k, v in batch.items()}
+  return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
