@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from aigc_jax.errors import UserError
 
@@ -53,10 +54,14 @@ def pick_tokens(logits, rng, temperature, top_k, top_p):
 
 
 def check_prompt(model, prompt_len: int, max_new_tokens: int, beams: int = 1, vocab_size: int | None = None):
+  """One sentence for a request `sample` (beams 1) or `beam_search` cannot serve: an empty prompt, no new tokens,
+  more beams than continuations, or a beam search past the model's context."""
   if prompt_len < 1:
-    raise UserError("The prompt is empty; give at least one character to start from.")
+    raise UserError("The prompt is empty; give at least one token (a character, for our models) to start from.")
   if max_new_tokens < 1:
     raise UserError(f"max_new_tokens is {max_new_tokens}; ask for at least one new token.")
+  if beams < 1:
+    raise UserError(f"beams is {beams}; search with at least one beam.")
   if beams > 1 and vocab_size is not None:
     continuations = 1  # vocab_size ** max_new_tokens, counted only as far as `beams`
     for _ in range(max_new_tokens):
@@ -69,7 +74,7 @@ def check_prompt(model, prompt_len: int, max_new_tokens: int, beams: int = 1, vo
   max_len = context_length(model)
   if beams > 1 and max_len is not None and prompt_len > max_len:
     raise UserError(f"Beam search runs within the model's context of {max_len} tokens, and the prompt has "
-                    f"{prompt_len}; shorten it to at most {max_len} characters, or sample without beams.")
+                    f"{prompt_len}; shorten it to at most {max_len} tokens, or sample without beams.")
   if beams > 1 and max_len is not None and prompt_len + max_new_tokens > max_len + 1:
     raise UserError(
         f"Beam search runs within the model's context of {max_len} tokens, and the prompt plus new tokens "
@@ -89,7 +94,7 @@ def check_tokens(model, prompt) -> None:
   they would silently read another token's embedding. (Traced ids, under a caller's jax.jit, are not checked.)"""
   if isinstance(prompt, jax.core.Tracer):
     return
-  ids = jnp.asarray(prompt)
+  ids = np.asarray(prompt)  # not jnp: under a caller's jax.jit, its min and max would be traced
   vocab_size = model.config.vocab_size
   if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
     raise UserError(f"The prompt has token ids from {int(ids.min())} to {int(ids.max())}, outside the model's "
@@ -104,6 +109,10 @@ def sample(model, params, prompt, rng, *, max_new_tokens: int, temperature=1.0, 
   if not settings_ok(temperature, top_k, top_p):
     raise UserError(f"Sampling takes 0 <= temperature < inf, top_k >= 0 and 0 < top_p <= 1; got {temperature}, "
                     f"{top_k} and {top_p}.")
+  if jnp.ndim(prompt) != 2:
+    raise UserError(f"sample takes prompts [batch, length] of token ids, and got shape {jnp.shape(prompt)}; for one "
+                    f"prompt pass prompt[None].")
+  check_prompt(model, jnp.shape(prompt)[1], max_new_tokens)
   check_tokens(model, prompt)
   return _sample(model, params, jnp.asarray(prompt, jnp.int32), rng, max_new_tokens,
                  jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
@@ -142,7 +151,14 @@ def _sample(model, params, prompt, rng, max_new_tokens, temperature, top_k, top_
 
 
 def beam_search(model, params, prompt, *, beams: int, max_new_tokens: int):
-  """Beam search from prompt [P]; returns (tokens [beams, P + max_new_tokens], log-probs [beams]), best first."""
+  """Beam search from prompt [P]; returns (tokens [beams, P + max_new_tokens], log-probs [beams]), best first.
+
+  It runs within the model's context (prompt plus new tokens at most max_len + 1), from one prompt.
+  """
+  if jnp.ndim(prompt) != 1:
+    raise UserError(f"beam_search takes one prompt [length] of token ids, and got shape {jnp.shape(prompt)}; search "
+                    f"from each prompt in turn.")
+  check_prompt(model, jnp.shape(prompt)[0], max_new_tokens, beams, vocab_size=model.config.vocab_size)
   check_tokens(model, prompt)
   return _beam_search(model, params, jnp.asarray(prompt, jnp.int32), beams=beams, max_new_tokens=max_new_tokens)
 

@@ -7,6 +7,7 @@ a padded last tile and (causal) skipped tiles; the TPU kernels' blocks are at le
 random linear functional sum(out * w) with respect to q, k and v.
 """
 
+import functools
 import os
 
 import jax
@@ -100,6 +101,18 @@ def test_chunked_rejects_a_mask_that_does_not_broadcast():
   q, k, v, _ = qkv()
   with pytest.raises(UserError, match=r"does not broadcast to \[B, H, T, S\]"):
     chunked_attention(q, k, v, mask=np.ones((3, 1, 1, 40), bool))
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked", "flash"])
+def test_an_additive_bias_is_refused_not_cast_to_the_opposite_mask(impl):
+  q, k, v, _ = qkv()
+  attend = IMPLS.get(impl) or functools.partial(dot_product_attention, implementation=impl)
+  bias = np.where(np.arange(40) < 20, 0.0, -np.inf).astype(np.float32)[None, None, None, :]  # keep the first 20
+  with pytest.raises(UserError, match="Attention mask has dtype float32; give a boolean mask .True keeps a key., "
+                                      "not an additive bias: for a bias b, pass b == 0."):
+    attend(q, k, v, mask=bias)
+  ones = attend(q, k, v, mask=(bias == 0).astype(np.int32))  # 0/1 integers are a mask
+  np.testing.assert_allclose(ones, attend(q, k, v, mask=bias == 0), rtol=1e-6, atol=1e-6)
 
 
 # flash runs interpreted here, and each case compiles for seconds: a few cases that cover the features.

@@ -137,7 +137,7 @@ def test_bad_generation_requests():
   with pytest.raises(UserError, match="ask for at most 6 new tokens"):
     decoding.check_prompt(model, 3, 7, beams=2)
   decoding.check_prompt(model, 3, 7, beams=1)  # sampling slides past the context
-  with pytest.raises(UserError, match="the prompt has 9; shorten it to at most 8 characters, or sample without beams"):
+  with pytest.raises(UserError, match="the prompt has 9; shorten it to at most 8 tokens, or sample without beams"):
     decoding.check_prompt(model, 9, 1, beams=2)
   with pytest.raises(UserError, match="5 beams are more than the 3 distinct continuations of 1 token.s. from a "
                                       "vocabulary of 3; use fewer beams or more new tokens"):
@@ -153,6 +153,55 @@ def test_bad_generation_requests():
       decoding.sample(model, params, jnp.array(prompt), rng, max_new_tokens=2)
   with pytest.raises(UserError, match=rf"token ids from 1 to {VOCAB}, outside the model's vocabulary"):
     decoding.beam_search(model, params, jnp.array([1, VOCAB]), beams=2, max_new_tokens=2)
+  # The library functions check what the command line checks (these gave NaN scores, duplicate beams, tracebacks).
+  with pytest.raises(UserError, match="the prompt plus new tokens is 10; ask for at most 5 new tokens"):
+    decoding.beam_search(model, params, jnp.array([1, 2, 3, 4]), beams=2, max_new_tokens=6)
+  with pytest.raises(UserError, match=rf"12 beams are more than the {VOCAB} distinct continuations of 1 token"):
+    decoding.beam_search(model, params, jnp.array([1, 2]), beams=12, max_new_tokens=1)
+  with pytest.raises(UserError, match="beams is 0; search with at least one beam"):
+    decoding.beam_search(model, params, jnp.array([1, 2]), beams=0, max_new_tokens=1)
+  with pytest.raises(UserError, match=r"beam_search takes one prompt \[length\] of token ids, and got shape \(1, 2\)"):
+    decoding.beam_search(model, params, jnp.array([[1, 2]]), beams=2, max_new_tokens=1)
+  with pytest.raises(UserError, match=r"sample takes prompts \[batch, length\] of token ids, and got shape \(2,\); "
+                                      r"for one prompt pass prompt\[None\]"):
+    decoding.sample(model, params, jnp.array([1, 2]), rng, max_new_tokens=2)
+  with pytest.raises(UserError, match="The prompt is empty"):
+    decoding.sample(model, params, jnp.zeros((1, 0), jnp.int32), rng, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("name", ["transformer", "transformer_rope"])
+def test_decoding_past_the_cache_is_refused_where_the_index_is_known(name):
+  """Past max_len the learned table gave NaN logits and rotary keys overwrote the last slot, silently."""
+  model, tokens = MODELS[name], jnp.ones((1, 9), jnp.int32)  # max_len 8
+  params = params_of(model)
+  cache = model.init(jax.random.PRNGKey(0), tokens[:, :1], decode=True)["cache"]
+  _, cache = decoding.decode_step(model, params, cache, tokens[:, :8])
+  with pytest.raises(UserError, match="The KV cache holds 8 positions and 8 are used, so 1 more do not fit"):
+    decoding.decode_step(model, params, cache, tokens[:, 8:])
+
+
+def test_rotary_attention_positions_default_to_the_tokens_order():
+  from aigc_jax.nn.layers import MultiHeadAttention
+  layer = MultiHeadAttention(num_heads=2, num_kv_heads=2, head_dim=4, max_len=8, rotary=True)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 5, 8)), jnp.float32)
+  params = layer.init(jax.random.PRNGKey(0), x, positions=jnp.arange(5))
+  np.testing.assert_array_equal(layer.apply(params, x), layer.apply(params, x, positions=jnp.arange(5)))
+  # rotary attention depends on position differences: a shift changes nothing, a stretch does
+  np.testing.assert_allclose(layer.apply(params, x), layer.apply(params, x, positions=jnp.arange(5) + 3), atol=1e-6)
+  assert not np.allclose(layer.apply(params, x), layer.apply(params, x, positions=2 * jnp.arange(5)), atol=1e-6)
+
+
+def test_generation_runs_under_the_callers_jit():
+  """A prompt the caller closes over is concrete inside its jit, and checked; the calls trace through."""
+  model = MODELS["transformer"]
+  params, rng, prompt = params_of(model), jax.random.PRNGKey(0), jnp.array([[1, 2]])
+  sampled = jax.jit(lambda p: decoding.sample(model, p, prompt, rng, max_new_tokens=3, temperature=0.0))(params)
+  np.testing.assert_array_equal(sampled[0], greedy_by_recomputation(model, params, [1, 2], 3))
+  beams = jax.jit(lambda p: decoding.beam_search(model, p, prompt[0], beams=2, max_new_tokens=2))(params)
+  np.testing.assert_array_equal(beams[0], decoding.beam_search(model, params, prompt[0], beams=2, max_new_tokens=2)[0])
+  bad = prompt + VOCAB
+  with pytest.raises(UserError, match="outside the model's vocabulary"):  # still checked inside the caller's jit
+    jax.jit(lambda p: decoding.sample(model, p, bad, rng, max_new_tokens=1))(params)
 
 
 def test_rope_transformer_has_no_position_table_and_unknown_encodings_are_refused():

@@ -77,6 +77,11 @@ def test_gan_shapes_that_do_not_fit_are_one_sentence(monkeypatch):
   with pytest.raises(UserError, match=r"GroupNorm splits conv_features \(12\) into 8 groups; use a multiple of 8"):
     gan_lib.GANConfig(conv_features=12)
   assert gan_lib.GANConfig(architecture="mlp", image_size=30).image_size == 30  # the MLP GAN takes any size
+  from aigc_jax.models.vae import VAEConfig
+  with pytest.raises(UserError, match="The VAE halves image_size 3 times .one per entry of features. and it is 12; "
+                                      "use an image_size that is a multiple of 8, or fewer features."):
+    VAEConfig(image_size=12, features=(8, 8, 8))  # was a broadcasting TypeError from deep inside the decoder
+  assert VAEConfig(image_size=12, features=(8, 8)).image_size == 12
 
   from aigc_jax import config as config_lib
   from aigc_jax.data import images
@@ -95,6 +100,10 @@ def test_gan_losses_match_their_definitions():
                              rtol=1e-6)
   np.testing.assert_allclose(gan_lib.discriminator_loss("wgan_gp", d_real, d_fake, 0.5), -1.0 - 2.0 + 0.5)
   np.testing.assert_allclose(gan_lib.generator_loss("wgan_gp", d_fake), 1.0)
+  for loss in (lambda: gan_lib.discriminator_loss("hinge", d_real, d_fake), lambda: gan_lib.generator_loss("hinge",
+                                                                                                          d_fake)):
+    with pytest.raises(UserError, match="Unknown GAN loss 'hinge'; use one of non_saturating, wgan_gp."):
+      loss()  # was the WGAN loss, silently
 
 
 @pytest.fixture

@@ -107,8 +107,14 @@ def build_gan(config: GANConfig) -> tuple[nn.Module, nn.Module]:
   return generator(config), discriminator(config)
 
 
+def check_loss(kind: str) -> None:
+  if kind not in LOSSES:
+    raise UserError(f"Unknown GAN loss {kind!r}; use one of {', '.join(LOSSES)}.")
+
+
 def discriminator_loss(kind: str, d_real, d_fake, penalty=0.0):
   """Per-example discriminator (critic) loss, [B]. d_* are logits (non-saturating) or critic values."""
+  check_loss(kind)
   if kind == "non_saturating":
     return jax.nn.softplus(-d_real) + jax.nn.softplus(d_fake)  # -log D(x) - log(1 - D(G(z)))
   return d_fake - d_real + penalty
@@ -116,6 +122,7 @@ def discriminator_loss(kind: str, d_real, d_fake, penalty=0.0):
 
 def generator_loss(kind: str, d_fake):
   """Per-example generator loss, [B]: -log D(G(z)) (non-saturating) or -critic(G(z))."""
+  check_loss(kind)
   return jax.nn.softplus(-d_fake) if kind == "non_saturating" else -d_fake
 
 

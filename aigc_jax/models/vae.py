@@ -21,7 +21,7 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-  image_size: int = 28  # a multiple of 4: two stride-2 stages
+  image_size: int = 28  # a multiple of 2 ** len(features): each stage halves it
   channels: int = 1
   latent_dim: int = 16
   features: tuple[int, ...] = (32, 64)  # encoder widths per stride-2 stage; the decoder mirrors them
@@ -32,6 +32,10 @@ class VAEConfig:
   def __post_init__(self):
     if self.likelihood not in LIKELIHOODS:
       raise UserError(f"Unknown model.likelihood {self.likelihood!r}; use one of {', '.join(LIKELIHOODS)}.")
+    stride = 2 ** len(self.features)
+    if self.image_size % stride:
+      raise UserError(f"The VAE halves image_size {len(self.features)} times (one per entry of features) and it is "
+                      f"{self.image_size}; use an image_size that is a multiple of {stride}, or fewer features.")
 
   @property
   def num_dims(self) -> int:

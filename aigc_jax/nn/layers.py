@@ -190,8 +190,13 @@ class MultiHeadAttention(nn.Module):
   `max_len` positions starting at `decode_index`, and the queries attend to every
   cached position at or before their own. Prefill (many tokens) and one-token steps
   share this path. With `rotary`, queries and keys are rotated by their `positions` [T]
-  or [B, T] (`rotary_embedding`) before the keys are cached. Outside decode mode,
-  `segment_ids` [B, T] keep each packed sequence's attention to itself.
+  or [B, T] (`rotary_embedding`; default: 0..T-1, or from `decode_index` when decoding) before
+  the keys are cached. Outside decode mode, `segment_ids` [B, T] keep each packed sequence's
+  attention to itself.
+
+  The cache holds `max_len` positions: decoding past them is refused when `decode_index` is a
+  concrete number, and is the caller's to avoid when it is traced (`aigc_jax.decoding` slides a
+  window of recomputed tokens past the context instead).
   """
   num_heads: int
   num_kv_heads: int
@@ -216,12 +221,21 @@ class MultiHeadAttention(nn.Module):
     q = q.reshape(b, t, h, d)
     key = key.reshape(b, t, k, d)
     value = value.reshape(b, t, k, d)
-    if self.rotary:
-      q, key = rotary_embedding(q, positions), rotary_embedding(key, positions)
     if decode:
       if segment_ids is not None:
         raise UserError("segment_ids mark packed sequences for training and scoring; decode without them, one "
                         "sequence per batch row.")
+      if decode_index is None:
+        raise UserError("Decoding writes the new tokens' keys at decode_index; pass the number of tokens already "
+                        "in the cache.")
+      if not isinstance(decode_index, jax.core.Tracer) and int(decode_index) + t > self.max_len:
+        raise UserError(f"The KV cache holds {self.max_len} positions and {int(decode_index)} are used, so "
+                        f"{t} more do not fit; keep decoding within max_len (aigc_jax.decoding.sample slides past it).")
+    if self.rotary:
+      if positions is None:
+        positions = jnp.arange(t) + (decode_index if decode else 0)
+      q, key = rotary_embedding(q, positions), rotary_embedding(key, positions)
+    if decode:
       cached_key = self.variable("cache", "cached_key", jnp.zeros, (b, self.max_len, k, d), key.dtype)
       cached_value = self.variable("cache", "cached_value", jnp.zeros, (b, self.max_len, k, d), value.dtype)
       if not self.is_initializing():

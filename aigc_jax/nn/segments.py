@@ -41,7 +41,15 @@ def rank4_shape(shape) -> tuple:
 
 
 def mask_as_rank4(mask, b: int, h: int, t: int, s: int):
-  """A boolean mask broadcastable to [B, H, T, S] as a rank-4 array; one sentence for one that is not."""
+  """A boolean mask broadcastable to [B, H, T, S] as a rank-4 array; one sentence for one that is not.
+
+  True keeps a key. A float mask is refused rather than cast: an additive bias (0 to keep, -inf to drop) would
+  cast to the opposite mask.
+  """
+  dtype = jnp.result_type(mask)
+  if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
+    raise UserError(f"Attention mask has dtype {dtype}; give a boolean mask (True keeps a key), not an additive "
+                    f"bias: for a bias b, pass b == 0.")
   mask = jnp.asarray(mask, bool)
   shape = rank4_shape(mask.shape)
   if mask.ndim > 4 or any(n not in (1, full) for n, full in zip(shape, (b, h, t, s))):
