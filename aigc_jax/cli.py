@@ -15,6 +15,7 @@ import argparse
 import logging
 import math
 import os
+import signal
 import sys
 
 from aigc_jax.cache import enable_compilation_cache
@@ -100,7 +101,8 @@ def _sample(args, overrides):
     return
   run = task.config.sample
   defaults = {**TEXT_OPTIONS, **{name: run[name] for name in RUN_TEXT_DEFAULTS if name in run}}
-  options = {name: default if getattr(args, name) is None else getattr(args, name) for name, default in defaults.items()}
+  options = {name: default if getattr(args, name) is None else getattr(args, name)
+             for name, default in defaults.items()}
   texts = sample.generate_text(task, params, num_samples=1 if args.num_samples is None else args.num_samples,
                                seed=args.seed, **options)
   for i, text in enumerate(texts):
@@ -111,7 +113,8 @@ def _eval(args, overrides):
   from aigc_jax.evaluate import evaluate_workdir  # pylint: disable=g-import-not-at-top
 
   results = evaluate_workdir(args.workdir, num_samples=args.num_samples, seed=args.seed, overrides=overrides,
-                             steps=args.steps, eta=args.eta, guidance=args.guidance, guidance_interval=args.guidance_interval)
+                             steps=args.steps, eta=args.eta, guidance=args.guidance,
+                             guidance_interval=args.guidance_interval)
   print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
 
 
@@ -147,7 +150,8 @@ def parser() -> argparse.ArgumentParser:
   text = sample.add_argument_group("language models")
   text.add_argument("--prompt", default=None, help="text to continue (default: the run's sample.prompt, or a newline)")
   text.add_argument("--max-new-tokens", type=int, default=None, help="default 500")
-  text.add_argument("--temperature", type=_finite, default=None, help="default: the run's sample.temperature, or 0.8; 0 is greedy")
+  text.add_argument("--temperature", type=_finite, default=None,
+                    help="default: the run's sample.temperature, or 0.8; 0 is greedy")
   text.add_argument("--top-k", type=int, default=None, help="default: the run's sample.top_k, or 0 (off)")
   text.add_argument("--top-p", type=_finite, default=None, help="default: the run's sample.top_p, or 1.0 (off)")
   text.add_argument("--beams", type=at_least(1), default=None, help="beam search with this many beams when > 1")
@@ -203,7 +207,10 @@ def main(argv=None) -> int:
   except UserError as e:
     print(f"aigc-jax: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:
+    if hasattr(e, "signal_name"):  # train's loop.Stopped: it saved the step it stopped at
+      print(f"aigc-jax: {e}; run the same command again to resume from it.", file=sys.stderr)
+      return 128 + signal.Signals[e.signal_name].value
     again = {"train": "; run the same command again to resume from the last checkpoint",
              "bench": "; run the same command with --resume to measure only the cells still missing"}
     print(f"aigc-jax: interrupted{again.get(args.command, '')}.", file=sys.stderr)

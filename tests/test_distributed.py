@@ -24,21 +24,24 @@ def _env(devices: int = 1) -> dict:
   return env
 
 
-def _train(workdir, text_file, steps, *, processes: int = 1):
-  """Runs `aigc-jax train` as `processes` processes of one device each (one process of two devices when 1);
-  returns each process's (stdout, stderr)."""
+def _start(workdir, text_file, steps, *, processes: int = 1, every: int = 2):
+  """Starts `aigc-jax train` as `processes` processes of one device each (one process of two devices when 1)."""
   argv = [sys.executable, "-m", "aigc_jax.cli", "train", "--config", CPU_CONFIG, "--workdir", workdir,
           *[f"--config.{o}" for o in tiny_overrides(text_file)], f"--config.num_train_steps={steps}",
-          "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2"]
+          f"--config.eval_every_steps={every}", f"--config.checkpoint_every_steps={every}"]
   if processes == 1:
-    runs = [subprocess.Popen(argv, env=_env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-  else:
-    joined = ["--coordinator", f"localhost:{_free_port()}", "--num-processes", str(processes)]
-    runs = [subprocess.Popen(argv + joined + ["--process-id", str(i)], env=_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for i in range(processes)]
+    return [subprocess.Popen(argv, env=_env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+  joined = ["--coordinator", f"localhost:{_free_port()}", "--num-processes", str(processes)]
+  return [subprocess.Popen(argv + joined + ["--process-id", str(i)], env=_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for i in range(processes)]
+
+
+def _train(workdir, text_file, steps, *, processes: int = 1, returncode: int = 0, every: int = 2):
+  """Runs `_start`'s processes to their end; returns each one's (stdout, stderr)."""
+  runs = _start(workdir, text_file, steps, processes=processes, every=every)
   outputs = [run.communicate(timeout=400) for run in runs]
   for run, (_, err) in zip(runs, outputs):
-    assert run.returncode == 0, err[-3000:]
+    assert run.returncode == returncode, err[-3000:]
   # Gloo (the CPU collectives) prints its connection on stdout, from C++.
   return [("".join(line for line in out.splitlines(True) if not line.startswith("[Gloo] ")), err)
           for out, err in outputs]
@@ -72,6 +75,26 @@ def test_two_processes_train_and_resume_as_one_process_with_two_devices(tmp_path
     with open(os.path.join(one, name)) as f, open(os.path.join(two, name)) as g:
       assert f.read() == g.read(), name
   assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4"]
+
+
+def test_a_preempted_process_stops_every_process_at_one_step_with_a_checkpoint(tmp_path, text_file):
+  """SIGTERM to one host (a preemption notice) stops all of them after the same step, each saving its part of that
+  step's checkpoint, though checkpoints were due only at the end: JAX's preemption sync picks the step."""
+  import signal
+  import time
+  workdir = str(tmp_path / "run")
+  runs = _start(workdir, text_file, 100000, processes=2, every=100000)
+  metrics, deadline = os.path.join(workdir, "metrics.jsonl"), time.time() + 300
+  while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3) and time.time() < deadline:
+    time.sleep(0.2)  # until the loop runs steps
+  runs[1].send_signal(signal.SIGTERM)
+  errs = [run.communicate(timeout=300)[1] for run in runs]
+  last = [err.splitlines()[-1] for err in errs]
+  step = int(last[0].split("stopped at step ")[1].split()[0])
+  assert [run.returncode for run in runs] == [128 + signal.SIGTERM] * 2, errs[0][-2000:] + errs[1][-2000:]
+  assert last == [f"aigc-jax: stopped at step {step} by SIGTERM, after saving a checkpoint there; run the same "
+                  f"command again to resume from it."] * 2
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(step)]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -317,3 +317,38 @@ def test_a_task_of_your_own_trains_resumes_and_samples_on_the_spine(tmp_path, mo
     tasks.register_task("regression", type("Other", (Task,), {}))
   with pytest.raises(UserError, match="takes a subclass of aigc_jax.tasks.base.Task"):
     tasks.register_task("dense", nn.Dense)
+
+
+def test_a_stop_request_saves_the_step_in_flight_and_the_run_resumes_as_if_never_stopped(tmp_path, text_file):
+  """SIGTERM (a preemption) and a first Ctrl-C stop the run after the step in flight, with a checkpoint of it,
+  though checkpoints are due only at the end: no step is lost."""
+  import signal
+  import time
+  workdir = str(tmp_path / "run")
+  constant = tiny_overrides(text_file) + ["optim.min_learning_rate=0.001"]  # after warm-up: whatever the run's length
+  overrides = [f"--config.{o}" for o in constant] + [
+      "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000", "--config.eval_every_steps=100000"]
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  stopped_at = []
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    logged = len(open(metrics).readlines()) if os.path.exists(metrics) else 0
+    run = subprocess.Popen([sys.executable, "-m", "aigc_jax.cli", "train", "--config", CPU_CONFIG, "--workdir",
+                            workdir, *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= logged + 3) and time.time() < deadline:
+      time.sleep(0.2)  # until the loop runs steps
+    run.send_signal(sig)
+    _, err = run.communicate(timeout=300)
+    step = int(err.split("stopped at step ")[-1].split()[0])
+    assert run.returncode == 128 + sig and err.splitlines()[-1] == (
+        f"aigc-jax: stopped at step {step} by {sig.name}, after saving a checkpoint there; run the same command "
+        f"again to resume from it."), err[-3000:]
+    assert Checkpointer(workdir).latest_step() == step
+    stopped_at.append(step)
+  assert stopped_at[0] < stopped_at[1]  # the second run resumed from the first one's stop
+
+  end = stopped_at[1] + 2
+  config = config_lib.load_config(CPU_CONFIG, constant + [f"num_train_steps={end}"])
+  resumed = loop.train_and_evaluate(config, workdir, show_progress=False)
+  straight = loop.train_and_evaluate(config, str(tmp_path / "straight"), show_progress=False)
+  assert resumed == pytest.approx(straight, rel=1e-6)

@@ -5,11 +5,14 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from aigc_jax import config as config_lib
@@ -32,6 +35,48 @@ RESUMABLE_CHANGES = ("num_train_steps", "log_every_steps", "eval_every_steps", "
 
 class TrainingDiverged(UserError):
   """The loss became NaN or infinite."""
+
+
+class Stopped(KeyboardInterrupt):
+  """The run stopped early on request (SIGTERM, or Ctrl-C) after saving a checkpoint at `step`."""
+
+  def __init__(self, step: int, signal_name: str):
+    super().__init__(f"stopped at step {step} by {signal_name}, after saving a checkpoint there")
+    self.step, self.signal_name = step, signal_name
+
+
+class StopRequests:
+  """Asks the loop to stop after the step in flight, with a checkpoint of it: what a preemption's SIGTERM or a first
+  Ctrl-C gives, so that they lose no steps. A second Ctrl-C stops at once (from the last checkpoint saved).
+
+  One process catches the signals itself (from the main thread). Several processes must stop at the same step:
+  JAX's preemption sync, which `jax.distributed.initialize` starts, agrees on it when any of them gets SIGTERM.
+  """
+
+  def __init__(self):
+    self.received, self._previous = None, {}
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    return self
+
+  def __exit__(self, *exc):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # asked twice: now
+    self.received = signal.Signals(signum).name
+    logging.warning("%s: stopping after this step, with a checkpoint (Ctrl-C again to stop at once)", self.received)
+
+  def stop_at(self, step: int) -> str | None:
+    """The signal's name if the run should stop after `step` (every process calls this at every step), else None."""
+    if jax.process_count() > 1:
+      return "SIGTERM" if multihost_utils.reached_preemption_sync_point(step) else None
+    return self.received
 
 
 class StepProfiler:
@@ -262,42 +307,46 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
   profiler = StepProfiler(writer.logdir, start, config.num_train_steps, profile_steps if primary else 0)
   last_eval, last_logged, last_saved = {}, {}, checkpointer.latest_step()
   try:
-    for step in range(start, config.num_train_steps):
-      with profiler.step(step):
-        state, metrics = steps.train(state, parallel.shard_batch(task.train_batch(step), mesh))
-      profiler.done(step, metrics)
-      pending.append(metrics)
-      done = step + 1
-      is_last = done == config.num_train_steps
-      saving = done % config.checkpoint_every_steps == 0 or is_last
-      evaluating = done % config.eval_every_steps == 0 or is_last
-      # The first step is fetched at once: it carries the compilation, so throughput is timed after it.
-      if done % config.log_every_steps == 0 or saving or evaluating or window_start is None:
-        summary = reduce_metrics(jax.device_get(pending))
-        if not all(math.isfinite(v) for v in summary.values()):
-          kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpointer.directory}: lower "
-                  f"optim.learning_rate and run again to resume from it" if last_saved is not None else
-                  "no checkpoint was saved before it: lower optim.learning_rate and run again")
-          raise TrainingDiverged(
-              f"The loss became non-finite between steps {done - len(pending) + 1} and {done}; {kept}.")
-        now = time.perf_counter()
-        if window_start is not None:
-          summary[f"{task.units}_per_sec"] = (done - window_first) * task.units_per_batch / (now - window_start)
-          summary["ms_per_step"] = 1000 * (now - window_start) / (done - window_first)
-          progress.set_postfix({"loss": f"{summary.get('loss', float('nan')):.4f}",
-                                f"{task.units}/s": f"{summary[task.units + '_per_sec']:.0f}"})
-        writer.write_scalars(done, summary)  # "loss": the running training loss; evaluations log train_/val_loss
-        last_logged = summary
-        pending, window_start, window_first = [], now, done
-      if evaluating:
-        last_eval = evaluate(state.eval_params, done)
-        if last_eval and primary:  # GANs have no evaluation metrics, only samples
-          progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-        window_start = time.perf_counter()  # evaluation time is not training throughput
-      if saving:
-        checkpointer.save(done, state, {"data": {"next_batch": done, "seed": config.seed}})
-        last_saved = done
-      progress.update(1)
+    with StopRequests() as stops:
+      for step in range(start, config.num_train_steps):
+        with profiler.step(step):
+          state, metrics = steps.train(state, parallel.shard_batch(task.train_batch(step), mesh))
+        profiler.done(step, metrics)
+        pending.append(metrics)
+        done = step + 1
+        is_last = done == config.num_train_steps
+        stop = stops.stop_at(done)  # a preemption or Ctrl-C: save this step, then stop
+        saving = done % config.checkpoint_every_steps == 0 or is_last or stop is not None
+        evaluating = done % config.eval_every_steps == 0 or is_last
+        # The first step is fetched at once: it carries the compilation, so throughput is timed after it.
+        if done % config.log_every_steps == 0 or saving or evaluating or window_start is None:
+          summary = reduce_metrics(jax.device_get(pending))
+          if not all(math.isfinite(v) for v in summary.values()):
+            kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpointer.directory}: lower "
+                    f"optim.learning_rate and run again to resume from it" if last_saved is not None else
+                    "no checkpoint was saved before it: lower optim.learning_rate and run again")
+            raise TrainingDiverged(
+                f"The loss became non-finite between steps {done - len(pending) + 1} and {done}; {kept}.")
+          now = time.perf_counter()
+          if window_start is not None:
+            summary[f"{task.units}_per_sec"] = (done - window_first) * task.units_per_batch / (now - window_start)
+            summary["ms_per_step"] = 1000 * (now - window_start) / (done - window_first)
+            progress.set_postfix({"loss": f"{summary.get('loss', float('nan')):.4f}",
+                                  f"{task.units}/s": f"{summary[task.units + '_per_sec']:.0f}"})
+          writer.write_scalars(done, summary)  # "loss": the running training loss; evaluations log train_/val_loss
+          last_logged = summary
+          pending, window_start, window_first = [], now, done
+        if evaluating:
+          last_eval = evaluate(state.eval_params, done)
+          if last_eval and primary:  # GANs have no evaluation metrics, only samples
+            progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+          window_start = time.perf_counter()  # evaluation time is not training throughput
+        if saving:
+          checkpointer.save(done, state, {"data": {"next_batch": done, "seed": config.seed}})
+          last_saved = done
+        progress.update(1)
+        if stop is not None and not is_last:
+          raise Stopped(done, stop)
     if start >= config.num_train_steps and not last_eval:
       logging.info("already trained to step %d; evaluating", start)
       last_eval = evaluate(state.eval_params, start, record=False)  # the run's own evaluation there is kept
