@@ -150,3 +150,18 @@ def test_rotary_embedding_rotates_feature_pairs_and_scores_see_only_relative_pos
   assert not np.allclose(scores(0), np.einsum("bthd,bshd->bhts", q, k), atol=1e-2)
   with pytest.raises(ValueError, match="even head_dim"):
     rotary_embedding(q[..., :7], positions)
+
+
+@pytest.mark.parametrize("dtypes, message", [
+    (("bfloat16", "float32", "float32"), "one floating-point dtype; got bfloat16, float32, float32: cast them"),
+    (("int32", "int32", "int32"), "one floating-point dtype; got int32, int32, int32"),
+])
+def test_inputs_the_implementations_would_disagree_on_are_refused(dtypes, message):
+  """bf16 q with fp32 k, v came out fp32 from xla and bf16 from chunked; integer inputs computed in integers."""
+  q, k, v = (jnp.ones((1, 4, 2, 8), dtype) for dtype in dtypes)
+  for implementation in ("xla", "chunked", "auto"):
+    with pytest.raises(ValueError, match=message):
+      dot_product_attention(q, k, v, implementation=implementation)
+  with pytest.raises(ValueError, match="at least one query and one key; got 4 queries and 0 keys"):
+    dot_product_attention(jnp.ones((1, 4, 2, 8)), jnp.ones((1, 0, 2, 8)), jnp.ones((1, 0, 2, 8)),
+                          implementation="chunked")  # was a ZeroDivisionError

@@ -289,14 +289,14 @@ def test_guidance_interval_guides_only_its_noise_levels(sampler):
   assert not np.allclose(got, everywhere, atol=1e-3)
   np.testing.assert_array_equal(run(guided, labels=labels, num_classes=2, guidance=3.0, guidance_interval=(0, 1)),
                                 everywhere)
-  with pytest.raises(UserError, match=r"guidance interval \(0.5, 0.2\) .* use --guidance-interval LO HI with 0 <= LO"):
+  with pytest.raises(UserError, match=r"guidance interval \(0.5, 0.2\) .* use guidance_interval=\(LO, HI\) with 0 <= LO"):
     run(guided, labels=labels, num_classes=2, guidance=3.0, guidance_interval=(0.5, 0.2))
 
 
 def test_user_errors():
   schedule = make_schedule("linear", 50)
   fn = exact_eps(schedule)
-  with pytest.raises(UserError, match="has only 50 training steps; use --steps <= 50"):
+  with pytest.raises(UserError, match="has only 50 training steps; use num_steps <= 50"):
     ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=51)
   with pytest.raises(UserError, match="has only 50 training steps"):
     ddpm_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=100)

@@ -54,9 +54,10 @@ def check_labels(labels, num_classes: int, batch_size: Optional[int] = None):
 def sampling_timesteps(num_train_steps: int, num_steps: int) -> np.ndarray:
   """The `num_steps` training timesteps a sampler visits, ascending: evenly spaced from 0 to T - 1."""
   if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-    raise UserError(f"The number of sampling steps must be a positive integer, not {num_steps!r}; use --steps >= 1.")
+    raise UserError(f"The number of sampling steps must be a positive integer, not {num_steps!r}; use num_steps >= 1.")
   if num_steps > num_train_steps:
-    raise UserError(f"The noise schedule has only {num_train_steps} training steps; use --steps <= {num_train_steps}.")
+    raise UserError(f"The noise schedule has only {num_train_steps} training steps; use num_steps <= "
+                    f"{num_train_steps}.")
   return np.round(np.linspace(num_train_steps - 1, 0, num_steps))[::-1].astype(np.int32)
 
 
@@ -76,7 +77,7 @@ def guided_prediction(apply_fn: ApplyFn, x, t, labels, *, num_classes: int, guid
   return uncond + guidance * (cond - uncond)
 
 
-def check_guidance_interval(interval, setting: str = "--guidance-interval LO HI") -> tuple[float, float]:
+def check_guidance_interval(interval, setting: str = "guidance_interval=(LO, HI)") -> tuple[float, float]:
   """(lo, hi) as floats with 0 <= lo <= hi <= 1, or a one-sentence error telling to use `setting`."""
   lo, hi = (float(v) for v in interval)
   if not 0.0 <= lo <= hi <= 1.0:

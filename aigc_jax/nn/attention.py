@@ -131,6 +131,12 @@ def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, segment_i
     raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
   b, t, h, _ = q.shape
   s = k.shape[1]
+  if len({q.dtype, k.dtype, v.dtype}) > 1 or not jnp.issubdtype(q.dtype, jnp.floating):
+    # the implementations would otherwise disagree on the output's dtype, or compute in integers
+    raise ValueError(f"attention wants q, k, v of one floating-point dtype; got {q.dtype}, {k.dtype}, {v.dtype}: "
+                     f"cast them to one, like float32 or bfloat16")
+  if t == 0 or s == 0:
+    raise ValueError(f"attention wants at least one query and one key; got {t} queries and {s} keys")
   mask = None if mask is None else segments_lib.mask_as_rank4(mask, b, h, t, s)  # [B|1, H|1, T|1, S|1]
   pair = segments_lib.segment_pair(segment_ids, b, t, s)
   implementation = resolve_implementation(implementation, q.dtype, q.shape[-1], q_len=t, kv_len=s,

@@ -86,7 +86,7 @@ class DiffusionTask(ImageTask):
     if guidance is not None and not math.isfinite(guidance):
       raise UserError(f"--guidance is {guidance}; use a finite scale (0 unconditional, 1 conditional, more guides).")
     if interval is not None:
-      diffusion.check_guidance_interval(interval)
+      diffusion.check_guidance_interval(interval, "--guidance-interval LO HI")
 
   def sample(self, params, rng, num_samples: int, labels=None, *, steps=None, eta=None, guidance=None,
              guidance_interval=None):
