@@ -56,6 +56,7 @@ def _train(args, overrides):
   from aigc_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from aigc_jax.train import parallel  # pylint: disable=g-import-not-at-top
   from aigc_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from aigc_jax.train.writer import SAMPLES_DIR  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load_config(args.config, overrides)
   if args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
@@ -67,7 +68,7 @@ def _train(args, overrides):
     return
   if result:
     print(", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-  sample = os.path.join(args.workdir, "samples")
+  sample = os.path.join(args.workdir, SAMPLES_DIR)
   latest = max(os.listdir(sample)) if os.path.isdir(sample) and os.listdir(sample) else None
   if latest and latest.endswith(".txt"):
     with open(os.path.join(sample, latest), encoding="utf-8") as f:
@@ -78,7 +79,7 @@ def _train(args, overrides):
 
 # Language-model sampling options and their defaults; those the run's config has under sample.* default to its value.
 TEXT_OPTIONS = {"prompt": "\n", "max_new_tokens": 500, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "beams": 1}
-RUN_TEXT_DEFAULTS = ("prompt", "temperature", "top_k", "top_p")
+RUN_TEXT_DEFAULTS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p")
 IMAGE_OPTIONS = ("out", "label", "steps", "eta", "guidance", "guidance_interval")
 
 
@@ -93,9 +94,8 @@ def _sample(args, overrides):
     kind = "language" if is_image else "image"
     raise UserError(f"--{misplaced[0].replace('_', '-')} applies to {kind} models only; leave it out for this one.")
   if is_image:
-    num_samples = sample.NUM_IMAGES if args.num_samples is None else args.num_samples
-    path = sample.generate_images(task, params, step, args.workdir, num_samples=num_samples,
-                                  label=args.label, seed=args.seed, out=args.out, steps=args.steps, eta=args.eta,
+    path = sample.generate_images(task, params, step, args.workdir, num_samples=args.num_samples,
+                                  overrides=overrides, label=args.label, seed=args.seed, out=args.out, steps=args.steps, eta=args.eta,
                                   guidance=args.guidance, guidance_interval=args.guidance_interval)
     print(f"wrote {path}")
     return
@@ -145,11 +145,11 @@ def parser() -> argparse.ArgumentParser:
   train.set_defaults(run=_train)
   sample = sub.add_parser("sample", help="generate from the latest checkpoint in a workdir")
   sample.add_argument("--workdir", required=True)
-  sample.add_argument("--num-samples", type=int, default=None, help="default: 1 text, a grid of 64 images")
+  sample.add_argument("--num-samples", type=int, default=None, help="default: 1 text; a grid of the run's sample.num_samples images")
   sample.add_argument("--seed", type=_seed, default=0)
   text = sample.add_argument_group("language models")
   text.add_argument("--prompt", default=None, help="text to continue (default: the run's sample.prompt, or a newline)")
-  text.add_argument("--max-new-tokens", type=int, default=None, help="default 500")
+  text.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's sample.max_new_tokens, or 500")
   text.add_argument("--temperature", type=_finite, default=None,
                     help="default: the run's sample.temperature, or 0.8; 0 is greedy")
   text.add_argument("--top-k", type=int, default=None, help="default: the run's sample.top_k, or 0 (off)")

@@ -76,12 +76,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str],
       raise UserError(f"--config.{key} cannot change here: {why}; override only "
                       f"{', '.join(g + '.*' for g in groups)} settings.")
     set_key(config, key, value)
-  check_ranges(config)
+  check_ranges(config, groups)
 
 
-def check_ranges(config: ml_collections.ConfigDict) -> None:
-  """One sentence for the first field whose value (or, for a tuple, an entry of it) is outside its `RANGES` rule."""
+def check_ranges(config: ml_collections.ConfigDict, groups: tuple[str, ...] | None = None) -> None:
+  """One sentence for the first field (in `groups`, if given) whose value, or for a tuple an entry of it, is outside
+  its `RANGES` rule."""
   for key, value in _leaves(config):
+    if groups is not None and key.partition(".")[0] not in groups:
+      continue  # a trained run's other settings are as it was trained, whatever rules came later
     name = key.rpartition(".")[2]
     fits, what = RANGES.get(name, (None, None))
     if fits is None or isinstance(value, bool):

@@ -53,6 +53,8 @@ def evaluate_workdir(workdir: str, *, num_samples: int | None = None, seed: int 
     raise UserError(f"The model at step {step} samples non-finite pixels (NaN or inf), which no metric can score; "
                     f"retrain it, with a lower optim.learning_rate if its loss grew.")
   used = {name: options.get(name, task.config.sample[name]) for name in task.sample_options}
+  if "sampler" in task.config.sample:  # diffusion: ddim or ddpm, which --config.sample.sampler may have changed
+    used = {"sampler": task.config.sample.sampler, **used}
   results = {"step": step, "num_samples": num_samples, **used, "sampling_seconds": round(sampling_seconds, 1),
              **image_metrics(classifier, task.dataset.images("test"), samples, labels)}
   results.update(task.heldout_metrics(params))

@@ -1,6 +1,7 @@
 """Generation from a trained workdir: what `aigc-jax sample` runs (text or an image grid)."""
 
 import os
+import re
 from typing import Iterable
 
 import jax
@@ -75,14 +76,21 @@ def _name_part(value) -> str:
   return "-".join(f"{v:g}" for v in value) if isinstance(value, (tuple, list)) else f"{value:g}"
 
 
-NUM_IMAGES = 64  # the default grid: 8x8, or 10 columns of classes for a conditional model
+NUM_IMAGES = 64  # the grid of a run whose config has no sample.num_samples: 8x8
 
 
-def generate_images(task, params, step: int, workdir: str, *, num_samples: int = NUM_IMAGES, label: int | None = None,
-                    seed: int = 0, out: str | None = None, **options) -> str:
-  """Samples `num_samples` images (all of class `label`, or every class in turn) and writes a PNG grid."""
+def generate_images(task, params, step: int, workdir: str, *, num_samples: int | None = None,
+                    label: int | None = None, seed: int = 0, out: str | None = None, overrides: Iterable[str] = (),
+                    **options) -> str:
+  """Samples `num_samples` images (default: the run's sample.num_samples), all of class `label` or every class in
+  turn, and writes a PNG grid: to `out`, or a name in DIR/samples made of every option given, the config
+  `overrides` (`KEY=VALUE`) the run was loaded with included, so that grids of other settings do not overwrite
+  each other."""
   if out is not None and not out.lower().endswith(".png"):
     raise UserError(f"--out {out!r} does not name a .png file; give a path like samples.png.")
+  given = {"num_samples": num_samples, "label": label, **options}
+  if num_samples is None:
+    num_samples = task.config.sample.get("num_samples", NUM_IMAGES)
   task.check_sample_request(num_samples, **options)  # the count first: the labels are num_samples long
   labels = task.default_labels(num_samples) if label is None else np.full((num_samples,), label)
   task.check_sample_request(num_samples, None if label is None else labels, **options)
@@ -91,10 +99,8 @@ def generate_images(task, params, step: int, workdir: str, *, num_samples: int =
   columns = task.num_classes if task.conditional and label is None else None
   grid = plots.image_grid(plots.to_uint8(images), columns=columns)
   if out is None:
-    # Named by every option given, so that samples with other counts, labels, steps or guidance do not overwrite each
-    # other (a default count is left out: it is the same grid as no count).
-    given = {"num_samples": None if num_samples == NUM_IMAGES else num_samples, "label": label, **options}
     suffix = "".join(f"_{name}_{_name_part(value)}" for name, value in given.items() if value is not None)
+    suffix += "".join("_" + re.sub(r"[^\w.-]+", "-", item.replace("=", "_", 1)) for item in overrides)
     out = os.path.join(workdir, SAMPLES_DIR, f"sample_step_{step:06d}_seed_{seed}{suffix}.png")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   plots.save_png(grid, out, scale=2)

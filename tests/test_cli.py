@@ -145,7 +145,13 @@ def test_text_samples_default_to_the_runs_sample_settings(tmp_path, text_file, c
     assert code == 0, err
     return out
 
-  greedy = text("--seed", "0")
+  config_path = os.path.join(workdir, "config.json")
+  with open(config_path) as f:
+    saved = json.load(f)
+  saved["keep_checkpoints"] = 0  # a value today's rules refuse, in a setting sampling does not read
+  with open(config_path, "w") as f:
+    json.dump(saved, f)
+  greedy = text("--seed", "0")  # the run still samples: only the sample.* and eval.* settings are checked
   assert text("--seed", "1") == greedy  # the run's temperature 0: greedy, whatever the seed
   assert text("--seed", "1", "--config.sample.temperature=1.0") != text("--seed", "2", "--temperature", "1")
   assert text("--seed", "1", "--config.sample.temperature=1.0") == text("--seed", "1", "--temperature", "1")

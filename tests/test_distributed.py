@@ -65,9 +65,8 @@ def test_two_processes_train_and_resume_as_one_process_with_two_devices(tmp_path
   assert "resumed from step 2" in err0 and out1.strip() == ""
   assert out0.splitlines()[-3:] == out.splitlines()[-3:]  # the last evaluation and the sample: the same text
 
-  expected = _metrics(one)
-  assert [line["step"] for line in expected] == [1, 2, 2, 3, 4, 4]  # each line once: only process 0 writes
-  got = _metrics(two)
+  expected, got = _metrics(one), _metrics(two)
+  assert [line["step"] for line in got] == [1, 2, 2, 3, 4, 4]  # each line once: only process 0 writes
   assert [line.keys() for line in got] == [line.keys() for line in expected]
   for a, b in zip(got, expected):
     assert a == pytest.approx(b, rel=1e-5), (a, b)
@@ -75,25 +74,31 @@ def test_two_processes_train_and_resume_as_one_process_with_two_devices(tmp_path
     with open(os.path.join(one, name)) as f, open(os.path.join(two, name)) as g:
       assert f.read() == g.read(), name
   assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4"]
+  assert sorted(os.listdir(two)) == sorted(os.listdir(one))  # no other files, no partly written ones
+  events = [n for n in os.listdir(os.path.join(two, "tensorboard")) if n.startswith("events.out.tfevents.")]
+  assert len(events) == 2  # one per run (the first and the resume), both process 0's
 
 
-def test_a_preempted_process_stops_every_process_at_one_step_with_a_checkpoint(tmp_path, text_file):
-  """SIGTERM to one host (a preemption notice) stops all of them after the same step, each saving its part of that
-  step's checkpoint, though checkpoints were due only at the end: JAX's preemption sync picks the step."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_preempted_process_stops_every_process_at_one_step_with_a_checkpoint(sig, tmp_path, text_file):
+  """SIGTERM to one host (a preemption notice), or Ctrl-C, stops all of them after the same step, each saving its
+  part of that step's checkpoint, though checkpoints were due only at the end: JAX's preemption sync picks it."""
   import signal
   import time
+  sig = signal.Signals[sig]
   workdir = str(tmp_path / "run")
   runs = _start(workdir, text_file, 100000, processes=2, every=100000)
   metrics, deadline = os.path.join(workdir, "metrics.jsonl"), time.time() + 300
   while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3) and time.time() < deadline:
     time.sleep(0.2)  # until the loop runs steps
-  runs[1].send_signal(signal.SIGTERM)
+  runs[1].send_signal(sig)
   errs = [run.communicate(timeout=300)[1] for run in runs]
   last = [err.splitlines()[-1] for err in errs]
   step = int(last[0].split("stopped at step ")[1].split()[0])
-  assert [run.returncode for run in runs] == [128 + signal.SIGTERM] * 2, errs[0][-2000:] + errs[1][-2000:]
-  assert last == [f"aigc-jax: stopped at step {step} by SIGTERM, after saving a checkpoint there; run the same "
-                  f"command again to resume from it."] * 2
+  got = [signal.SIGTERM, sig]  # process 1 names what it got; process 0 learns of it as a preemption
+  assert [run.returncode for run in runs] == [128 + s for s in got], errs[0][-2000:] + errs[1][-2000:]
+  assert last == [f"aigc-jax: stopped at step {step} by {s.name}, after saving a checkpoint there; run the same "
+                  f"command again to resume from it." for s in got]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(step)]
 
 

@@ -207,6 +207,10 @@ def test_diffusion_train_resume_sample_and_eval(tmp_path, capsys, monkeypatch, t
   named = os.path.join(workdir, "samples", "sample_step_000004_seed_0_num_samples_2_label_7_steps_4_"
                        "guidance_interval_0.5-1.png")
   assert code == 0 and out.strip() == f"wrote {named}" and os.path.exists(named), err
+  code, out, err = run(["sample", "--workdir", workdir, "--config.sample.steps=3", "--config.sample.num_samples=2"],
+                       capsys)  # config overrides name the file too
+  named = os.path.join(workdir, "samples", "sample_step_000004_seed_0_sample.steps_3_sample.num_samples_2.png")
+  assert code == 0 and out.strip() == f"wrote {named}" and os.path.exists(named), err
   code, out, err = run(["eval", "--workdir", workdir, "--guidance", "1.5", "--steps", "3",
                         "--guidance-interval", "0.25", "1", "--config.eval.bound_images=3"], capsys)
   assert code == 0, err

@@ -27,7 +27,7 @@ class Task:
     self.config = config
 
   def save_assets(self, workdir: str) -> None:
-    """Writes what sampling needs besides the checkpoint (e.g. a vocabulary)."""
+    """Writes what sampling needs besides the checkpoint (e.g. a vocabulary); process 0 of a run calls it."""
 
   def optimizer(self):
     return make_optimizer(self.config.optim, self.config.num_train_steps)
@@ -55,4 +55,5 @@ class Task:
     return {}
 
   def on_eval(self, params, step: int, writer) -> None:
-    """Writes samples for a person to look at."""
+    """Writes samples for a person to look at, through `writer` (`write_sample`): every process of a multi-process
+    run calls this (sampling is a computation over all of them), and the writer writes on process 0 only."""

@@ -50,15 +50,18 @@ class StopRequests:
   Ctrl-C gives, so that they lose no steps. A second Ctrl-C stops at once (from the last checkpoint saved).
 
   One process catches the signals itself (from the main thread). Several processes must stop at the same step:
-  JAX's preemption sync, which `jax.distributed.initialize` starts, agrees on it when any of them gets SIGTERM.
+  JAX's preemption sync, which `jax.distributed.initialize` starts, agrees on it when any of them gets SIGTERM; a
+  first Ctrl-C there is passed on to it as a SIGTERM to this process.
   """
 
   def __init__(self):
-    self.received, self._previous = None, {}
+    self.received, self._previous, self._sync_missing = None, {}, False
 
   def __enter__(self):
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    if threading.current_thread() is threading.main_thread():
+      # Several processes: SIGTERM is JAX's to catch (its preemption notifier); Ctrl-C is turned into one.
+      caught = (signal.SIGINT, signal.SIGTERM) if jax.process_count() == 1 else (signal.SIGINT,)
+      self._previous = {s: signal.signal(s, self._handle) for s in caught}
     return self
 
   def __exit__(self, *exc):
@@ -71,11 +74,19 @@ class StopRequests:
       raise KeyboardInterrupt  # asked twice: now
     self.received = signal.Signals(signum).name
     logging.warning("%s: stopping after this step, with a checkpoint (Ctrl-C again to stop at once)", self.received)
+    if jax.process_count() > 1:
+      os.kill(os.getpid(), signal.SIGTERM)  # for JAX's preemption sync, which stops every process at one step
 
   def stop_at(self, step: int) -> str | None:
     """The signal's name if the run should stop after `step` (every process calls this at every step), else None."""
     if jax.process_count() > 1:
-      return "SIGTERM" if multihost_utils.reached_preemption_sync_point(step) else None
+      try:
+        return (self.received or "SIGTERM") if multihost_utils.reached_preemption_sync_point(step) else None
+      except RuntimeError as e:  # no preemption service (disabled, or processes not joined by jax.distributed)
+        if not self._sync_missing:
+          self._sync_missing = True
+          logging.warning("preemption sync is not available (%s): SIGTERM will not save a checkpoint", e)
+        return None
     return self.received
 
 
@@ -315,9 +326,10 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
         pending.append(metrics)
         done = step + 1
         is_last = done == config.num_train_steps
-        stop = stops.stop_at(done)  # a preemption or Ctrl-C: save this step, then stop
+        stop = None if is_last else stops.stop_at(done)  # a preemption or Ctrl-C: save this step, then stop
         saving = done % config.checkpoint_every_steps == 0 or is_last or stop is not None
-        evaluating = done % config.eval_every_steps == 0 or is_last
+        # A stop skips an evaluation due at its step: a preemption's grace period (often 30 s) is for the save.
+        evaluating = (done % config.eval_every_steps == 0 or is_last) and stop is None
         # The first step is fetched at once: it carries the compilation, so throughput is timed after it.
         if done % config.log_every_steps == 0 or saving or evaluating or window_start is None:
           summary = reduce_metrics(jax.device_get(pending))
@@ -345,7 +357,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
           checkpointer.save(done, state, {"data": {"next_batch": done, "seed": config.seed}})
           last_saved = done
         progress.update(1)
-        if stop is not None and not is_last:
+        if stop is not None:
           raise Stopped(done, stop)
     if start >= config.num_train_steps and not last_eval:
       logging.info("already trained to step %d; evaluating", start)
