@@ -95,7 +95,8 @@ def _sample(args, overrides):
     raise UserError(f"--{misplaced[0].replace('_', '-')} applies to {kind} models only; leave it out for this one.")
   if is_image:
     path = sample.generate_images(task, params, step, args.workdir, num_samples=args.num_samples,
-                                  overrides=overrides, label=args.label, seed=args.seed, out=args.out, steps=args.steps, eta=args.eta,
+                                  overrides=overrides, label=args.label, seed=args.seed, out=args.out,
+                                  steps=args.steps, eta=args.eta,
                                   guidance=args.guidance, guidance_interval=args.guidance_interval)
     print(f"wrote {path}")
     return
@@ -145,7 +146,8 @@ def parser() -> argparse.ArgumentParser:
   train.set_defaults(run=_train)
   sample = sub.add_parser("sample", help="generate from the latest checkpoint in a workdir")
   sample.add_argument("--workdir", required=True)
-  sample.add_argument("--num-samples", type=int, default=None, help="default: 1 text; a grid of the run's sample.num_samples images")
+  sample.add_argument("--num-samples", type=int, default=None,
+                      help="default: 1 text; a grid of the run's sample.num_samples images")
   sample.add_argument("--seed", type=_seed, default=0)
   text = sample.add_argument_group("language models")
   text.add_argument("--prompt", default=None, help="text to continue (default: the run's sample.prompt, or a newline)")
