@@ -130,6 +130,10 @@ def test_gradient_accumulation_weights_microbatches_by_their_counts():
   # d/dw mean((w x - 1)^2) over x = 1, 2, 3, 4, 5: 2 * sum(x (w x - 1)) / 5 = 2 * (0.5 * 55 - 15) / 5 = 5
   np.testing.assert_allclose(new[1].params["w"], 0.5 - 5.0, rtol=1e-6)
   np.testing.assert_allclose(new[2].params["w"], new[1].params["w"], rtol=1e-6)
+  three = steps_lib.make_train_step(loss_fn, optax.sgd(1.0), grad_accum_steps=3)
+  with pytest.raises(UserError, match="A batch of 4 rows does not split into 3 accumulation steps; use a batch size "
+                                      "that is a multiple of 3."):
+    three(state, batch)  # was a reshape TypeError
 
 
 def test_an_optimizer_applied_several_times_a_step_follows_the_schedule_once_a_step(tiny_config):

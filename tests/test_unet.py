@@ -74,6 +74,8 @@ def test_unet_labels_null_class_dropout_and_float_timesteps(conditional):
   assert null.shape == (2, 8, 8, 2) and np.all(np.isfinite(null))
   # labels=None is the null class, and integer and float timesteps embed the same.
   np.testing.assert_array_equal(apply(params, x, t.astype(jnp.float32), None), null)
+  same_t = apply(params, x, jnp.array([5, 5]), None)
+  np.testing.assert_array_equal(apply(params, x, jnp.array(5), None), same_t)  # a scalar: one timestep for all
   assert not np.allclose(apply(params, x, t, jnp.array([0, 1])), null)
   model = UNet(dataclasses.replace(TINY, num_classes=3))
   dropped = jax.jit(lambda p, r: model.apply({"params": p}, x, t, None, train=True, rngs={"dropout": r}))(

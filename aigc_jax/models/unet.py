@@ -75,6 +75,7 @@ class UNet(nn.Module):
                       f"{'x'.join(map(str, x.shape[1:]))}; resize the images or build it for their size.")
     kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
     emb_dim = 4 * c.base_features
+    t = jnp.broadcast_to(t, x.shape[:1])  # one timestep for the batch, or one per image
     emb = image.timestep_embedding(t, c.base_features)  # [B, base]
     emb = nn.Dense(emb_dim, kernel_init=image.default_init, name="time_dense0", **kw)(emb)
     emb = nn.Dense(emb_dim, kernel_init=image.default_init, name="time_dense1", **kw)(nn.swish(emb))  # [B, E]

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from aigc_jax.errors import UserError
 from aigc_jax.train.state import TrainState
 
 LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
@@ -19,6 +20,10 @@ LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
 
 def _split_microbatches(batch, num_micro: int):
   """[B, ...] -> [num_micro, B / num_micro, ...]; microbatch i takes rows i, i + n, ... so shards stay local."""
+  rows = {x.shape[0] for x in jax.tree.leaves(batch)}
+  if any(n % num_micro for n in rows):
+    raise UserError(f"A batch of {min(rows)} rows does not split into {num_micro} accumulation steps; use a batch "
+                    f"size that is a multiple of {num_micro}.")
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
