@@ -1,4 +1,5 @@
 """Shared building blocks, written once and imported by every model family."""
 
 from aigc_jax.nn.attention import dot_product_attention, resolve_implementation, IMPLEMENTATIONS
+from aigc_jax.nn.autodiff import plain_autodiff
 from aigc_jax.nn.layers import MLP, MultiHeadAttention, TokenAndPositionEmbed, dense_init, rotary_embedding

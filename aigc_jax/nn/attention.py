@@ -39,6 +39,7 @@ from aigc_jax.nn import flash_attention as flash_lib
 from aigc_jax.nn import flash_attention_hopper as hopper_lib
 from aigc_jax.nn import flash_attention_tpu as flash_tpu_lib
 from aigc_jax.nn import segments as segments_lib
+from aigc_jax.nn.autodiff import custom_gradients
 
 IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "flash", "auto")
 BATCH_AXIS = "data"  # the mesh axis that splits the batch (aigc_jax.train.parallel's data mesh)
@@ -139,6 +140,8 @@ def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, segment_i
     raise ValueError(f"attention wants at least one query and one key; got {t} queries and {s} keys")
   mask = None if mask is None else segments_lib.mask_as_rank4(mask, b, h, t, s)  # [B|1, H|1, T|1, S|1]
   pair = segments_lib.segment_pair(segment_ids, b, t, s)
+  if implementation == "auto" and not custom_gradients():
+    implementation = "xla"  # the one implementation with plain autodiff (see aigc_jax.nn.autodiff)
   implementation = resolve_implementation(implementation, q.dtype, q.shape[-1], q_len=t, kv_len=s,
                                           mask_shape=None if mask is None else mask.shape,
                                           segments=pair is not None, causal=causal)
@@ -203,7 +206,8 @@ def _xla_attention(q, k, v, *, causal, mask):
       mask = mask[:, :, None]
     bias = jnp.where(mask, bias, neg)
   bias = jnp.broadcast_to(bias, (*bias.shape[:2], g, t, s)).reshape(bias.shape[0], bias.shape[1], g * t, s)
-  out = _softmax_attention(q, k, v, bias, d ** -0.5)  # [B, K, G*T, D]
+  attend = _softmax_attention if custom_gradients() else lambda *a: _softmax_attention_fwd(*a)[0]
+  out = attend(q, k, v, bias, d ** -0.5)  # [B, K, G*T, D]
   return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 

@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aigc_jax.nn.autodiff import custom_gradients
+
 _DIMS = ("NHWC", "HWIO", "NHWC")
 TAP_GRAD_MIN_FEATURES = 8  # narrower outputs keep XLA's kernel gradient (see the module docstring)
 
@@ -84,7 +86,8 @@ class Conv(nn.Module):
                         self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     strides = tuple(self.strides)
-    if jax.default_backend() == "cpu" and strides == (1, 1) and self.features >= TAP_GRAD_MIN_FEATURES:
+    if (jax.default_backend() == "cpu" and strides == (1, 1) and self.features >= TAP_GRAD_MIN_FEATURES
+        and custom_gradients()):
       y = conv2d_tap_grad(x, kernel, strides)
     else:
       y = _conv(x, kernel, strides)

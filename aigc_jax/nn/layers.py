@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn.attention import dot_product_attention
+from aigc_jax.nn.autodiff import custom_gradients
 
 Dtype = Any
 
@@ -37,6 +38,8 @@ class LayerNorm(nn.Module):
     features = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype) if self.use_bias else None
+    if not custom_gradients():
+      return _layer_norm_fwd(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))[0]
     return _layer_norm(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
 
 
@@ -137,7 +140,8 @@ class _GeluDense(nn.Module):
   @nn.compact
   def __call__(self, u):  # [N, H] -> [N, F]
     kernel = self.param("kernel", self.kernel_init, (u.shape[-1], self.features), self.param_dtype)
-    y = _gelu_matmul(u.astype(self.dtype), kernel.astype(self.dtype))
+    u, kernel = u.astype(self.dtype), kernel.astype(self.dtype)
+    y = _gelu_matmul(u, kernel) if custom_gradients() else jnp.dot(_gelu(u), kernel)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
     return y
