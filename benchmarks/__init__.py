@@ -12,6 +12,7 @@ import sys
 import time
 
 from aigc_jax.errors import UserError
+from aigc_jax.files import write_atomically
 
 
 def parse_args(module, argv=None) -> argparse.Namespace:
@@ -158,10 +159,8 @@ class Report:
 
   def _write(self) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-    partial = self.path + ".partial"
-    with open(partial, "w") as f:
-      json.dump(dict(meta=self.meta, rows=self.rows), f, indent=1)
-    os.replace(partial, self.path)  # a run killed while writing leaves the last whole report
+    # a run killed while writing leaves the last whole report
+    write_atomically(self.path, json.dumps(dict(meta=self.meta, rows=self.rows), indent=1))
 
 
 def tensorboard_dir(report_path: str) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 from aigc_jax.data import missing_path
 from aigc_jax.data.tfds_source import prepare, tfds_builder
 from aigc_jax.errors import UserError
+from aigc_jax.files import write_atomically
 
 EMBEDDED_CHARS = 1_000_000
 
@@ -112,8 +113,6 @@ class CharVocab:
     return "".join(self.chars[int(i)] for i in ids)
 
   def save(self, path: str) -> None:
-    from aigc_jax.train.writer import write_atomically  # pylint: disable=g-import-not-at-top
-
     write_atomically(path, json.dumps({"chars": self.chars}))
 
   @classmethod

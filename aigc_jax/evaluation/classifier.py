@@ -25,6 +25,7 @@ import optax
 
 from aigc_jax.cache import cache_dir
 from aigc_jax.data.images import ImageData, to_float
+from aigc_jax.files import write_atomically
 
 ARCH_VERSION = 2  # bump when ConvNet changes, so old caches are not loaded into a new network
 FEATURE_DIM = 128
@@ -136,16 +137,11 @@ def get_classifier(data: ImageData, *, log: Callable[[str], None] = print,
   classifier.accuracy = float(np.mean(classifier.predict(to_float(test_images)) == test_labels))
   log(f"Trained in {time.perf_counter() - start:.1f} s: held-out accuracy {classifier.accuracy:.4f} "
       f"on {len(test_labels)} {data.name} test images; saved to {path}.")
-  tmp = f"{path}.{os.getpid()}.tmp"
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(tmp, "wb") as f:
-      f.write(flax.serialization.msgpack_serialize(
-          {"params": jax.tree.map(np.asarray, params), "accuracy": classifier.accuracy, "data": data.name}))
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
+    write_atomically(path, flax.serialization.msgpack_serialize(  # a concurrent reader sees the old or the whole
+        {"params": jax.tree.map(np.asarray, params), "accuracy": classifier.accuracy, "data": data.name}))
   except OSError as e:  # a read-only or full cache: the classifier still serves this evaluation
-    if os.path.exists(tmp):
-      os.remove(tmp)
     log(f"Could not cache the classifier at {path} ({e.strerror or type(e).__name__}); it will be trained again "
         f"next time (set AIGC_JAX_CACHE to a writable folder).")
   return classifier

@@ -60,7 +60,6 @@ class LanguageModelTask(Task):
     """Writes one sample to `samples/step_N.txt` and TensorBoard; returns it."""
     s = self.config.sample
     prompt = self.vocab.encode(s.prompt)
-    decoding.check_prompt(self.model, len(prompt), s.max_new_tokens)
     tokens = decoding.sample(self.model, params, jnp.asarray(prompt)[None], jax.random.PRNGKey(self.config.seed),
                              max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
     text = self.vocab.decode(np.asarray(tokens[0]))

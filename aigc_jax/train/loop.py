@@ -23,7 +23,8 @@ from aigc_jax.train import parallel
 from aigc_jax.train.checkpoint import Checkpointer, abstract_with_sharding
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import reduce_metrics
-from aigc_jax.train.writer import MetricWriter, write_atomically
+from aigc_jax.files import write_atomically
+from aigc_jax.train.writer import MetricWriter
 
 CONFIG_FILE = "config.json"
 # What a resumed run may change from its config.json: how long it trains, when and what it logs, evaluates, samples

@@ -15,14 +15,6 @@ from aigc_jax import plots
 SAMPLES_DIR = "samples"
 
 
-def write_atomically(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file, so a reader (another process of the run) never sees a part."""
-  partial = f"{path}.partial.{os.getpid()}"
-  with open(partial, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(partial, path)
-
-
 class MetricWriter:
 
   def __init__(self, workdir: str, *, resume_step: int = 0, active: bool = True):
