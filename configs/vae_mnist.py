@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.latent_dim = 16  # Gaussian posterior / standard normal prior dimensions
   config.model.features = (32, 64)  # encoder conv widths (stride 2 each); the decoder mirrors them
   config.model.hidden_dim = 256  # dense layer beside the latent
-  config.model.likelihood = "bernoulli"  # bernoulli (binarized pixels) or gaussian (pixels in [-1, 1])
+  config.model.likelihood = "bernoulli"  # bernoulli (binarized pixels) or gaussian (discretized over the 256 levels)
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-3  # peak, after warm-up

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from aigc_jax import config as config_lib
-from aigc_jax.diffusion import losses, samplers, schedules
+from aigc_jax.diffusion import samplers, schedules
 from aigc_jax.diffusion import bits_per_dim_bound, check_labels, ddim_sample, ddpm_sample, diffusion_loss, make_schedule
 from aigc_jax.errors import UserError
 from aigc_jax.models.unet import UNet, UNetConfig
+from aigc_jax.nn import likelihood
 from aigc_jax.tasks import make_task
 from conftest import ROOT, TINY_UNET
 
@@ -324,7 +325,7 @@ def test_user_errors():
 def test_discretized_gaussian_is_a_distribution_over_256_levels():
   levels = jnp.asarray(2 * np.arange(256) / 255 - 1, jnp.float32)
   for mean, log_scale in [(0.1, np.log(0.05)), (-0.95, np.log(0.002)), (0.999, np.log(0.3))]:
-    p = jnp.exp(losses.discretized_gaussian_log_likelihood(levels, mean, log_scale))
+    p = jnp.exp(likelihood.discretized_gaussian_log_likelihood(levels, mean, log_scale))
     np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-4)
 
 

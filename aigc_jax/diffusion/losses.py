@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from aigc_jax.diffusion import schedules as sched
 from aigc_jax.diffusion.schedules import NoiseSchedule
 from aigc_jax.errors import UserError
+from aigc_jax.nn.likelihood import discretized_gaussian_log_likelihood
 
 # apply_fn(params, x_t [B, ...], t [B] int, labels [B] int or None, rng) -> prediction [B, ...]
 TrainApplyFn = Callable[..., jax.Array]
@@ -71,19 +72,6 @@ def model_log_variance(schedule: NoiseSchedule, variance: str):
 def normal_kl(mean1, logvar1, mean2, logvar2):
   """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
   return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
-
-
-def discretized_gaussian_log_likelihood(x, mean, log_scale):
-  """log P(x) for x on the 256-level grid scaled to [-1, 1], under N(mean, e^(2 log_scale)) integrated over
-  x's bin of width 2/255 (the edge bins extend to -inf and +inf); elementwise, in nats."""
-  inv_std = jnp.exp(-log_scale)
-  upper = inv_std * (x - mean + 1 / 255)
-  lower = inv_std * (x - mean - 1 / 255)
-  # Differences of CDFs taken on the side where the tail is small, so they do not round to 0.
-  mass = jnp.where(lower > 0, jax.scipy.special.ndtr(-lower) - jax.scipy.special.ndtr(-upper),
-                   jax.scipy.special.ndtr(upper) - jax.scipy.special.ndtr(lower))
-  return jnp.where(x < -0.999, jax.scipy.special.log_ndtr(upper),
-                   jnp.where(x > 0.999, jax.scipy.special.log_ndtr(-lower), jnp.log(jnp.maximum(mass, 1e-12))))
 
 
 def _mean_bits(a):  # [B, ...] nats -> [B] bits per dimension
