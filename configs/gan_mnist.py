@@ -1,4 +1,4 @@
-"""DCGAN-style GAN on MNIST-like digits, non-saturating loss (set model.loss=wgan_gp for WGAN-GP).
+"""DCGAN-style GAN on MNIST-like digits, non-saturating loss (configs/wgan_gp_mnist.py: WGAN-GP).
 
 Main job (embedded offline digits, scikit-learn's 8x8 set made 28x28):
   aigc-jax train --config configs/gan_mnist.py --workdir workdirs/gan
@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.latent_dim = 100  # generator input z ~ N(0, I)
   config.model.mlp_features = (256, 512)  # mlp generator hidden widths; the discriminator mirrors them
   config.model.conv_features = 64  # dcgan width at full resolution, doubled at half resolution
-  config.model.d_steps = 1  # discriminator updates per generator update (WGAN-GP uses 5)
+  config.model.d_steps = 1  # discriminator updates per generator update, each on its own real batch
   config.model.gp_weight = 10.0  # WGAN-GP gradient penalty weight
 
   config.optim = ml_collections.ConfigDict()

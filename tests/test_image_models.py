@@ -106,6 +106,35 @@ def test_gan_losses_match_their_definitions():
       loss()  # was the WGAN loss, silently
 
 
+def test_each_critic_update_sees_its_own_real_batch():
+  """WGAN-GP's Algorithm 1 draws fresh real images for every one of the n_critic updates; they reused one batch."""
+  from aigc_jax import config as config_lib
+  from aigc_jax.tasks import make_task
+  from aigc_jax.train.state import TrainState
+  config = config_lib.load_config(CONFIGS["gan_mlp_mnist"], ["batch_size=4", "model.loss=wgan_gp", "model.d_steps=3",
+                                                             "model.mlp_features=(8, 8)"])
+  task = make_task(config)
+  batch = task.train_batch(0)
+  assert batch["images"].shape == (4, 3, 28, 28, 1) and batch["labels"].shape == (4, 3)
+  assert task.units_per_batch == 12
+  np.testing.assert_array_equal(batch["images"].reshape(12, 28, 28, 1),
+                                task.dataset.batch("train", 0, 12, config.seed)["images"])
+  seen = []
+  d_loss = task.d_loss
+  def recording_d_loss(d_params, g_params, real, rng):
+    jax.debug.callback(lambda r: seen.append(np.asarray(r)), real)
+    return d_loss(d_params, g_params, real, rng)
+  task.d_loss = recording_d_loss
+  params = task.init_params(jax.random.key(0))
+  state = TrainState(step=jnp.int32(0), params=params, opt_state=task.optimizer().init(params), rng=jax.random.key(1))
+  state, metrics = jax.jit(task.make_train_step(None))(state, batch)
+  jax.block_until_ready(state)
+  assert len(seen) == 3
+  for i, real in enumerate(seen):
+    np.testing.assert_array_equal(real, batch["images"][:, i])
+  assert int(state.step) == 1 and np.isfinite(float(metrics["loss"][0]))
+
+
 @pytest.fixture
 def tiny_classifier(monkeypatch):
   """`aigc-jax eval` with a classifier trained for 3 steps (the real one trains for a minute)."""

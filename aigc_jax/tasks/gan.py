@@ -1,5 +1,8 @@
 """GAN training: one pure step updates the discriminator (`d_steps` times) then the generator.
 
+Each discriminator (critic) update sees its own batch of real images, as in Gulrajani et al.
+(2017), Algorithm 1: a step's batch holds `d_steps` of them, images [B, d_steps, H, W, C].
+
 `params` and `opt_state` are dicts with a `generator` and a `discriminator` entry,
 each network with its own Optax optimizer from `optim.generator` / `optim.discriminator`.
 """
@@ -31,10 +34,17 @@ class GANTask(ImageTask):
                                       latent_dim=m.latent_dim, mlp_features=tuple(m.mlp_features),
                                       conv_features=m.conv_features)
     self.generator, self.discriminator = gan.build_gan(self.model_config)
+    self.units_per_batch = config.batch_size * m.d_steps  # real images a step consumes
     self._generate = jax.jit(self.generate)
     self.txs = {name: make_optimizer(config.optim[name], config.num_train_steps,  # the critic: d_steps updates a step
                                      updates_per_step=m.d_steps if name == "discriminator" else 1)
                 for name in NETWORKS}
+
+  def train_batch(self, step: int):
+    """`d_steps` independent batches of real images for step `step`, one per critic update: [B, d_steps, ...]."""
+    d_steps, b = self.config.model.d_steps, self.config.batch_size
+    batch = self.dataset.batch("train", step, b * d_steps, self.config.seed)
+    return {name: x.reshape(b, d_steps, *x.shape[1:]) for name, x in batch.items()}
 
   def init_params(self, rng):
     g_rng, d_rng = jax.random.split(rng)
@@ -87,20 +97,20 @@ class GANTask(ImageTask):
 
     def train_step(state, batch):
       rng = jax.random.fold_in(state.rng, state.step)
-      real = batch["images"]
+      reals = jnp.moveaxis(batch["images"], 1, 0)  # [d_steps, B, H, W, C]: the batch axis stays the sharded one
       params, opt_state = state.params, state.opt_state
 
-      def d_update(carry, i):  # each critic update sees the real batch with fresh fakes and interpolates
-        d_params, d_opt = carry
+      def d_update(carry, xs):  # each critic update: its own real batch, fresh fakes and interpolates
+        (d_params, d_opt), (real, i) = carry, xs
         (loss, parts), grads = jax.value_and_grad(self.d_loss, has_aux=True)(
             d_params, params["generator"], real, jax.random.fold_in(rng, i))
         updates, d_opt = d_tx.update(grads, d_opt, d_params)
         return (optax.apply_updates(d_params, updates), d_opt), (loss, parts, optax.tree.norm(grads))
 
       (d_params, d_opt), (d_losses, d_parts, d_grad_norms) = jax.lax.scan(
-          d_update, (params["discriminator"], opt_state["discriminator"]), jnp.arange(d_steps))
+          d_update, (params["discriminator"], opt_state["discriminator"]), (reals, jnp.arange(d_steps)))
       g_loss, g_grads = jax.value_and_grad(self.g_loss)(
-          params["generator"], d_params, real.shape[0], jax.random.fold_in(rng, d_steps))
+          params["generator"], d_params, reals.shape[1], jax.random.fold_in(rng, d_steps))
       updates, g_opt = g_tx.update(g_grads, opt_state["generator"], params["generator"])
       g_params = optax.apply_updates(params["generator"], updates)
       metrics = {

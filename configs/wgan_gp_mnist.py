@@ -1,0 +1,31 @@
+"""The DCGAN pair of gan_mnist.py trained as a WGAN-GP, with the paper's settings.
+
+Gulrajani et al. (2017), Algorithm 1: 5 critic updates per generator update, each on its own
+batch of real images; gradient penalty weight 10; Adam with learning rate 1e-4, beta1 0, beta2 0.9.
+The critic has no normalization layers, as the penalty requires.
+
+Main job (embedded offline digits):
+  aigc-jax train --config configs/wgan_gp_mnist.py --workdir workdirs/wgan_gp
+
+On the offline MNIST (images 0-8,999 train, 9,000-9,999 held out):
+  aigc-jax train --config configs/wgan_gp_mnist.py --workdir workdirs/wgan_gp_mnist \
+      --config.data.source=mnist_idx:../shared/data/mnist
+  aigc-jax eval --workdir workdirs/wgan_gp_mnist
+"""
+
+import ml_collections
+
+from aigc_jax.config import base_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = base_config(__file__, "gan_mnist.py")
+  config.model.loss = "wgan_gp"  # critic scores, not probabilities
+  config.model.d_steps = 5  # n_critic
+  config.model.gp_weight = 10.0  # lambda
+  for name in ("generator", "discriminator"):
+    config.optim[name].learning_rate = 1e-4  # constant (min_learning_rate equal)
+    config.optim[name].min_learning_rate = 1e-4
+    config.optim[name].b1 = 0.0
+    config.optim[name].b2 = 0.9
+  return config
