@@ -251,11 +251,18 @@ def test_auto_picks_chunked_for_long_sequences_off_gpu():
     resolve_implementation("cudnn", jnp.bfloat16, 64, q_len=4096, kv_len=4096)
 
 
+# The GPU the cross-lowerings target: jax >= 0.11's Triton lowering asks the mesh's abstract device for the
+# compute capability where no GPU is attached ("No supported GPU devices found").
+H100 = dict(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+
+
 def _gpu_module(fn, *args):
   """fn cross-lowered for CUDA here (`jax.export`): the Pallas lowerings run in full, compiling for the GPU does not."""
   from jax import export
   allow = [export.DisabledSafetyCheck.custom_call(name) for name in ("__gpu$xla.gpu.triton", "mosaic_gpu_v2")]
-  return export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=allow)(*args).mlir_module()
+  h100 = jax.sharding.AbstractMesh((1,), ("_",), abstract_device=jax.sharding.AbstractDevice(**H100))
+  with jax.sharding.use_abstract_mesh(h100):
+    return export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=allow)(*args).mlir_module()
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -352,6 +359,7 @@ from jax import export
 from aigc_jax.nn import flash_attention, flash_attention_tpu
 from aigc_jax.nn.attention import _per_batch_shard, dot_product_attention
 from aigc_jax.train import parallel
+H100 = %r
 assert jax.device_count() == 8, jax.devices()
 rng = np.random.default_rng(0)
 q, w = (jnp.asarray(rng.normal(size=(8, 24, 4, 16)), jnp.float32) for _ in range(2))
@@ -381,24 +389,25 @@ assert got[1][0].sharding.spec == rows.spec  # dq stays split over the batch
 
 # Cross-lowered for 8 GPUs and for 8 TPUs: each family's kernels sit inside the per-shard manual computations.
 allow_triton = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+h100 = mesh.abstract_mesh.update(abstract_device=jax.sharding.AbstractDevice(**H100))  # the GPU to lower for
 for platform, lib, call in (("cuda", flash_attention, "@__gpu$xla.gpu.triton("),
                             ("tpu", flash_attention_tpu, "tpu_custom_call")):
   attend = functools.partial(lib.flash_attention, causal=True, interpret=False)
   grad = jax.grad(lambda *a: jnp.sum(_per_batch_shard(attend, *a, mask, None)), argnums=(0, 1, 2))
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), jax.sharding.use_abstract_mesh(h100 if platform == "cuda" else mesh.abstract_mesh):
     module = export.export(jax.jit(grad), platforms=(platform,), disabled_checks=allow_triton)(q, k, v).mlir_module()
   assert module.count("sdy.manual_computation") == 2 and module.count(call) == 3, platform  # fwd; bwd: dq, dkv
 # And on 8 Hopper GPUs (bf16, no mask): the Mosaic GPU forward per shard, the Triton dK/dV and dQ after it.
 attend = functools.partial(flash_attention.flash_attention, causal=True, interpret=False, hopper=True)
 grad = jax.grad(lambda *a: jnp.sum(_per_batch_shard(attend, *a, None, None).astype(jnp.float32)), argnums=(0, 1, 2))
 bf16 = [jax.ShapeDtypeStruct((8, 128, h, 64), jnp.bfloat16, sharding=rows) for h in (4, 2, 2)]
-with jax.set_mesh(mesh):
+with jax.set_mesh(mesh), jax.sharding.use_abstract_mesh(h100):
   module = export.export(jax.jit(grad), platforms=("cuda",), disabled_checks=allow_triton + [
       export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*bf16).mlir_module()
 assert module.count("sdy.manual_computation") == 2 and module.count("@mosaic_gpu_v2(") == 1
 assert module.count("@__gpu$xla.gpu.triton(") == 2
 print("per-shard flash == xla")
-"""
+""" % H100
 
 
 def test_flash_runs_per_batch_shard_under_a_data_parallel_mesh():
