@@ -5,9 +5,14 @@ and `python -m benchmarks.NAME` both call them.
 """
 
 import argparse
+import datetime
+import hashlib
+import importlib
 import json
+import math
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -23,10 +28,12 @@ def parse_args(module, argv=None) -> argparse.Namespace:
 
 
 def environment() -> dict:
-  """Where a report ran, for readers to compare: `device` (with the CPU and XLA flags) and software `versions`."""
+  """Where and when a report ran, for readers to compare: `device` (with the CPU and XLA flags), software
+  `versions` (CUDA and cuDNN on a GPU: cuDNN is the reference there), the `code` measured and the `date`."""
   import flax  # pylint: disable=g-import-not-at-top
   import jax
   import jaxlib
+  import numpy
   import optax
 
   from benchmarks.peak import cpu_clock_mhz, cpu_model
@@ -37,7 +44,39 @@ def environment() -> dict:
                   cpu_clock_mhz=cpu_clock_mhz(), cpu_affinity_cores=len(os.sched_getaffinity(0)),
                   platform=platform.platform(), xla_flags=os.environ.get("XLA_FLAGS", "")),
       versions=dict(jax=jax.__version__, jaxlib=jaxlib.__version__, flax=flax.__version__, optax=optax.__version__,
-                    python=platform.python_version()))
+                    numpy=numpy.__version__, python=platform.python_version(), **_cuda_versions()),
+      jax_environment=jax.print_environment_info(return_string=True),  # nvidia-smi's driver and GPUs on a GPU
+      code=code_version(),
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _cuda_versions() -> dict:
+  """The CUDA runtime and cuDNN versions jax loaded (e.g. {"cuda_runtime": 12080, "cudnn": 91000}); {} off CUDA."""
+  try:
+    from jax._src.lib import cuda_versions  # pylint: disable=g-import-not-at-top
+    return {} if cuda_versions is None else dict(cuda_runtime=cuda_versions.cuda_runtime_get_version(),
+                                                 cudnn=cuda_versions.cudnn_get_version())
+  except Exception:  # noqa: BLE001 - a plugin without these functions: the versions are then unknown
+    return {}
+
+
+CODE_PATHS = ("aigc_jax", "benchmarks")  # what a measurement depends on
+
+
+def code_version() -> dict:
+  """The code being measured: the git commit, and `tree`, which changes exactly when aigc_jax/ or benchmarks/ do
+  (their committed trees plus a hash of any uncommitted change to them); None outside a git checkout."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  git = lambda *args: subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30,
+                                     check=True).stdout
+  try:
+    commit = git("rev-parse", "HEAD").strip()
+    trees = [git("rev-parse", f"HEAD:{path}").strip() for path in CODE_PATHS]
+    diff = git("diff", "HEAD", "--", *CODE_PATHS) + git("ls-files", "--others", "--exclude-standard", "--", *CODE_PATHS)
+  except (OSError, subprocess.SubprocessError):
+    return dict(commit=None, tree=None, dirty=None)
+  tree = hashlib.sha1(("\n".join(trees) + "\n" + diff).encode()).hexdigest()[:16]
+  return dict(commit=commit, tree=tree, dirty=bool(diff))
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -46,6 +85,17 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def default_out(suite: str, backend: str, quick: bool) -> str:
   """Where a suite's report goes without --out: the committed record, benchmarks/results/SUITE_BACKEND[_quick].json."""
   return os.path.join(RESULTS, f"{suite}_{backend}{'_quick' if quick else ''}.json")
+
+
+def positive_float(text: str) -> float:
+  """An argparse type: a finite number > 0; anything else is argparse's one-line usage error."""
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if not (math.isfinite(value) and value > 0):
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+  return value
 
 
 def at_least(minimum: int):
@@ -98,7 +148,7 @@ class Report:
     if resume and os.path.exists(out_path):
       earlier = self._load(lists)
       fields = ("device.backend", "device.kind", "device.count", "device.cpu", "device.cpu_affinity_cores",
-                "device.xla_flags", "versions", "peak_flops", *same)
+                "device.xla_flags", "versions", "code.tree", "peak_flops", *same)
       differing = [f for f in fields if _field(earlier["meta"], f) != _field(self.meta, f)]
       if differing:
         raise UserError(f"{out_path} holds cells measured with a different {', '.join(differing)}; resume with the "
@@ -108,6 +158,20 @@ class Report:
       for name in lists:
         self.meta[name] = earlier["meta"].get(name, [])
       print(f"resuming {out_path}: {len(self._cells())} cells already in it, kept")
+    self._check_writable()
+
+  def _check_writable(self) -> None:
+    """One sentence now, before any cell is measured, if the report cannot be written where asked."""
+    if os.path.isdir(self.path):
+      raise UserError(f"--out {self.path} is a directory; give a file path such as {self.path}/report.json.")
+    folder = os.path.dirname(os.path.abspath(self.path))
+    try:
+      os.makedirs(folder, exist_ok=True)
+      write_atomically(os.path.join(folder, f".{os.path.basename(self.path)}.check"), "")
+      os.remove(os.path.join(folder, f".{os.path.basename(self.path)}.check"))
+    except OSError as e:
+      raise UserError(f"Cannot write the report {self.path} ({e.strerror}); give an --out in a folder you can "
+                      f"write to.") from None
 
   def _load(self, lists) -> dict:
     try:
@@ -159,8 +223,22 @@ class Report:
 
   def _write(self) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-    # a run killed while writing leaves the last whole report
-    write_atomically(self.path, json.dumps(dict(meta=self.meta, rows=self.rows), indent=1))
+    # a run killed while writing leaves the last whole report; strict JSON: null where a number is not finite
+    write_atomically(self.path, json.dumps(_finite(dict(meta=self.meta, rows=self.rows)), indent=1, allow_nan=False))
+
+
+def _finite(value):
+  """`value` with every NaN or infinite float replaced by None, for strict JSON."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _finite(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite(v) for v in value]
+  return value
+
+
+SCALAR_SUITES = ("attention",)  # suites whose module has `scalars(rows) -> [(tag, step, value)]` for TensorBoard
 
 
 def tensorboard_dir(report_path: str) -> str:
@@ -202,6 +280,10 @@ def write_tensorboard(report_path: str) -> str:
     if name.startswith("events.out.tfevents."):
       os.remove(os.path.join(logdir, name))
   writer = SummaryWriter(logdir)
+  suite = report["meta"].get("suite")
+  if suite in SCALAR_SUITES:  # curves: e.g. attention TFLOP/s against seq_len
+    for tag, step, value in importlib.import_module(f"benchmarks.{suite}").scalars(report["rows"]):
+      writer.add_scalar(tag, value, step)
   writer.add_text("rows", rows_markdown(report["rows"]), 0)
   writer.add_text("meta", meta_markdown(report["meta"]), 0)
   png = os.path.splitext(report_path)[0] + ".png"

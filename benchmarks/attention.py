@@ -1,6 +1,7 @@
 """Times the attention implementations side by side on FlashAttention's benchmark grid.
 
-  python -m benchmarks.attention [--quick] [--lengths 2048,4096] [--out benchmarks/results/attention.json]
+  python -m benchmarks.attention [--quick] [--lengths 2048,4096] [--head-dims 128] [--causal true] [--modes fwd]
+      [--out benchmarks/results/attention.json]
   (wired as `aigc-jax bench attention`: `add_arguments(parser)` and `run(args)`)
 
 The full grid is the FlashAttention papers': batch x length = 16k tokens, heads x head_dim
@@ -8,6 +9,8 @@ The full grid is the FlashAttention papers': batch x length = 16k tokens, heads 
 forward + backward ("fwd_bwd"). `--quick` is what a 2-core CPU finishes in about two
 minutes: 2k tokens (batch 1 at 4096), 4 heads x head_dim 64, lengths 512 ... 4096 (xla's
 fwd_bwd needs 552 MiB there by XLA's memory analysis), both modes, both causal settings.
+`--lengths`, `--head-dims`, `--causal` and `--modes` narrow either grid; each row records its
+`batch` and `num_heads`. A CPU runs only the quick grid (the full one takes seconds per call).
 
 FLOPs are 4 B H S^2 D for the forward (half of it when causal) and 3.5x that for
 fwd_bwd (the backward does 2.5x the forward's matmul work). Every implementation of a
@@ -15,9 +18,13 @@ cell runs in this process on the same arrays, compiled first, then warmed up, th
 in alternating repetitions; a repetition is `calls_per_rep` calls dispatched back to back
 (enough to last 10 ms, at most 100: one in the CPU grid, many for a GPU's sub-millisecond
 cells, whose ~10 us dispatch each would otherwise be timed too), ending in
-`block_until_ready`. A row's `ms` is the median over repetitions of ms per call.
+`block_until_ready`. Each implementation gets at least `--reps` repetitions (default 5) and
+more, up to 50, until they add up to `--min-time` seconds (default 0.5). A row's `ms` is the
+median over repetitions of ms per call, and `compile_ms` its compile time.
 `ratio_to_reference` is the reference's ms over this row's ms (above 1: faster than the
-reference; cudnn on a GPU where it takes the dtype, xla elsewhere). A cell whose compiled memory
+reference; cudnn on a GPU where it takes the dtype, xla elsewhere); `ratio_range` is the
+ratio's spread, [reference's 25th percentile / this row's 75th, 75th / 25th], and the table
+marks with `~` a ratio whose range holds 1: a difference within the timing noise. A cell whose compiled memory
 (XLA's memory analysis) would exceed `--memory-limit-gb`, or that is unsupported or runs
 out of memory, is recorded with `ms` null and the reason in `meta.not_run`. Each
 implementation's first output (and, in fwd_bwd, its gradients) is compared with the
@@ -35,6 +42,7 @@ side by side (their backward is the same Triton kernels).
 
 import argparse
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +52,7 @@ from aigc_jax.errors import UserError
 from aigc_jax.nn import attention as attention_lib
 from aigc_jax.nn import flash_attention as flash_lib
 from aigc_jax.nn import flash_attention_hopper as hopper_lib
-from benchmarks import Report, add_resume_argument, at_least, default_out, environment, time_calls
+from benchmarks import Report, add_resume_argument, at_least, default_out, environment, positive_float, time_calls
 from benchmarks.peak import default_dtype, peak_flops
 
 FULL = dict(tokens=16384, width=2048, lengths=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128))
@@ -55,6 +63,8 @@ FLASH_TRITON = "flash_triton"  # `flash` with its Triton forward even on a Hoppe
 # random inputs: fp32 sums in another order; bf16/fp16 one rounding of the output and of each gradient on top.
 ERROR_TOLERANCE, ERROR_TOLERANCE_HALF = 1e-3, 5e-2
 MIN_REP_MS, MAX_CALLS = 10.0, 100  # a timed repetition: back-to-back calls lasting >= 10 ms, at most 100 calls
+MAX_REPS = 50  # repetitions per implementation and cell, however short the cell
+CAUSAL = {"both": (False, True), "true": (True,), "false": (False,)}
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -63,42 +73,61 @@ def add_arguments(parser: argparse.ArgumentParser):
                       "benchmarks/results/attention_<backend>[_quick].json")
   parser.add_argument("--lengths", default=None, help="comma-separated sequence lengths, replacing the grid's "
                       "(the batch still keeps the grid's tokens per batch)")
+  parser.add_argument("--head-dims", default=None, help="comma-separated head dims, replacing the grid's (the heads "
+                      "still keep the grid's heads x head_dim)")
+  parser.add_argument("--causal", default="both", choices=tuple(CAUSAL), help="causal cells, non-causal, or both")
+  parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, some of fwd,fwd_bwd")
   parser.add_argument("--implementations", default=None,
                       help="comma-separated; default: cudnn,xla,chunked,flash on a GPU (and flash_triton on a "
                       "Hopper GPU), xla,chunked,flash on a TPU, xla,chunked elsewhere")
   parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                       help="default bfloat16 on a GPU or TPU, float32 elsewhere")
-  parser.add_argument("--reps", type=at_least(1), default=3, help="timed repetitions per implementation and cell")
+  parser.add_argument("--reps", type=at_least(1), default=5,
+                      help="timed repetitions per implementation and cell, at least (see --min-time)")
+  parser.add_argument("--min-time", type=positive_float, default=0.5,
+                      help="seconds each implementation's timed repetitions of a cell add up to, at least (more "
+                      f"repetitions than --reps where needed, at most {MAX_REPS})")
   parser.add_argument("--warmup", type=at_least(1), default=1,
                       help="untimed calls after the first (whose output is checked against the reference); the "
                       "last one's time sets calls_per_rep")
-  parser.add_argument("--memory-limit-gb", type=float, default=None,
+  parser.add_argument("--memory-limit-gb", type=positive_float, default=None,
                       help="skip a cell whose compiled memory exceeds this; default: half the free device memory "
                       "on a GPU, a quarter of the available RAM on a CPU (others share it)")
   add_resume_argument(parser)
 
 
-def parse_lengths(text: str) -> tuple[int, ...]:
+def parse_lengths(text: str, flag: str = "--lengths", example: str = "2048,4096") -> tuple[int, ...]:
   """`--lengths`: "2048,4096" -> (2048, 4096)."""
   items = [n.strip() for n in text.split(",")]
   if not all(n.isdigit() and int(n) > 0 for n in items):
-    raise UserError(f"--lengths takes positive integers separated by commas, like 2048,4096; got {text!r}.")
+    raise UserError(f"{flag} takes positive integers separated by commas, like {example}; got {text!r}.")
   return tuple(map(int, items))
 
 
 def grid_spec(args) -> dict:
-  """The grid's sizes: `--quick`'s or the full one, `--lengths` replacing its lengths."""
-  g = dict(QUICK if args.quick else FULL)
-  if args.lengths:
+  """The grid's sizes: `--quick`'s or the full one, narrowed by `--lengths`, `--head-dims`, `--causal`, `--modes`."""
+  g = dict(QUICK if args.quick else FULL, causal=CAUSAL[getattr(args, "causal", "both")], modes=MODES)
+  if args.lengths is not None:
     g["lengths"] = parse_lengths(args.lengths)
+  if getattr(args, "head_dims", None) is not None:
+    g["head_dims"] = parse_lengths(args.head_dims, "--head-dims", "64,128")
+    wide = [d for d in g["head_dims"] if g["width"] % d]
+    if wide:
+      raise UserError(f"--head-dims {wide[0]} does not divide the grid's heads x head_dim of {g['width']}; use a "
+                      f"divisor of it, such as 64.")
+  if getattr(args, "modes", None) is not None:
+    modes = tuple(m.strip() for m in args.modes.split(","))
+    if not modes or any(m not in MODES for m in modes):
+      raise UserError(f"--modes takes some of {','.join(MODES)} separated by commas; got {args.modes!r}.")
+    g["modes"] = tuple(m for m in MODES if m in modes)
   return g
 
 
 def grid(g: dict):
   """(seq_len, head_dim, causal, mode, batch, heads) cells in run order."""
   for d in g["head_dims"]:
-    for causal in (False, True):
-      for mode in MODES:
+    for causal in g["causal"]:
+      for mode in g["modes"]:
         for s in g["lengths"]:
           yield s, d, causal, mode, max(1, g["tokens"] // s), g["width"] // d
 
@@ -131,11 +160,13 @@ def build(implementation, causal, mode, args):
     def fn(q, k, v, d_out):  # forward and the backward of sum(out * d_out)
       out, vjp = jax.vjp(attend, q, k, v)
       return out, vjp(d_out)
+  start = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
+  compile_ms = (time.perf_counter() - start) * 1000
   memory = compiled.memory_analysis()
   footprint = None if memory is None else (memory.temp_size_in_bytes + memory.argument_size_in_bytes
                                            + memory.output_size_in_bytes)
-  return compiled, footprint
+  return compiled, footprint, compile_ms
 
 
 def _cudnn_runs(dtype, head_dims) -> bool:
@@ -150,10 +181,31 @@ def _cudnn_runs(dtype, head_dims) -> bool:
 
 def relative_error(got, want) -> float:
   """The largest |got - want| over each output array (the gradients too), relative to that array's largest
-  |want| entry; the worst array's."""
-  errors = [jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) / jnp.max(jnp.abs(b.astype(jnp.float32)))
-            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
-  return float(max(errors))
+  |want| entry (absolute where that is 0, e.g. the gradients of one key); the worst array's; inf if not finite."""
+  errors = []
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    scale = np.max(np.abs(b))
+    errors.append(np.max(np.abs(a - b)) / (scale if scale > 0 else 1.0))
+  worst = float(max(errors))
+  return worst if np.isfinite(worst) else float("inf")
+
+
+def ratio_range(ref_times, times) -> list[float]:
+  """[reference's 25th percentile / this one's 75th, reference's 75th / this one's 25th]: the ratio's spread."""
+  q = lambda x, p: float(np.percentile(x, p))
+  return [q(ref_times, 25) / q(times, 75), q(ref_times, 75) / q(times, 25)]
+
+
+def check_runnable(implementations, backend: str) -> None:
+  """One sentence before anything runs for an implementation asked for by name that cannot be timed here."""
+  for name in implementations:
+    if name in ("cudnn", FLASH_TRITON) and backend != "gpu":
+      raise UserError(f"{name} runs on an NVIDIA GPU only and this is a {backend} backend; leave it out of "
+                      f"--implementations (xla and chunked run everywhere).")
+    if name == "flash" and backend not in ("gpu", "tpu"):
+      raise UserError(f"flash runs on a {backend} backend only in Pallas interpret mode, which checks its numbers but "
+                      f"is not meant for timing; leave it out of --implementations.")
 
 
 def calls_per_rep(warm_ms: float) -> int:
@@ -163,12 +215,14 @@ def calls_per_rep(warm_ms: float) -> int:
 
 
 def print_row(row: dict, iqr: float | None) -> None:
-  """One line of the table (the header is in `run`)."""
+  """One line of the table (the header is in `run`); `~` marks a ratio within the timing noise."""
   fmt = lambda x, f: format(x, f) if x is not None else "-"
+  low, high = row.get("ratio_range") or (None, None)
+  noisy = "~" if low is not None and low <= 1 <= high and row["ratio_to_reference"] != 1 else " "
   print(f"{row['implementation']:>14s} {row['seq_len']:7d} {row['head_dim']:8d} {str(row['causal']):>6s} "
-        f"{row['mode']:>7s} {fmt(row['ms'], '9.1f'):>9s} {fmt(iqr, '7.1f'):>7s} {fmt(row['tflops'], '8.4f'):>8s} "
+        f"{row['mode']:>7s} {fmt(row['ms'], '9.2f'):>9s} {fmt(iqr, '7.2f'):>7s} {fmt(row['tflops'], '8.4f'):>8s} "
         f"{fmt(row['peak_fraction'] and 100 * row['peak_fraction'], '6.1f'):>7s} "
-        f"{fmt(row['ratio_to_reference'], '7.2f'):>7s} {fmt(row['error_vs_reference'], '7.1e'):>7s} "
+        f"{noisy}{fmt(row['ratio_to_reference'], '6.2f'):>6s} {fmt(row['error_vs_reference'], '7.1e'):>7s} "
         f"{fmt(row['memory_bytes'] and row['memory_bytes'] / 2 ** 20, '7.1f'):>7s}", flush=True)
 
 
@@ -183,6 +237,11 @@ def run(args) -> int:
   for name in implementations:
     if name not in known:
       raise UserError(f"Unknown implementation {name!r} for the attention benchmark; use some of {', '.join(known)}.")
+  check_runnable(implementations, backend)
+  if backend == "cpu" and not args.quick:
+    raise UserError("The full attention grid is sized for a GPU (16k tokens and heads x head_dim 2048 a cell: "
+                    "seconds per call on a CPU); pass --quick, which --lengths, --head-dims, --causal and --modes "
+                    "narrow further.")
   g = grid_spec(args)
   reference = "cudnn" if on_gpu and _cudnn_runs(dtype, g["head_dims"]) else "xla"
   if reference not in implementations:
@@ -192,22 +251,26 @@ def run(args) -> int:
   out_path = args.out or default_out("attention", backend, args.quick)
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({backend}); peak: {peak_note}; dtype {dtype.name}; "
-        f"memory limit {limit / 2 ** 30:.1f} GiB; {args.warmup} warm-up + {args.reps} timed reps per cell")
+        f"memory limit {limit / 2 ** 30:.1f} GiB; {args.warmup} warm-up + at least {args.reps} timed reps and "
+        f"{args.min_time:g} s per implementation and cell; ms is the median; ~ marks a ratio within the noise")
 
   tolerance = ERROR_TOLERANCE if dtype == jnp.float32 else ERROR_TOLERANCE_HALF
   meta = dict(
-      **environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, reference=reference, quick=args.quick,
+      suite="attention", **environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, reference=reference,
+      quick=args.quick,
       implementations=implementations,
       grid=dict(tokens_per_batch=g["tokens"], heads_times_head_dim=g["width"], lengths=list(g["lengths"]),
-                head_dims=list(g["head_dims"]), modes=list(MODES)),
+                head_dims=list(g["head_dims"]), causal=list(g["causal"]), modes=list(g["modes"])),
       flops="fwd 4*B*H*S^2*D (x0.5 causal); fwd_bwd 3.5x fwd", warmup=args.warmup, reps=args.reps,
-      ms="median over reps of ms per call (calls_per_rep calls a rep)", ratio_to_reference="reference ms / ms",
+      min_time_s=args.min_time, ms="median over reps of ms per call (calls_per_rep calls a rep)",
+      compile_ms="lowering and compiling the cell, ms", ratio_to_reference="reference ms / ms",
+      ratio_range="[reference q25 / q75, reference q75 / q25] over the reps", non_finite="written as null",
       memory_limit_bytes=limit,
       memory_bytes="XLA memory analysis of the compiled cell: temporaries + arguments + outputs",
       error_vs_reference="largest |x - reference| / largest |reference| over the output (and the gradients in "
       "fwd_bwd), the same inputs", error_tolerance=tolerance)
   report = Report(out_path, meta, plot, cell=("seq_len", "head_dim", "causal", "mode"),
-                  same=("dtype", "quick", "implementations", "grid", "warmup", "reps"),
+                  same=("dtype", "quick", "implementations", "grid", "warmup", "reps", "min_time_s"),
                   lists=("wrong", "not_run", "spread"), resume=args.resume)
   header = (f"{'implementation':>14s} {'seq_len':>7s} {'head_dim':>8s} {'causal':>6s} {'mode':>7s} {'ms':>9s} "
             f"{'IQR ms':>7s} {'TFLOP/s':>8s} {'% peak':>7s} {'vs ref':>7s} {'error':>7s} {'MiB':>7s}")
@@ -222,33 +285,31 @@ def run(args) -> int:
     rng = np.random.default_rng([seq_len, head_dim, causal, MODES.index(mode)])  # the same inputs when resumed
     shape = (batch, seq_len, heads, head_dim)
     arrays = [jnp.asarray(rng.normal(size=shape), dtype) for _ in range(4 if mode == "fwd_bwd" else 3)]
-    compiled, times, outputs, footprints, calls = {}, {}, {}, {}, {}
+    compiled, times, outputs, footprints, calls, compile_ms, reps = {}, {}, {}, {}, {}, {}, {}
     for name in implementations:
       reason = None
-      if name == FLASH_TRITON and not on_gpu:
-        reason = "flash_triton times flash's Triton forward, a GPU kernel"
-      elif name == "flash" and backend not in ("gpu", "tpu"):
-        reason = "Pallas interpret mode off GPU and TPU: correct but not meant for timing"
-      else:
-        try:
-          fn, footprint = build(name, causal, mode, arrays)
-          if footprint is not None and footprint > limit:
-            reason = f"needs {footprint / 2 ** 30:.1f} GiB (XLA memory analysis) > limit {limit / 2 ** 30:.1f} GiB"
-          else:
-            outputs[name] = jax.block_until_ready(fn(*arrays))  # the first run also allocates; kept to check
-            warm_ms = [time_calls(fn, arrays) for _ in range(args.warmup)][-1]
-            compiled[name], times[name], footprints[name] = fn, [], footprint
-            calls[name] = calls_per_rep(warm_ms)
-        except UserError as e:
-          reason = f"unsupported: {e}"
-        except Exception as e:  # noqa: BLE001 - XlaRuntimeError and friends: out of memory, lowering failures
-          reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+      try:
+        fn, footprint, compile_ms[name] = build(name, causal, mode, arrays)
+        if footprint is not None and footprint > limit:
+          reason = f"needs {footprint / 2 ** 30:.1f} GiB (XLA memory analysis) > limit {limit / 2 ** 30:.1f} GiB"
+        else:
+          outputs[name] = jax.block_until_ready(fn(*arrays))  # the first run also allocates; kept to check
+          warm_ms = [time_calls(fn, arrays) for _ in range(args.warmup)][-1]
+          compiled[name], times[name], footprints[name] = fn, [], footprint
+          calls[name] = calls_per_rep(warm_ms)
+          rep_s = calls[name] * warm_ms / 1000
+          reps[name] = int(np.clip(np.ceil(args.min_time / rep_s), args.reps, max(args.reps, MAX_REPS)))
+      except UserError as e:
+        reason = f"unsupported: {e}"
+      except Exception as e:  # noqa: BLE001 - XlaRuntimeError and friends: out of memory, lowering failures
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
       if reason:
         not_run.append(dict(implementation=name, seq_len=seq_len, head_dim=head_dim, causal=causal, mode=mode,
                             reason=reason))
-    for _ in range(args.reps):  # alternate, so slow phases of a shared machine hit every implementation
+    for i in range(max(reps.values(), default=0)):  # alternate, so slow phases of a machine hit every implementation
       for name, fn in compiled.items():
-        times[name].append(time_calls(fn, arrays, calls[name]))
+        if i < reps[name]:
+          times[name].append(time_calls(fn, arrays, calls[name]))
     flops = attention_flops(batch, heads, seq_len, head_dim, causal, mode)
     ref_ms = float(np.median(times[reference])) if reference in times else None
     for name in implementations:
@@ -257,10 +318,12 @@ def run(args) -> int:
       row = dict(implementation=name, seq_len=seq_len, head_dim=head_dim, causal=causal, mode=mode, ms=ms,
                  tflops=tflops, peak_fraction=tflops * 1e12 / peak if tflops and peak else None,
                  ratio_to_reference=ref_ms / ms if ms and ref_ms else None,
+                 ratio_range=ratio_range(times[reference], times[name]) if ms and ref_ms else None,
                  error_vs_reference=(relative_error(outputs[name], outputs[reference])
                                      if name in outputs and reference in outputs else None),
-                 memory_bytes=footprints.get(name), calls_per_rep=calls.get(name))
-      if row["error_vs_reference"] is not None and row["error_vs_reference"] > tolerance:
+                 memory_bytes=footprints.get(name), compile_ms=compile_ms.get(name), calls_per_rep=calls.get(name),
+                 reps=len(times[name]) if ms else None, batch=batch, num_heads=heads)
+      if row["error_vs_reference"] is not None and not row["error_vs_reference"] <= tolerance:
         wrong.append(row)
       rows.append(row)
       iqr = float(np.percentile(times[name], 75) - np.percentile(times[name], 25)) if ms else None
@@ -279,6 +342,15 @@ def run(args) -> int:
           f"causal {item['causal']} {item['mode']}: {item['reason']}")
   report.finish()
   return 0
+
+
+def scalars(rows):
+  """TensorBoard curves, step = seq_len: TFLOP/s and the ratio to the reference per implementation and panel."""
+  for r in rows:
+    panel = f"d{r['head_dim']}_{'causal' if r['causal'] else 'full'}_{r['mode']}"
+    for field in ("tflops", "ratio_to_reference"):
+      if r.get(field) is not None:
+        yield f"{field}/{panel}/{r['implementation']}", r["seq_len"], r[field]
 
 
 def plot(rows, title):

@@ -20,7 +20,7 @@ def test_attention_flops_follow_the_flash_attention_papers():
 
 
 def test_tiny_grid_writes_every_cell_against_the_reference_and_a_plot(run_bench):
-  report = run_bench(bench_attention, "--quick", "--lengths", "64,128", "--reps", "1")
+  report = run_bench(bench_attention, "--quick", "--lengths", "64,128", "--reps", "1", "--min-time", "1e-3")
   rows = report["rows"]
   cells = [(r["seq_len"], r["causal"], r["mode"]) for r in rows if r["implementation"] == "xla"]
   assert sorted(cells) == sorted((s, c, m) for s in (64, 128) for c in (False, True) for m in ("fwd", "fwd_bwd"))
@@ -40,13 +40,49 @@ def test_tiny_grid_writes_every_cell_against_the_reference_and_a_plot(run_bench)
   assert report["meta"]["reference"] == "xla" and report["meta"]["grid"]["lengths"] == [64, 128]
   assert report["meta"]["wrong"] == []
   assert report["meta"]["device"]["backend"] == "cpu" and report["meta"]["versions"]["jax"] == jax.__version__
+  assert report["meta"]["suite"] == "attention" and len(report["meta"]["code"]["tree"]) == 16
+  assert report["meta"]["date"].startswith("20") and "jaxlib" in report["meta"]["jax_environment"]
+  for r in rows:
+    assert (r["batch"], r["num_heads"]) == (2048 // r["seq_len"], 4) and r["compile_ms"] > 0 and r["reps"] >= 1
+    low, high = r["ratio_range"]
+    assert low <= r["ratio_to_reference"] <= high
+
+
+def test_narrowed_grid_runs_only_its_cells_and_tensorboard_gets_curves(run_bench, tensorboard_events, tmp_path):
+  report = run_bench(bench_attention, "--quick", "--lengths", "64,128", "--head-dims", "32", "--causal", "true",
+                     "--modes", "fwd", "--reps", "3", "--min-time", "1e-3", "--implementations", "xla")
+  assert [(r["seq_len"], r["head_dim"], r["causal"], r["mode"], r["num_heads"]) for r in report["rows"]] == [
+      (64, 32, True, "fwd", 8), (128, 32, True, "fwd", 8)]  # heads x head_dim stays 256
+  assert all(r["reps"] == 3 for r in report["rows"])  # --reps is the least; 1 ms of --min-time adds none
+  assert report["meta"]["grid"]["causal"] == [True] and report["meta"]["grid"]["modes"] == ["fwd"]
+  events = tensorboard_events(str(tmp_path / "tensorboard" / "attention"))
+  assert [step for step, _ in events["tflops/d32_causal_fwd/xla"]] == [64, 128]
+  assert [value for _, value in events["ratio_to_reference/d32_causal_fwd/xla"]] == [1.0, 1.0]
+
+
+def test_min_time_adds_repetitions_up_to_the_cap(run_bench):
+  report = run_bench(bench_attention, "--quick", "--lengths", "64", "--causal", "false", "--modes", "fwd",
+                     "--reps", "2", "--min-time", "1000", "--implementations", "xla")
+  assert [r["reps"] for r in report["rows"]] == [bench_attention.MAX_REPS]
+
+
+def test_relative_error_of_a_zero_reference_is_absolute_and_not_finite_is_wrong(run_bench, monkeypatch, capsys):
+  zero = jax.numpy.zeros((2, 3))
+  assert bench_attention.relative_error([zero + 1e-7], [zero]) == pytest.approx(1e-7)  # one key: zero gradients
+  assert bench_attention.relative_error([zero * jax.numpy.nan], [zero + 1]) == float("inf")
+  from aigc_jax.nn import chunked_attention
+  monkeypatch.setattr(chunked_attention, "chunked_attention", lambda q, *a, **kw: q * jax.numpy.nan)
+  report = run_bench(bench_attention, "--quick", "--lengths", "64", "--causal", "false", "--modes", "fwd",
+                     "--reps", "1", "--min-time", "1e-3")  # run_bench reads it with strict JSON: no NaN, Infinity
+  assert [(r["implementation"], r["error_vs_reference"]) for r in report["meta"]["wrong"]] == [("chunked", None)]
+  assert "WRONG: chunked seq_len 64 head_dim 64 causal False fwd: differs from xla by inf" in capsys.readouterr().out
 
 
 def test_an_implementation_that_disagrees_with_the_reference_is_flagged(run_bench, monkeypatch, capsys):
   from aigc_jax.nn import chunked_attention
   right = chunked_attention.chunked_attention
   monkeypatch.setattr(chunked_attention, "chunked_attention", lambda *a, **kw: right(*a, **kw) * 1.01)
-  report = run_bench(bench_attention, "--quick", "--lengths", "64", "--reps", "1")
+  report = run_bench(bench_attention, "--quick", "--lengths", "64", "--reps", "1", "--min-time", "1e-3")
   wrong = report["meta"]["wrong"]
   assert sorted((r["implementation"], r["causal"], r["mode"]) for r in wrong) == [
       ("chunked", c, m) for c in (False, True) for m in ("fwd", "fwd_bwd")]
@@ -56,7 +92,7 @@ def test_an_implementation_that_disagrees_with_the_reference_is_flagged(run_benc
 
 def test_a_run_stopped_partway_keeps_its_cells_and_resume_runs_only_the_rest(tmp_path, monkeypatch, capsys):
   out = tmp_path / "attention.json"
-  argv = ["--quick", "--lengths", "64", "--reps", "1", "--implementations", "xla", "--out", str(out)]
+  argv = ["--quick", "--lengths", "64", "--reps", "1", "--min-time", "1e-3", "--implementations", "xla", "--out", str(out)]
   real_build, built = bench_attention.build, []
 
   def build_then_stop(implementation, causal, mode, arrays):
@@ -94,11 +130,12 @@ def test_a_run_stopped_partway_keeps_its_cells_and_resume_runs_only_the_rest(tmp
 
 def test_resume_refuses_a_report_from_other_settings_and_a_file_that_is_not_one(tmp_path):
   out = tmp_path / "attention.json"
-  argv = ["--quick", "--lengths", "64", "--reps", "1", "--implementations", "xla", "--out", str(out), "--resume"]
+  argv = ["--quick", "--lengths", "64", "--reps", "1", "--min-time", "1e-3", "--implementations", "xla", "--out", str(out), "--resume"]
   out.write_text(json.dumps(dict(meta=dict(device=dict(backend="gpu", kind="NVIDIA H100 80GB HBM3", count=1)),
                                  rows=[])))
   with pytest.raises(UserError, match=r"holds cells measured with a different device.backend, device.kind, device.cpu, "
-                                      r".*peak_flops, dtype, quick, implementations, grid, warmup, reps; resume with"):
+                                      r".*code.tree, peak_flops, dtype, quick, implementations, grid, warmup, reps, "
+                                      r"min_time_s; resume with"):
     bench_attention.run(parse_args(bench_attention, argv))
   for damaged in ('{"meta": {"device": ',  # cut short
                   json.dumps(dict(meta={}, rows=[dict(seq_len=64, causal=False, mode="fwd")])),  # no head_dim
@@ -118,21 +155,52 @@ def test_a_repetition_lasts_ten_ms_so_dispatch_is_not_timed_and_the_gpu_referenc
   assert not bench_attention._cudnn_runs(jax.numpy.bfloat16, (64, 256))
 
 
-def test_unknown_implementation_or_length_is_a_user_error(tmp_path):
+@pytest.mark.parametrize("argv, message", [
+    (["--implementations", "fast"], "Unknown implementation 'fast'.*chunked, flash, flash_triton"),
+    (["--quick", "--lengths", "1k"], "--lengths takes positive integers separated by commas"),
+    (["--quick", "--lengths", ""], "--lengths takes positive integers separated by commas, like 2048,4096; got ''"),
+    (["--quick", "--head-dims", "48"], "--head-dims 48 does not divide the grid's heads x head_dim of 256"),
+    (["--quick", "--modes", "bwd"], "--modes takes some of fwd,fwd_bwd separated by commas; got 'bwd'"),
+    (["--lengths", "512"], "The full attention grid is sized for a GPU .*; pass --quick"),
+    (["--quick", "--implementations", "xla,cudnn"], "cudnn runs on an NVIDIA GPU only and this is a cpu backend"),
+    (["--quick", "--implementations", "flash_triton"], "flash_triton runs on an NVIDIA GPU only"),
+    (["--quick", "--implementations", "flash"], "flash runs on a cpu backend only in Pallas interpret mode"),
+])
+def test_bad_arguments_are_one_sentence_before_anything_runs(argv, message, tmp_path, monkeypatch):
+  monkeypatch.setattr(bench_attention, "build", lambda *a: pytest.fail("a cell ran"))
+  with pytest.raises(UserError, match=message):
+    bench_attention.run(parse_args(bench_attention, [*argv, "--out", str(tmp_path / "x.json")]))
   assert bench_attention.parse_lengths("64, 128") == (64, 128)
-  with pytest.raises(UserError, match="Unknown implementation 'fast'.*chunked, flash, flash_triton"):
-    bench_attention.run(parse_args(bench_attention, ["--implementations", "fast", "--out", str(tmp_path / "x.json")]))
-  with pytest.raises(UserError, match="--lengths takes positive integers"):
-    bench_attention.run(parse_args(bench_attention, ["--lengths", "1k", "--out", str(tmp_path / "x.json")]))
 
 
-def test_gpu_kernels_off_gpu_are_recorded_as_not_run_with_the_reason(run_bench):
-  report = run_bench(bench_attention, "--quick", "--lengths", "64", "--reps", "1", "--implementations",
-                     "flash,flash_triton")
-  assert {r["implementation"] for r in report["rows"] if r["ms"] is not None} == {"xla"}  # the reference, added
-  reasons = {(n["implementation"], n["reason"]) for n in report["meta"]["not_run"]}
-  assert reasons == {("flash", "Pallas interpret mode off GPU and TPU: correct but not meant for timing"),
-                     ("flash_triton", "flash_triton times flash's Triton forward, a GPU kernel")}
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf", "lots"])
+def test_memory_limit_and_min_time_take_positive_numbers(value, capsys):
+  for flag in ("--memory-limit-gb", "--min-time"):
+    with pytest.raises(SystemExit) as exit_info:
+      parse_args(bench_attention, ["--quick", flag, value])
+    assert exit_info.value.code == 2 and f"{value!r} is not a number > 0" in capsys.readouterr().err
+
+
+def test_an_out_path_that_cannot_be_written_is_refused_before_the_first_cell(tmp_path, monkeypatch):
+  monkeypatch.setattr(bench_attention, "build", lambda *a: pytest.fail("a cell ran"))
+  folder = tmp_path / "adir"
+  folder.mkdir()
+  with pytest.raises(UserError, match=f"--out {folder} is a directory; give a file path such as {folder}/report.json"):
+    bench_attention.run(parse_args(bench_attention, ["--quick", "--out", str(folder)]))
+  with pytest.raises(UserError, match=r"Cannot write the report /proc/nope/x.json \(.*\); give an --out in a folder"):
+    bench_attention.run(parse_args(bench_attention, ["--quick", "--out", "/proc/nope/x.json"]))
+
+
+def test_resume_refuses_cells_measured_on_other_code(tmp_path):
+  out = tmp_path / "attention.json"
+  argv = ["--quick", "--lengths", "64", "--causal", "false", "--modes", "fwd", "--reps", "1", "--min-time", "1e-3",
+          "--implementations", "xla", "--out", str(out)]
+  assert bench_attention.run(parse_args(bench_attention, argv)) == 0
+  report = json.loads(out.read_text())
+  report["meta"]["code"]["tree"] = "0" * 16  # as if aigc_jax/ or benchmarks/ had changed since
+  out.write_text(json.dumps(report))
+  with pytest.raises(UserError, match="holds cells measured with a different code.tree; resume with the same"):
+    bench_attention.run(parse_args(bench_attention, [*argv, "--resume"]))
 
 
 def test_a_capped_run_reports_xla_out_of_memory_where_chunked_runs():
