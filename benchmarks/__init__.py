@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+import numpy
+
 from aigc_jax.errors import UserError
 from aigc_jax.files import write_atomically
 
@@ -120,6 +122,26 @@ def time_calls(compiled, args, calls: int = 1) -> float:
     out = compiled(*args)
   jax.block_until_ready(out)
   return (time.perf_counter() - start) * 1000 / calls
+
+
+def relative_error(got, want) -> float:
+  """The largest |got - want| over each output array (the gradients too), relative to that array's largest
+  |want| entry (absolute where that is 0, e.g. the gradients of one key); the worst array's; inf if not finite."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  errors = []
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    a, b = numpy.asarray(a, numpy.float32), numpy.asarray(b, numpy.float32)
+    scale = numpy.max(numpy.abs(b))
+    errors.append(numpy.max(numpy.abs(a - b)) / (scale if scale > 0 else 1.0))
+  worst = float(max(errors))
+  return worst if numpy.isfinite(worst) else float("inf")
+
+
+def ratio_range(ref_times, times) -> list[float]:
+  """[reference's 25th percentile / this one's 75th, reference's 75th / this one's 25th]: the ratio's spread."""
+  q = lambda x, p: float(numpy.percentile(x, p))
+  return [q(ref_times, 25) / q(times, 75), q(ref_times, 75) / q(times, 25)]
 
 
 def add_resume_argument(parser: argparse.ArgumentParser) -> None:

@@ -52,7 +52,8 @@ from aigc_jax.errors import UserError
 from aigc_jax.nn import attention as attention_lib
 from aigc_jax.nn import flash_attention as flash_lib
 from aigc_jax.nn import flash_attention_hopper as hopper_lib
-from benchmarks import Report, add_resume_argument, at_least, default_out, environment, positive_float, time_calls
+from benchmarks import (Report, add_resume_argument, at_least, default_out, environment, positive_float, ratio_range,
+                        relative_error, time_calls)
 from benchmarks.peak import default_dtype, peak_flops
 
 FULL = dict(tokens=16384, width=2048, lengths=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128))
@@ -177,24 +178,6 @@ def _cudnn_runs(dtype, head_dims) -> bool:
   except UserError:
     return False
   return True
-
-
-def relative_error(got, want) -> float:
-  """The largest |got - want| over each output array (the gradients too), relative to that array's largest
-  |want| entry (absolute where that is 0, e.g. the gradients of one key); the worst array's; inf if not finite."""
-  errors = []
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    scale = np.max(np.abs(b))
-    errors.append(np.max(np.abs(a - b)) / (scale if scale > 0 else 1.0))
-  worst = float(max(errors))
-  return worst if np.isfinite(worst) else float("inf")
-
-
-def ratio_range(ref_times, times) -> list[float]:
-  """[reference's 25th percentile / this one's 75th, reference's 75th / this one's 25th]: the ratio's spread."""
-  q = lambda x, p: float(np.percentile(x, p))
-  return [q(ref_times, 25) / q(times, 75), q(ref_times, 75) / q(times, 25)]
 
 
 def check_runnable(implementations, backend: str) -> None:

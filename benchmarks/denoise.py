@@ -34,7 +34,8 @@ from aigc_jax.tasks.diffusion import unet_config
 from aigc_jax.train.loop import jit_init
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_train_step
-from benchmarks import Report, add_resume_argument, at_least, default_out, environment, time_calls
+from benchmarks import (Report, add_resume_argument, at_least, default_out, environment, ratio_range, relative_error,
+                        time_calls)
 from benchmarks.peak import default_dtype, peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +51,9 @@ QUICK = {"ddpm_mnist": (64, 32, 16, 10), "ddpm_cifar10": (4, 2, 2, 2), "tiny": (
 FULL = {"ddpm_mnist": (256, 128, 256, 50), "ddpm_cifar10": (128, 128, 128, 50), "tiny": (2, 2, 2, 2)}
 DEFAULT_SHAPES = ("ddpm_mnist", "ddpm_cifar10")
 IMPLEMENTATIONS = ("ours", "stock_flax_conv")
+# Largest error vs the reference, relative to its largest entry, that the same UNet shows with convolution sums in
+# another order: fp32, and bf16 with a rounding of each activation on top.
+ERROR_TOLERANCE, ERROR_TOLERANCE_HALF = 1e-3, 5e-2
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -61,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                       help="compute dtype; default bfloat16 on a GPU or TPU, float32 elsewhere")
   parser.add_argument("--reps", type=at_least(1), default=3, help="timed repetitions per measurement")
+  parser.add_argument("--warmup", type=at_least(1), default=1,
+                      help="untimed calls per measurement after the first (whose output is checked against the "
+                      "reference's)")
   add_resume_argument(parser)
 
 
@@ -93,9 +100,14 @@ def build(name, config_file, overrides, size, channels, classes, dtype, batches,
   rng = np.random.default_rng(0)
   labels = lambda b: jnp.asarray(rng.integers(0, classes, b), jnp.int32) if ucfg.num_classes else None
   x = lambda b: jnp.asarray(rng.uniform(-1, 1, (b, size, size, channels)), jnp.float32)
-  if params is None:
+  if params is None:  # drawn from no `rng`, so that every implementation gets the same inputs below
     init = jit_init(lambda key, x_, t, y: model.init(key, x_, t, y, train=False)["params"], jax.default_backend())
-    params = init(jax.random.PRNGKey(0), x(1), jnp.zeros((1,), jnp.int32), labels(1))
+    params = init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), jnp.zeros((1,), jnp.int32),
+                  jnp.zeros((1,), jnp.int32) if ucfg.num_classes else None)
+    # Noise on every parameter: the output conv starts at zero, which makes every output the same whatever the
+    # layers before compute, and would let the check against the reference pass vacuously. Timing is unchanged.
+    keys = iter(jax.random.split(jax.random.PRNGKey(4), len(jax.tree.leaves(params))))
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape, p.dtype), params)
   tx = optax.adam(1e-4)
 
   def loss_fn(p, batch, step_rng, train):
@@ -129,6 +141,11 @@ def build(name, config_file, overrides, size, channels, classes, dtype, batches,
         "sampler": (jax.jit(sample).lower(params, jax.random.PRNGKey(2), sample_labels).compile(),
                     (params, jax.random.PRNGKey(2), sample_labels), sample_b),
     }
+    # Not timed: what the train step's correctness is checked on. Its new state is no good for that: Adam's first
+    # update is about lr * sign(gradient), so gradients of ~1e-9 that differ in sign flip whole entries of it.
+    loss = lambda p, batch, key: loss_fn(p, batch, key, True)[0] / batch["images"].shape[0]
+    grad_args = (params, train_batch, jax.random.PRNGKey(3))
+    compiled["gradients"] = (jax.jit(jax.value_and_grad(loss)).lower(*grad_args).compile(), grad_args, train_b)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   return compiled, n_params, sample_steps, params
 
@@ -147,6 +164,7 @@ def run(args) -> int:
     if name not in SHAPES:
       raise UserError(f"Unknown denoise shape {name!r}; use some of {', '.join(SHAPES)}.")
   peak, peak_note = peak_flops(dtype)
+  tolerance = ERROR_TOLERANCE if dtype == jnp.float32 else ERROR_TOLERANCE_HALF
   grid = QUICK if args.quick else FULL
   out_path = args.out or default_out("denoise", backend, args.quick)
   device = jax.devices()[0]
@@ -154,19 +172,23 @@ def run(args) -> int:
   print(f"{'shape':>13s} {'what':>10s} {'implementation':>16s} {'batch':>5s} {'ms':>9s} {'images/s':>9s} "
         f"{'steps/s':>8s} {'TFLOP/s':>8s} {'% peak':>7s} {'vs ref':>7s}")
   meta = dict(**environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, reps=args.reps,
-              reference="stock_flax_conv: the same UNet with flax.linen.Conv", ms="median of reps",
+              warmup=args.warmup, reference="stock_flax_conv: the same UNet with flax.linen.Conv", ms="median of reps",
+              ratio_range="[reference q25 / q75, reference q75 / q25] over the reps",
+              error_vs_reference="largest |x - reference| / largest |reference| over each output array (the forward's "
+              "output; for the train step, the loss and its gradient on the same batch; the sampler's images), on "
+              "the same inputs", error_tolerance=tolerance,
               flops="XLA cost_analysis of the compiled forward and step; sampler: forward FLOPs per image x batch "
                     "x steps",
               sampler="DDIM, guidance 1 (one UNet call per step)",
               batches={k: dict(zip(("forward", "train_step", "sampler", "sampler_steps"), grid[k])) for k in shapes})
-  report = Report(out_path, meta, plot, cell=("shape",), same=("dtype", "quick", "reps", "batches"),
-                  resume=args.resume)
+  report = Report(out_path, meta, plot, cell=("shape",), same=("dtype", "quick", "reps", "warmup", "batches"),
+                  lists=("wrong",), resume=args.resume)
   for name in shapes:
     if report.done(shape=name):
       for row in report.kept(shape=name):  # the whole table
         print_row(row)
       continue
-    rows = []
+    rows, wrong = [], []
     config_file, overrides, size, channels, classes = SHAPES[name]
     built, params = {}, None
     for impl in IMPLEMENTATIONS:
@@ -174,9 +196,15 @@ def run(args) -> int:
       params = built[impl][3]
     for what in ("forward", "train_step", "sampler"):
       times = {impl: [] for impl in IMPLEMENTATIONS}
-      for impl in IMPLEMENTATIONS:  # warm-up (the first call also allocates)
+      outputs = {}
+      for impl in IMPLEMENTATIONS:  # the first call (it also allocates), kept to check, then the warm-up
         fn, fn_args, _ = built[impl][0][what]
-        time_calls(fn, fn_args)
+        outputs[impl] = jax.block_until_ready(fn(*fn_args))
+        if what == "train_step":  # checked on the loss and its gradients
+          check, check_args, _ = built[impl][0]["gradients"]
+          outputs[impl] = check(*check_args)
+        for _ in range(args.warmup):
+          time_calls(fn, fn_args)
       for _ in range(args.reps):  # alternate, so a slow phase of a shared machine hits both
         for impl in IMPLEMENTATIONS:
           fn, fn_args, _ = built[impl][0][what]
@@ -195,10 +223,17 @@ def run(args) -> int:
                    images_per_sec=batch / seconds, steps_per_sec=sample_steps / seconds if what == "sampler" else None,
                    sampler_steps=sample_steps if what == "sampler" else None, flops=flops, tflops=tflops,
                    peak_fraction=tflops * 1e12 / peak if tflops and peak else None, ratio_to_reference=ref_s / seconds,
+                   ratio_range=ratio_range(times["stock_flax_conv"], times[impl]),
+                   error_vs_reference=relative_error(outputs[impl], outputs["stock_flax_conv"]),
                    all_ms=[1000 * t for t in times[impl]])
+        if not row["error_vs_reference"] <= tolerance:
+          wrong.append(row)
         rows.append(row)
         print_row(row)
-    report.add(rows)
+    report.add(rows, wrong=wrong)
+  for row in report.meta["wrong"]:
+    print(f"WRONG: {row['shape']} {row['what']} {row['implementation']}: differs from stock_flax_conv by "
+          f"{row['error_vs_reference']:.2g} of its largest entry (tolerance {tolerance:g} in {dtype.name})")
   report.finish()
   return 0
 

@@ -99,7 +99,8 @@ def test_torch_reference_refuses_shapes_nanogpt_lacks_and_a_missing_python():
     TorchRun("/no/such/python", _cpu_recipe(), 65, batches)
 
 
-def test_denoise_tiny_shape_writes_every_measurement_against_the_reference_and_a_chart(run_bench, tmp_path):
+def test_denoise_tiny_shape_writes_every_measurement_against_the_reference_and_a_chart(run_bench, tmp_path,
+                                                                                        monkeypatch, capsys):
   from benchmarks import denoise as bench_denoise
   report = run_bench(bench_denoise, "--quick", "--shapes", "tiny", "--reps", "1")
   rows = report["rows"]
@@ -112,10 +113,21 @@ def test_denoise_tiny_shape_writes_every_measurement_against_the_reference_and_a
     assert r["tflops"] == pytest.approx(r["flops"] / r["ms"] / 1e9)
     assert r["params"] == rows[0]["params"]  # the reference is the same UNet
     if r["implementation"] == "stock_flax_conv":
-      assert r["ratio_to_reference"] == 1.0
+      assert r["ratio_to_reference"] == 1.0 and r["error_vs_reference"] == 0.0
+    else:  # the same UNet: forward and sampler the same XLA convolutions; the kernel gradients differ in sum order
+      assert r["error_vs_reference"] < (1e-5 if r["what"] == "train_step" else 1e-7)
+    low, high = r["ratio_range"]
+    assert low <= r["ratio_to_reference"] <= high
+  assert report["meta"]["wrong"] == [] and report["meta"]["warmup"] == 1
   sampler = rows[4]  # counted as steps x the forward's FLOPs per image
   assert sampler["flops"] == pytest.approx(forward_flops_per_image * 2 * 2)
   assert sampler["steps_per_sec"] == pytest.approx(2 / sampler["ms"] * 1000)
   assert report["meta"]["batches"] == {"tiny": {"forward": 2, "train_step": 2, "sampler": 2, "sampler_steps": 2}}
+  # The check is not vacuous: the output conv starts at zero, which made every output equal whatever came before.
+  from aigc_jax.nn import conv
+  monkeypatch.setattr(conv, "conv2d_tap_grad", lambda x, kernel, strides: conv._conv(x, 1.01 * kernel, strides))
+  report = run_bench(bench_denoise, "--quick", "--shapes", "tiny", "--reps", "1")
+  assert {"forward", "train_step"} <= {r["what"] for r in report["meta"]["wrong"]}  # (2 sampler steps clip x0)
+  assert "WRONG: tiny forward ours: differs from stock_flax_conv by" in capsys.readouterr().out
   with pytest.raises(UserError, match="Unknown denoise shape 'unet3d'"):
     bench_denoise.run(parse_args(bench_denoise, ["--shapes", "unet3d", "--out", str(tmp_path / "x.json")]))
