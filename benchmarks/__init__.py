@@ -35,7 +35,6 @@ def environment() -> dict:
   import flax  # pylint: disable=g-import-not-at-top
   import jax
   import jaxlib
-  import numpy
   import optax
 
   from benchmarks.peak import cpu_clock_mhz, cpu_model
@@ -167,6 +166,7 @@ class Report:
     self.path, self.plot, self.cell = out_path, plot, cell
     self.meta = dict(meta, complete=False, runs=1, **{name: [] for name in lists})
     self.rows = []
+    self._check_writable()
     if resume and os.path.exists(out_path):
       earlier = self._load(lists)
       fields = ("device.backend", "device.kind", "device.count", "device.cpu", "device.cpu_affinity_cores",
@@ -180,17 +180,17 @@ class Report:
       for name in lists:
         self.meta[name] = earlier["meta"].get(name, [])
       print(f"resuming {out_path}: {len(self._cells())} cells already in it, kept")
-    self._check_writable()
 
   def _check_writable(self) -> None:
     """One sentence now, before any cell is measured, if the report cannot be written where asked."""
     if os.path.isdir(self.path):
       raise UserError(f"--out {self.path} is a directory; give a file path such as {self.path}/report.json.")
     folder = os.path.dirname(os.path.abspath(self.path))
+    probe = os.path.join(folder, f".{os.path.basename(self.path)}.check")
     try:
-      os.makedirs(folder, exist_ok=True)
-      write_atomically(os.path.join(folder, f".{os.path.basename(self.path)}.check"), "")
-      os.remove(os.path.join(folder, f".{os.path.basename(self.path)}.check"))
+      os.makedirs(folder, exist_ok=True)  # where _write puts the report from now on
+      write_atomically(probe, "")
+      os.remove(probe)
     except OSError as e:
       raise UserError(f"Cannot write the report {self.path} ({e.strerror}); give an --out in a folder you can "
                       f"write to.") from None
@@ -244,7 +244,6 @@ class Report:
     print(f"wrote {self.path} and {png}; to see them in TensorBoard: tensorboard --logdir {os.path.dirname(logdir)}")
 
   def _write(self) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
     # a run killed while writing leaves the last whole report; strict JSON: null where a number is not finite
     write_atomically(self.path, json.dumps(_finite(dict(meta=self.meta, rows=self.rows)), indent=1, allow_nan=False))
 

@@ -187,6 +187,8 @@ def test_an_out_path_that_cannot_be_written_is_refused_before_the_first_cell(tmp
   folder.mkdir()
   with pytest.raises(UserError, match=f"--out {folder} is a directory; give a file path such as {folder}/report.json"):
     bench_attention.run(parse_args(bench_attention, ["--quick", "--out", str(folder)]))
+  with pytest.raises(UserError, match=f"--out {folder} is a directory"):  # before --resume tries to read it
+    bench_attention.run(parse_args(bench_attention, ["--quick", "--out", str(folder), "--resume"]))
   with pytest.raises(UserError, match=r"Cannot write the report /proc/nope/x.json \(.*\); give an --out in a folder"):
     bench_attention.run(parse_args(bench_attention, ["--quick", "--out", "/proc/nope/x.json"]))
 
