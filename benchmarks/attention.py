@@ -107,20 +107,19 @@ def parse_lengths(text: str, flag: str = "--lengths", example: str = "2048,4096"
 
 def grid_spec(args) -> dict:
   """The grid's sizes: `--quick`'s or the full one, narrowed by `--lengths`, `--head-dims`, `--causal`, `--modes`."""
-  g = dict(QUICK if args.quick else FULL, causal=CAUSAL[getattr(args, "causal", "both")], modes=MODES)
+  g = dict(QUICK if args.quick else FULL, causal=CAUSAL[args.causal])
   if args.lengths is not None:
     g["lengths"] = parse_lengths(args.lengths)
-  if getattr(args, "head_dims", None) is not None:
+  if args.head_dims is not None:
     g["head_dims"] = parse_lengths(args.head_dims, "--head-dims", "64,128")
     wide = [d for d in g["head_dims"] if g["width"] % d]
     if wide:
       raise UserError(f"--head-dims {wide[0]} does not divide the grid's heads x head_dim of {g['width']}; use a "
                       f"divisor of it, such as 64.")
-  if getattr(args, "modes", None) is not None:
-    modes = tuple(m.strip() for m in args.modes.split(","))
-    if not modes or any(m not in MODES for m in modes):
-      raise UserError(f"--modes takes some of {','.join(MODES)} separated by commas; got {args.modes!r}.")
-    g["modes"] = tuple(m for m in MODES if m in modes)
+  modes = [m.strip() for m in args.modes.split(",")]
+  if any(m not in MODES for m in modes):
+    raise UserError(f"--modes takes some of {','.join(MODES)} separated by commas; got {args.modes!r}.")
+  g["modes"] = tuple(m for m in MODES if m in modes)
   return g
 
 
