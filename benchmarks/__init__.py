@@ -123,6 +123,50 @@ def time_calls(compiled, args, calls: int = 1) -> float:
   return (time.perf_counter() - start) * 1000 / calls
 
 
+MIN_REP_MS, MAX_CALLS = 10.0, 100  # a timed repetition: back-to-back calls lasting >= 10 ms, at most 100 calls
+MAX_REPS = 50  # timed repetitions of one measurement, however short it is
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+  """--reps, --min-time and --warmup: how each of `what` (e.g. "implementation and cell") is timed."""
+  parser.add_argument("--reps", type=at_least(1), default=5,
+                      help=f"timed repetitions per {what}, at least (see --min-time)")
+  parser.add_argument("--min-time", type=positive_float, default=0.5,
+                      help=f"seconds the timed repetitions of each {what} add up to, at least (more repetitions "
+                      f"than --reps where needed, at most {MAX_REPS})")
+  parser.add_argument("--warmup", type=at_least(1), default=1,
+                      help="untimed calls after the first (whose output is checked against the reference); the "
+                      "last one's time sets calls_per_rep")
+
+
+def warm_up(fn, args, warmup: int, reps: int, min_time: float) -> tuple[int, int]:
+  """Makes `warmup` untimed calls of `fn(*args)`, the last one timed to plan the measurement: returns (calls per
+  timed repetition, repetitions). A repetition makes back-to-back calls lasting MIN_REP_MS (at most MAX_CALLS),
+  so that the host's dispatch overhead (~10 us a call) hides behind sub-millisecond GPU work; one call where a
+  call takes longer. Repetitions: at least `reps`, more until they last `min_time` seconds, at most MAX_REPS."""
+  warm_ms = [time_calls(fn, args) for _ in range(warmup)][-1]
+  calls = int(numpy.clip(numpy.ceil(MIN_REP_MS / max(warm_ms, 1e-3)), 1, MAX_CALLS))
+  return calls, int(numpy.clip(numpy.ceil(min_time * 1000 / (calls * warm_ms)), reps, max(reps, MAX_REPS)))
+
+
+def time_alternately(timed: dict) -> dict[str, list[float]]:
+  """{name: (fn, args, calls per repetition, repetitions)} -> {name: ms per call of each repetition}, the
+  repetitions of every name alternating, so that a slow phase of a shared machine hits them all alike."""
+  times = {name: [] for name in timed}
+  for i in range(max((reps for *_, reps in timed.values()), default=0)):
+    for name, (fn, args, calls, reps) in timed.items():
+      if i < reps:
+        times[name].append(time_calls(fn, args, calls))
+  return times
+
+
+def within_noise(row: dict) -> bool:
+  """Whether a row's ratio to the reference differs from 1 by less than the timing noise: its `ratio_range`
+  (from the interquartile ranges) holds 1. The reference's own row (ratio exactly 1) is not marked."""
+  low, high = row.get("ratio_range") or (None, None)
+  return low is not None and low <= 1 <= high and row["ratio_to_reference"] != 1
+
+
 def relative_error(got, want) -> float:
   """The largest |got - want| over each output array (the gradients too), relative to that array's largest
   |want| entry (absolute where that is 0, e.g. the gradients of one key); the worst array's; inf if not finite."""

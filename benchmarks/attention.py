@@ -52,8 +52,8 @@ from aigc_jax.errors import UserError
 from aigc_jax.nn import attention as attention_lib
 from aigc_jax.nn import flash_attention as flash_lib
 from aigc_jax.nn import flash_attention_hopper as hopper_lib
-from benchmarks import (Report, add_resume_argument, at_least, default_out, environment, positive_float, ratio_range,
-                        relative_error, time_calls)
+from benchmarks import (Report, add_resume_argument, add_timing_arguments, default_out, environment, positive_float,
+                        ratio_range, relative_error, time_alternately, warm_up, within_noise)
 from benchmarks.peak import default_dtype, peak_flops
 
 FULL = dict(tokens=16384, width=2048, lengths=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128))
@@ -63,8 +63,6 @@ FLASH_TRITON = "flash_triton"  # `flash` with its Triton forward even on a Hoppe
 # Largest error (relative to the reference's largest entry) a correct implementation shows on the grid's
 # random inputs: fp32 sums in another order; bf16/fp16 one rounding of the output and of each gradient on top.
 ERROR_TOLERANCE, ERROR_TOLERANCE_HALF = 1e-3, 5e-2
-MIN_REP_MS, MAX_CALLS = 10.0, 100  # a timed repetition: back-to-back calls lasting >= 10 ms, at most 100 calls
-MAX_REPS = 50  # repetitions per implementation and cell, however short the cell
 CAUSAL = {"both": (False, True), "true": (True,), "false": (False,)}
 
 
@@ -83,14 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                       "Hopper GPU), xla,chunked,flash on a TPU, xla,chunked elsewhere")
   parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                       help="default bfloat16 on a GPU or TPU, float32 elsewhere")
-  parser.add_argument("--reps", type=at_least(1), default=5,
-                      help="timed repetitions per implementation and cell, at least (see --min-time)")
-  parser.add_argument("--min-time", type=positive_float, default=0.5,
-                      help="seconds each implementation's timed repetitions of a cell add up to, at least (more "
-                      f"repetitions than --reps where needed, at most {MAX_REPS})")
-  parser.add_argument("--warmup", type=at_least(1), default=1,
-                      help="untimed calls after the first (whose output is checked against the reference); the "
-                      "last one's time sets calls_per_rep")
+  add_timing_arguments(parser, "implementation and cell")
   parser.add_argument("--memory-limit-gb", type=positive_float, default=None,
                       help="skip a cell whose compiled memory exceeds this; default: half the free device memory "
                       "on a GPU, a quarter of the available RAM on a CPU (others share it)")
@@ -190,17 +181,10 @@ def check_runnable(implementations, backend: str) -> None:
                       f"is not meant for timing; leave it out of --implementations.")
 
 
-def calls_per_rep(warm_ms: float) -> int:
-  """Calls per timed repetition: enough to last MIN_REP_MS, so that the host's dispatch overhead (~10 us a call)
-  is hidden behind the device's work in sub-millisecond GPU cells; one call in the CPU grid's cells."""
-  return int(np.clip(np.ceil(MIN_REP_MS / max(warm_ms, 1e-3)), 1, MAX_CALLS))
-
-
 def print_row(row: dict, iqr: float | None) -> None:
   """One line of the table (the header is in `run`); `~` marks a ratio within the timing noise."""
   fmt = lambda x, f: format(x, f) if x is not None else "-"
-  low, high = row.get("ratio_range") or (None, None)
-  noisy = "~" if low is not None and low <= 1 <= high and row["ratio_to_reference"] != 1 else " "
+  noisy = "~" if within_noise(row) else " "
   print(f"{row['implementation']:>14s} {row['seq_len']:7d} {row['head_dim']:8d} {str(row['causal']):>6s} "
         f"{row['mode']:>7s} {fmt(row['ms'], '9.2f'):>9s} {fmt(iqr, '7.2f'):>7s} {fmt(row['tflops'], '8.4f'):>8s} "
         f"{fmt(row['peak_fraction'] and 100 * row['peak_fraction'], '6.1f'):>7s} "
@@ -267,7 +251,7 @@ def run(args) -> int:
     rng = np.random.default_rng([seq_len, head_dim, causal, MODES.index(mode)])  # the same inputs when resumed
     shape = (batch, seq_len, heads, head_dim)
     arrays = [jnp.asarray(rng.normal(size=shape), dtype) for _ in range(4 if mode == "fwd_bwd" else 3)]
-    compiled, times, outputs, footprints, calls, compile_ms, reps = {}, {}, {}, {}, {}, {}, {}
+    timed, outputs, footprints, calls, compile_ms = {}, {}, {}, {}, {}
     for name in implementations:
       reason = None
       try:
@@ -276,11 +260,8 @@ def run(args) -> int:
           reason = f"needs {footprint / 2 ** 30:.1f} GiB (XLA memory analysis) > limit {limit / 2 ** 30:.1f} GiB"
         else:
           outputs[name] = jax.block_until_ready(fn(*arrays))  # the first run also allocates; kept to check
-          warm_ms = [time_calls(fn, arrays) for _ in range(args.warmup)][-1]
-          compiled[name], times[name], footprints[name] = fn, [], footprint
-          calls[name] = calls_per_rep(warm_ms)
-          rep_s = calls[name] * warm_ms / 1000
-          reps[name] = int(np.clip(np.ceil(args.min_time / rep_s), args.reps, max(args.reps, MAX_REPS)))
+          calls[name], reps = warm_up(fn, arrays, args.warmup, args.reps, args.min_time)
+          timed[name], footprints[name] = (fn, arrays, calls[name], reps), footprint
       except UserError as e:
         reason = f"unsupported: {e}"
       except Exception as e:  # noqa: BLE001 - XlaRuntimeError and friends: out of memory, lowering failures
@@ -288,10 +269,7 @@ def run(args) -> int:
       if reason:
         not_run.append(dict(implementation=name, seq_len=seq_len, head_dim=head_dim, causal=causal, mode=mode,
                             reason=reason))
-    for i in range(max(reps.values(), default=0)):  # alternate, so slow phases of a machine hit every implementation
-      for name, fn in compiled.items():
-        if i < reps[name]:
-          times[name].append(time_calls(fn, arrays, calls[name]))
+    times = time_alternately(timed)
     flops = attention_flops(batch, heads, seq_len, head_dim, causal, mode)
     ref_ms = float(np.median(times[reference])) if reference in times else None
     for name in implementations:
@@ -312,7 +290,7 @@ def run(args) -> int:
       spreads.append(dict(implementation=name, seq_len=seq_len, head_dim=head_dim, causal=causal, mode=mode,
                           all_ms=times.get(name), iqr_ms=iqr))
       print_row(row, iqr)
-    del arrays, compiled, outputs, footprints
+    del arrays, timed, outputs, footprints
     report.add(rows, wrong=wrong, not_run=not_run, spread=spreads)
 
   for row in report.meta["wrong"]:

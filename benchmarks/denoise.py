@@ -8,7 +8,10 @@ UNet of Ho et al. at 32x32x3). FLOPs are XLA's own count for the compiled comput
 (`cost_analysis()`, a multiply-add is 2 FLOPs); the sampler is counted as its steps times
 the forward's FLOPs per image (XLA counts a loop body once). The reference, timed
 alternately in the same process, is the same UNet built from stock `flax.linen.Conv` layers
-(XLA's own convolution gradients): it shows what `aigc_jax.nn.conv` buys. `--quick` is the
+(XLA's own convolution gradients): it shows what `aigc_jax.nn.conv` buys. Each implementation
+gets at least `--reps` timed repetitions (default 5), more until they last `--min-time`
+seconds (default 0.5); `ms` is their median, and the table marks with `~` a ratio whose
+interquartile range holds 1 (within the timing noise). `--quick` is the
 CPU grid (small batches); the default grid is meant for a GPU. Writes JSON (rewritten after
 every shape; `meta.complete` is false until the last, and `--resume` runs only the shapes
 missing) and a PNG bar chart next to it.
@@ -34,8 +37,8 @@ from aigc_jax.tasks.diffusion import unet_config
 from aigc_jax.train.loop import jit_init
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_train_step
-from benchmarks import (Report, add_resume_argument, at_least, default_out, environment, ratio_range, relative_error,
-                        time_calls)
+from benchmarks import (Report, add_resume_argument, add_timing_arguments, default_out, environment, ratio_range,
+                        relative_error, time_alternately, warm_up, within_noise)
 from benchmarks.peak import default_dtype, peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,10 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                       help=f"comma-separated, from {', '.join(SHAPES)} ('tiny' is for tests)")
   parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                       help="compute dtype; default bfloat16 on a GPU or TPU, float32 elsewhere")
-  parser.add_argument("--reps", type=at_least(1), default=3, help="timed repetitions per measurement")
-  parser.add_argument("--warmup", type=at_least(1), default=1,
-                      help="untimed calls per measurement after the first (whose output is checked against the "
-                      "reference's)")
+  add_timing_arguments(parser, "implementation and measurement")
   add_resume_argument(parser)
 
 
@@ -168,11 +168,15 @@ def run(args) -> int:
   grid = QUICK if args.quick else FULL
   out_path = args.out or default_out("denoise", backend, args.quick)
   device = jax.devices()[0]
-  print(f"device: {device.device_kind} ({backend}); peak: {peak_note}; dtype {dtype.name}; {args.reps} timed reps")
+  print(f"device: {device.device_kind} ({backend}); peak: {peak_note}; dtype {dtype.name}; {args.warmup} warm-up + "
+        f"at least {args.reps} timed reps and {args.min_time:g} s per implementation and measurement; ms is the "
+        f"median; ~ marks a ratio within the noise")
   print(f"{'shape':>13s} {'what':>10s} {'implementation':>16s} {'batch':>5s} {'ms':>9s} {'images/s':>9s} "
         f"{'steps/s':>8s} {'TFLOP/s':>8s} {'% peak':>7s} {'vs ref':>7s}")
   meta = dict(**environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, reps=args.reps,
-              warmup=args.warmup, reference="stock_flax_conv: the same UNet with flax.linen.Conv", ms="median of reps",
+              min_time_s=args.min_time, warmup=args.warmup,
+              reference="stock_flax_conv: the same UNet with flax.linen.Conv",
+              ms="median over reps of ms per call (calls_per_rep calls a rep)",
               ratio_range="[reference q25 / q75, reference q75 / q25] over the reps",
               error_vs_reference="largest |x - reference| / largest |reference| over each output array (the forward's "
               "output; for the train step, the loss and its gradient on the same batch; the sampler's images), on "
@@ -181,7 +185,7 @@ def run(args) -> int:
                     "x steps",
               sampler="DDIM, guidance 1 (one UNet call per step)",
               batches={k: dict(zip(("forward", "train_step", "sampler", "sampler_steps"), grid[k])) for k in shapes})
-  report = Report(out_path, meta, plot, cell=("shape",), same=("dtype", "quick", "reps", "warmup", "batches"),
+  report = Report(out_path, meta, plot, cell=("shape",), same=("dtype", "quick", "reps", "min_time_s", "warmup", "batches"),
                   lists=("wrong",), resume=args.resume)
   for name in shapes:
     if report.done(shape=name):
@@ -195,25 +199,20 @@ def run(args) -> int:
       built[impl] = build(name, config_file, overrides, size, channels, classes, dtype, grid[name], impl, params)
       params = built[impl][3]
     for what in ("forward", "train_step", "sampler"):
-      times = {impl: [] for impl in IMPLEMENTATIONS}
-      outputs = {}
+      outputs, timed = {}, {}
       for impl in IMPLEMENTATIONS:  # the first call (it also allocates), kept to check, then the warm-up
         fn, fn_args, _ = built[impl][0][what]
         outputs[impl] = jax.block_until_ready(fn(*fn_args))
         if what == "train_step":  # checked on the loss and its gradients
           check, check_args, _ = built[impl][0]["gradients"]
           outputs[impl] = check(*check_args)
-        for _ in range(args.warmup):
-          time_calls(fn, fn_args)
-      for _ in range(args.reps):  # alternate, so a slow phase of a shared machine hits both
-        for impl in IMPLEMENTATIONS:
-          fn, fn_args, _ = built[impl][0][what]
-          times[impl].append(time_calls(fn, fn_args) / 1000)  # seconds
-      ref_s = float(np.median(times["stock_flax_conv"]))
+        timed[impl] = (fn, fn_args, *warm_up(fn, fn_args, args.warmup, args.reps, args.min_time))
+      times = time_alternately(timed)  # ms per call
+      ref_s = float(np.median(times["stock_flax_conv"])) / 1000
       for impl in IMPLEMENTATIONS:
         compiled, n_params, sample_steps, _ = built[impl]
         fn, _, batch = compiled[what]
-        seconds = float(np.median(times[impl]))
+        seconds = float(np.median(times[impl])) / 1000
         flops = _flops(fn)
         if what == "sampler":  # XLA counts a loop body once: the sampler is steps x one UNet call per image
           fwd_fn, _, fwd_batch = compiled["forward"]
@@ -225,7 +224,7 @@ def run(args) -> int:
                    peak_fraction=tflops * 1e12 / peak if tflops and peak else None, ratio_to_reference=ref_s / seconds,
                    ratio_range=ratio_range(times["stock_flax_conv"], times[impl]),
                    error_vs_reference=relative_error(outputs[impl], outputs["stock_flax_conv"]),
-                   all_ms=[1000 * t for t in times[impl]])
+                   calls_per_rep=timed[impl][2], reps=len(times[impl]), all_ms=times[impl])
         if not row["error_vs_reference"] <= tolerance:
           wrong.append(row)
         rows.append(row)
@@ -239,12 +238,12 @@ def run(args) -> int:
 
 
 def print_row(row: dict) -> None:
-  """One line of the table (the header is in `run`)."""
+  """One line of the table (the header is in `run`); `~` marks a ratio within the timing noise."""
   fmt = lambda v, f: format(v, f) if v is not None else "-"
   print(f"{row['shape']:>13s} {row['what']:>10s} {row['implementation']:>16s} {row['batch']:5d} {row['ms']:9.1f} "
         f"{row['images_per_sec']:9.1f} {fmt(row['steps_per_sec'], '8.2f'):>8s} {fmt(row['tflops'], '8.4f'):>8s} "
         f"{fmt(row['peak_fraction'] and 100 * row['peak_fraction'], '6.1f'):>7s} "
-        f"{row['ratio_to_reference']:7.2f}", flush=True)
+        f"{'~' if within_noise(row) else ' '}{row['ratio_to_reference']:6.2f}", flush=True)
 
 
 def plot(rows, title):

@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from aigc_jax.errors import UserError
+import benchmarks
 from benchmarks import parse_args
 from benchmarks import attention as bench_attention
 from benchmarks import attention_memory
@@ -63,7 +64,7 @@ def test_narrowed_grid_runs_only_its_cells_and_tensorboard_gets_curves(run_bench
 def test_min_time_adds_repetitions_up_to_the_cap(run_bench):
   report = run_bench(bench_attention, "--quick", "--lengths", "64", "--causal", "false", "--modes", "fwd",
                      "--reps", "2", "--min-time", "1000", "--implementations", "xla")
-  assert [r["reps"] for r in report["rows"]] == [bench_attention.MAX_REPS]
+  assert [r["reps"] for r in report["rows"]] == [benchmarks.MAX_REPS]
 
 
 def test_relative_error_of_a_zero_reference_is_absolute_and_not_finite_is_wrong(run_bench, monkeypatch, capsys):
@@ -147,7 +148,11 @@ def test_resume_refuses_a_report_from_other_settings_and_a_file_that_is_not_one(
 
 def test_a_repetition_lasts_ten_ms_so_dispatch_is_not_timed_and_the_gpu_reference_is_cudnn_where_it_runs(
     monkeypatch):
-  assert [bench_attention.calls_per_rep(ms) for ms in (0.05, 0.1, 2.5, 10.0, 300.0)] == [100, 100, 4, 1, 1]
+  plans = []  # (calls per repetition, repetitions) for a call of 0.05 ... 300 ms, --reps 5 --min-time 0.2
+  for ms in (0.05, 0.1, 2.5, 10.0, 300.0):
+    monkeypatch.setattr(benchmarks, "time_calls", lambda fn, args, calls=1, ms=ms: ms)
+    plans.append(benchmarks.warm_up(None, (), warmup=1, reps=5, min_time=0.2))
+  assert plans == [(100, 40), (100, 20), (4, 20), (1, 20), (1, 5)]
   assert not bench_attention._cudnn_runs(jax.numpy.bfloat16, (64, 128))  # this CPU
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # a GPU before Hopper: cuDNN up to head_dim 128
   assert bench_attention._cudnn_runs(jax.numpy.bfloat16, (64, 128))

@@ -102,13 +102,14 @@ def test_torch_reference_refuses_shapes_nanogpt_lacks_and_a_missing_python():
 def test_denoise_tiny_shape_writes_every_measurement_against_the_reference_and_a_chart(run_bench, tmp_path,
                                                                                         monkeypatch, capsys):
   from benchmarks import denoise as bench_denoise
-  report = run_bench(bench_denoise, "--quick", "--shapes", "tiny", "--reps", "1")
+  report = run_bench(bench_denoise, "--quick", "--shapes", "tiny", "--reps", "2", "--min-time", "1e-3")
   rows = report["rows"]
   assert [(r["what"], r["implementation"]) for r in rows] == [
       (w, i) for w in ("forward", "train_step", "sampler") for i in ("ours", "stock_flax_conv")]
   forward_flops_per_image = rows[0]["flops"] / rows[0]["batch"]
   for r in rows:
     assert r["shape"] == "tiny" and r["batch"] == 2 and r["ms"] > 0
+    assert r["reps"] == len(r["all_ms"]) == 2 and 1 <= r["calls_per_rep"] <= 100  # 1 ms of --min-time adds none
     assert r["images_per_sec"] == pytest.approx(r["batch"] / r["ms"] * 1000)
     assert r["tflops"] == pytest.approx(r["flops"] / r["ms"] / 1e9)
     assert r["params"] == rows[0]["params"]  # the reference is the same UNet
@@ -126,7 +127,7 @@ def test_denoise_tiny_shape_writes_every_measurement_against_the_reference_and_a
   # The check is not vacuous: the output conv starts at zero, which made every output equal whatever came before.
   from aigc_jax.nn import conv
   monkeypatch.setattr(conv, "conv2d_tap_grad", lambda x, kernel, strides: conv._conv(x, 1.01 * kernel, strides))
-  report = run_bench(bench_denoise, "--quick", "--shapes", "tiny", "--reps", "1")
+  report = run_bench(bench_denoise, "--quick", "--shapes", "tiny", "--reps", "1", "--min-time", "1e-3")
   assert {"forward", "train_step"} <= {r["what"] for r in report["meta"]["wrong"]}  # (2 sampler steps clip x0)
   assert "WRONG: tiny forward ours: differs from stock_flax_conv by" in capsys.readouterr().out
   with pytest.raises(UserError, match="Unknown denoise shape 'unet3d'"):
