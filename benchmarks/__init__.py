@@ -169,16 +169,20 @@ def within_noise(row: dict) -> bool:
 
 def relative_error(got, want) -> float:
   """The largest |got - want| over each output array (the gradients too), relative to that array's largest
-  |want| entry (absolute where that is 0, e.g. the gradients of one key); the worst array's; inf if not finite."""
+  |want| entry (absolute where that is 0, e.g. the gradients of one key); the worst array's. inf where any
+  array's error is not finite (a NaN anywhere, in either) or the two outputs are not the same arrays."""
   import jax  # pylint: disable=g-import-not-at-top
 
+  if jax.tree.structure(got) != jax.tree.structure(want):
+    return float("inf")
   errors = []
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     a, b = numpy.asarray(a, numpy.float32), numpy.asarray(b, numpy.float32)
+    if a.shape != b.shape:
+      return float("inf")
     scale = numpy.max(numpy.abs(b))
-    errors.append(numpy.max(numpy.abs(a - b)) / (scale if scale > 0 else 1.0))
-  worst = float(max(errors))
-  return worst if numpy.isfinite(worst) else float("inf")
+    errors.append(float(numpy.max(numpy.abs(a - b)) / (scale if scale > 0 else 1.0)))
+  return max(errors, default=0.0) if all(math.isfinite(e) for e in errors) else float("inf")
 
 
 def ratio_range(ref_times, times) -> list[float]:

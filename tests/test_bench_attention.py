@@ -71,6 +71,13 @@ def test_relative_error_of_a_zero_reference_is_absolute_and_not_finite_is_wrong(
   zero = jax.numpy.zeros((2, 3))
   assert bench_attention.relative_error([zero + 1e-7], [zero]) == pytest.approx(1e-7)  # one key: zero gradients
   assert bench_attention.relative_error([zero * jax.numpy.nan], [zero + 1]) == float("inf")
+  # A NaN in any array, ours or the reference's, first or not, and arrays that do not pair up are wrong too
+  # (Python's max() drops a NaN that is not first).
+  assert bench_attention.relative_error([zero + 1, zero * jax.numpy.nan], [zero + 1, zero + 1]) == float("inf")
+  assert bench_attention.relative_error([zero + 1, zero + 1], [zero + 1, zero * jax.numpy.nan]) == float("inf")
+  assert bench_attention.relative_error([zero + 1], [zero + 1, zero + 1]) == float("inf")
+  assert bench_attention.relative_error([zero[:1]], [zero]) == float("inf")
+  assert bench_attention.relative_error([zero + 1.5, zero + 2], [zero + 1, zero + 2]) == pytest.approx(0.5)
   from aigc_jax.nn import chunked_attention
   monkeypatch.setattr(chunked_attention, "chunked_attention", lambda q, *a, **kw: q * jax.numpy.nan)
   report = run_bench(bench_attention, "--quick", "--lengths", "64", "--causal", "false", "--modes", "fwd",
