@@ -6,9 +6,17 @@ Shapes are the shipped diffusion configs' UNets: `ddpm_mnist` (configs/ddpm_mnis
 28x28x1, class-conditional) and `ddpm_cifar10` (configs/ddpm_cifar10.py, the 35.7M-parameter
 UNet of Ho et al. at 32x32x3). FLOPs are XLA's own count for the compiled computation
 (`cost_analysis()`, a multiply-add is 2 FLOPs); the sampler is counted as its steps times
-the forward's FLOPs per image (XLA counts a loop body once). The reference, timed
-alternately in the same process, is the same UNet built from stock `flax.linen.Conv` layers
-(XLA's own convolution gradients): it shows what `aigc_jax.nn.conv` buys. Each implementation
+the forward's FLOPs per image (XLA counts a loop body once). Both rows of a measurement count
+the reference's FLOPs (the work, counted once; `xla_flops` is each program's own count).
+
+The reference, timed alternately in the same process, is the same UNet written plainly:
+stock `flax.linen.Conv` layers (XLA's own convolution gradients) and einsum-softmax attention
+(`xla`), with the same parameters and inputs. Ours differs from it in what `aigc_jax.nn`
+chooses for the backend: the convolutions' kernel gradient on a CPU (`aigc_jax.nn.conv`) and
+the attention implementation `auto` picks (cuDNN on a GPU in bf16 where the head dim allows).
+Where ours compiles to the very same program as the reference (the forward and sampler on a
+CPU, whose attention `auto` leaves to `xla`), the row says so (`same_program`, `=` in the
+table): its ratio is timing noise, not a speed-up. Each implementation
 gets at least `--reps` timed repetitions (default 5), more until they last `--min-time`
 seconds (default 0.5); `ms` is their median, and the table marks with `~` a ratio whose
 interquartile range holds 1 (within the timing noise). `--quick` is the
@@ -19,7 +27,9 @@ missing) and a PNG bar chart next to it.
 
 import argparse
 import contextlib
+import hashlib
 import os
+import re
 import sys
 
 import flax.linen as nn
@@ -53,7 +63,8 @@ SHAPES = {  # name -> (config file, config overrides, image size, channels, clas
 QUICK = {"ddpm_mnist": (64, 32, 16, 10), "ddpm_cifar10": (4, 2, 2, 2), "tiny": (2, 2, 2, 2)}
 FULL = {"ddpm_mnist": (256, 128, 256, 50), "ddpm_cifar10": (128, 128, 128, 50), "tiny": (2, 2, 2, 2)}
 DEFAULT_SHAPES = ("ddpm_mnist", "ddpm_cifar10")
-IMPLEMENTATIONS = ("ours", "stock_flax_conv")
+REFERENCE = "plain_flax"
+IMPLEMENTATIONS = ("ours", REFERENCE)
 # Largest error vs the reference, relative to its largest entry, that the same UNet shows with convolution sums in
 # another order: fp32, and bf16 with a rounding of each activation on top.
 ERROR_TOLERANCE, ERROR_TOLERANCE_HALF = 1e-3, 5e-2
@@ -93,7 +104,8 @@ def build(name, config_file, overrides, size, channels, classes, dtype, batches,
   """
   config = config_lib.load_config(os.path.join(ROOT, "configs", config_file), overrides)
   ucfg = unet_config(config.model, size, channels, classes)
-  ucfg = type(ucfg)(**{**ucfg.__dict__, "dtype": dtype})
+  plain = implementation == REFERENCE
+  ucfg = type(ucfg)(**{**ucfg.__dict__, "dtype": dtype, **({"attention": "xla"} if plain else {})})
   model = UNet(ucfg)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
   fwd_b, train_b, sample_b, sample_steps = batches
@@ -132,7 +144,7 @@ def build(name, config_file, overrides, size, channels, classes, dtype, batches,
     return diffusion.ddim_sample(apply, schedule, key, (sample_b, size, size, channels), num_steps=sample_steps,
                                  labels=y, num_classes=ucfg.num_classes, guidance=1.0)
 
-  ctx = stock_flax_conv() if implementation == "stock_flax_conv" else contextlib.nullcontext()
+  ctx = stock_flax_conv() if plain else contextlib.nullcontext()
   with ctx:
     compiled = {
         "forward": (jax.jit(forward).lower(*fwd_args).compile(), fwd_args, fwd_b),
@@ -156,6 +168,29 @@ def _flops(compiled) -> float | None:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def counted_flops(built, what: str) -> float | None:
+  """XLA's FLOP count of one implementation's compiled `what`; the sampler's is its steps x the forward's per
+  image (XLA counts a loop body once)."""
+  compiled, _, sample_steps, _ = built
+  fn, _, batch = compiled[what]
+  if what != "sampler":
+    return _flops(fn)
+  forward, _, forward_batch = compiled["forward"]
+  per_image = _flops(forward) and _flops(forward) / forward_batch
+  return per_image and per_image * batch * sample_steps
+
+
+def program_fingerprint(compiled) -> str:
+  """A hash of the optimized HLO of a compiled function without what does not change the computation: the
+  source locations, op metadata and instruction names. Equal for two implementations that compile alike."""
+  text = compiled.as_text()
+  text = re.sub(r"\nFileNames\n.*?\n(?=%|ENTRY)", "\n", text, flags=re.S)  # the debug-info tables
+  text = re.sub(r", metadata=\{[^}]*\}", "", text)
+  names = {}
+  text = re.sub(r"%?\b[A-Za-z_][\w\-]*\.\d+\b", lambda m: names.setdefault(m.group(), f"v{len(names)}"), text)
+  return hashlib.sha1(text.encode()).hexdigest()
+
+
 def run(args) -> int:
   backend = jax.default_backend()
   dtype = default_dtype(args.dtype)
@@ -163,6 +198,9 @@ def run(args) -> int:
   for name in shapes:
     if name not in SHAPES:
       raise UserError(f"Unknown denoise shape {name!r}; use some of {', '.join(SHAPES)}.")
+  if backend == "cpu" and not args.quick and set(shapes) - {"tiny"}:
+    raise UserError("The full denoise grid is sized for a GPU (batches of 128-256: minutes per call on a CPU); "
+                    "pass --quick.")
   peak, peak_note = peak_flops(dtype)
   tolerance = ERROR_TOLERANCE if dtype == jnp.float32 else ERROR_TOLERANCE_HALF
   grid = QUICK if args.quick else FULL
@@ -170,23 +208,26 @@ def run(args) -> int:
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({backend}); peak: {peak_note}; dtype {dtype.name}; {args.warmup} warm-up + "
         f"at least {args.reps} timed reps and {args.min_time:g} s per implementation and measurement; ms is the "
-        f"median; ~ marks a ratio within the noise")
+        f"median; ~ marks a ratio within the noise, = one of the same compiled program as the reference's")
   print(f"{'shape':>13s} {'what':>10s} {'implementation':>16s} {'batch':>5s} {'ms':>9s} {'images/s':>9s} "
         f"{'steps/s':>8s} {'TFLOP/s':>8s} {'% peak':>7s} {'vs ref':>7s}")
-  meta = dict(**environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, reps=args.reps,
-              min_time_s=args.min_time, warmup=args.warmup,
-              reference="stock_flax_conv: the same UNet with flax.linen.Conv",
+  meta = dict(suite="denoise", **environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name,
+              quick=args.quick, reps=args.reps, min_time_s=args.min_time, warmup=args.warmup,
+              reference=f"{REFERENCE}: the same UNet from flax.linen.Conv, with einsum-softmax (xla) attention",
+              same_program="ours compiles to the reference's very program (optimized HLO without names and source "
+              "locations): the ratio is noise",
               ms="median over reps of ms per call (calls_per_rep calls a rep)",
               ratio_range="[reference q25 / q75, reference q75 / q25] over the reps",
               error_vs_reference="largest |x - reference| / largest |reference| over each output array (the forward's "
               "output; for the train step, the loss and its gradient on the same batch; the sampler's images), on "
               "the same inputs", error_tolerance=tolerance,
-              flops="XLA cost_analysis of the compiled forward and step; sampler: forward FLOPs per image x batch "
-                    "x steps",
+              flops="the reference's XLA cost_analysis of its compiled forward and step, for both rows; sampler: "
+                    "forward FLOPs per image x batch x steps; xla_flops: each program's own count",
               sampler="DDIM, guidance 1 (one UNet call per step)",
               batches={k: dict(zip(("forward", "train_step", "sampler", "sampler_steps"), grid[k])) for k in shapes})
-  report = Report(out_path, meta, plot, cell=("shape",), same=("dtype", "quick", "reps", "min_time_s", "warmup", "batches"),
-                  lists=("wrong",), resume=args.resume)
+  report = Report(out_path, meta, plot, cell=("shape",),
+                  same=("dtype", "quick", "reps", "min_time_s", "warmup", "batches"), lists=("wrong",),
+                  resume=args.resume)
   for name in shapes:
     if report.done(shape=name):
       for row in report.kept(shape=name):  # the whole table
@@ -208,22 +249,22 @@ def run(args) -> int:
           outputs[impl] = check(*check_args)
         timed[impl] = (fn, fn_args, *warm_up(fn, fn_args, args.warmup, args.reps, args.min_time))
       times = time_alternately(timed)  # ms per call
-      ref_s = float(np.median(times["stock_flax_conv"])) / 1000
+      ref_s = float(np.median(times[REFERENCE])) / 1000
+      flops = counted_flops(built[REFERENCE], what)
       for impl in IMPLEMENTATIONS:
         compiled, n_params, sample_steps, _ = built[impl]
         fn, _, batch = compiled[what]
         seconds = float(np.median(times[impl])) / 1000
-        flops = _flops(fn)
-        if what == "sampler":  # XLA counts a loop body once: the sampler is steps x one UNet call per image
-          fwd_fn, _, fwd_batch = compiled["forward"]
-          flops = _flops(fwd_fn) / fwd_batch * batch * sample_steps if _flops(fwd_fn) else None
         tflops = flops / seconds / 1e12 if flops else None
         row = dict(shape=name, what=what, implementation=impl, batch=batch, params=n_params, ms=1000 * seconds,
                    images_per_sec=batch / seconds, steps_per_sec=sample_steps / seconds if what == "sampler" else None,
-                   sampler_steps=sample_steps if what == "sampler" else None, flops=flops, tflops=tflops,
+                   sampler_steps=sample_steps if what == "sampler" else None, flops=flops,
+                   xla_flops=counted_flops(built[impl], what), tflops=tflops,
                    peak_fraction=tflops * 1e12 / peak if tflops and peak else None, ratio_to_reference=ref_s / seconds,
-                   ratio_range=ratio_range(times["stock_flax_conv"], times[impl]),
-                   error_vs_reference=relative_error(outputs[impl], outputs["stock_flax_conv"]),
+                   ratio_range=ratio_range(times[REFERENCE], times[impl]),
+                   same_program=(None if impl == REFERENCE
+                                 else program_fingerprint(fn) == program_fingerprint(built[REFERENCE][0][what][0])),
+                   error_vs_reference=relative_error(outputs[impl], outputs[REFERENCE]),
                    calls_per_rep=timed[impl][2], reps=len(times[impl]), all_ms=times[impl])
         if not row["error_vs_reference"] <= tolerance:
           wrong.append(row)
@@ -231,7 +272,7 @@ def run(args) -> int:
         print_row(row)
     report.add(rows, wrong=wrong)
   for row in report.meta["wrong"]:
-    print(f"WRONG: {row['shape']} {row['what']} {row['implementation']}: differs from stock_flax_conv by "
+    print(f"WRONG: {row['shape']} {row['what']} {row['implementation']}: differs from {REFERENCE} by "
           f"{row['error_vs_reference']:.2g} of its largest entry (tolerance {tolerance:g} in {dtype.name})")
   report.finish()
   return 0
@@ -243,7 +284,8 @@ def print_row(row: dict) -> None:
   print(f"{row['shape']:>13s} {row['what']:>10s} {row['implementation']:>16s} {row['batch']:5d} {row['ms']:9.1f} "
         f"{row['images_per_sec']:9.1f} {fmt(row['steps_per_sec'], '8.2f'):>8s} {fmt(row['tflops'], '8.4f'):>8s} "
         f"{fmt(row['peak_fraction'] and 100 * row['peak_fraction'], '6.1f'):>7s} "
-        f"{'~' if within_noise(row) else ' '}{row['ratio_to_reference']:6.2f}", flush=True)
+        f"{'=' if row.get('same_program') else '~' if within_noise(row) else ' '}{row['ratio_to_reference']:6.2f}",
+        flush=True)
 
 
 def plot(rows, title):
@@ -256,7 +298,7 @@ def plot(rows, title):
     cell = [r for r in rows if (r["shape"], r["what"]) == (shape, what)]
     bars = ax.bar([r["implementation"] for r in cell], [r["images_per_sec"] for r in cell], color=["C0", "C1"])
     for bar, r in zip(bars, cell):
-      ax.annotate(f"{r['ratio_to_reference']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+      ax.annotate(f"{'same program ' if r.get('same_program') else ''}{r['ratio_to_reference']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                   ha="center", va="bottom", fontsize=8)
     ax.set_title(f"{shape} {what} (batch {cell[0]['batch']})", fontsize=9)
     ax.set_ylabel("images/s")

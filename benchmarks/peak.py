@@ -56,9 +56,19 @@ def cpuinfo() -> dict[str, str]:
   return fields
 
 
-def cpu_clock_mhz() -> float | None:
-  """The first 'cpu MHz' line of /proc/cpuinfo (the current clock the kernel reports), or None."""
-  mhz = cpuinfo().get("cpu MHz")
+CPUFREQ_MAX = "/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq"  # kHz
+
+
+def cpu_clock_mhz(info: dict[str, str] | None = None) -> float | None:
+  """The clock a CPU peak counts, in MHz: cpufreq's maximum where the kernel exposes it (steady, where the current
+  clock of a bare-metal host moves with load), else /proc/cpuinfo's 'cpu MHz' (a virtual machine's nominal
+  clock); None where neither is known. `info`: /proc/cpuinfo's fields, if already read."""
+  try:
+    with open(CPUFREQ_MAX) as f:
+      return int(f.read()) / 1000
+  except (OSError, ValueError):
+    pass
+  mhz = (cpuinfo() if info is None else info).get("cpu MHz")
   return float(mhz) if mhz else None
 
 
@@ -100,10 +110,10 @@ def peak_flops(dtype=jnp.float32, device=None) -> tuple[float | None, str]:
   dtype = jnp.dtype(dtype).name
   if device.platform == "cpu":
     info, cores = cpuinfo(), len(os.sched_getaffinity(0))
-    model, mhz = info.get("model name", "unknown CPU"), float(info.get("cpu MHz") or 0) or None
+    model, mhz = info.get("model name", "unknown CPU"), cpu_clock_mhz(info)
     flop_per_cycle, why = cpu_flop_per_cycle(info)
     if mhz is None or flop_per_cycle is None:
-      return None, f"{model}: " + (why if mhz else "no 'cpu MHz' in /proc/cpuinfo") + ", peak unknown"
+      return None, f"{model}: " + (why if mhz else "no clock in cpufreq or /proc/cpuinfo") + ", peak unknown"
     peak = cores * mhz * 1e6 * flop_per_cycle
     return peak, (f"{model}: {cores} cores x {mhz:.0f} MHz x {flop_per_cycle} fp32 FLOP/cycle ({why}) "
                   f"= {peak / 1e9:.0f} GFLOP/s")

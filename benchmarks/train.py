@@ -36,9 +36,12 @@ ties its embeddings too, and LayerNorm scales, included here, are a rounding err
 attention term counts the full T x T score matrix, as PaLM and nanoGPT do: `mfu` uses it.
 A causal kernel needs only half of it, so `mfu_causal` uses 6 N + 6 L H Q T. MFU =
 tokens/s x FLOPs/token / (peak x devices), the peak per device from `benchmarks/peak.py` for
-the compute dtype; both steps run data parallel over every device (`devices` in the rows).
-`xla_flops_per_step` is XLA's own cost analysis of the compiled step, for comparison (it
-counts every op, the optimizer included, and whatever the kernels really compute).
+the compute dtype; both steps run data parallel over every device (`devices` in the rows). A
+CPU's peak already counts every core of the process, however many devices XLA makes of them
+(`--xla_force_host_platform_device_count`), so there it is not multiplied.
+`xla_flops_per_step` is XLA's own cost analysis of the compiled step (one device's program)
+times the devices, for comparison (it counts every op, the optimizer included, and whatever
+the kernels really compute).
 """
 
 import argparse
@@ -57,7 +60,7 @@ from aigc_jax.nn.attention import IMPLEMENTATIONS, resolve_implementation
 from aigc_jax.tasks.language_model import LanguageModelTask
 from aigc_jax.train import parallel
 from aigc_jax.train.loop import compile_steps
-from benchmarks import Report, add_resume_argument, at_least, default_out, environment
+from benchmarks import Report, add_resume_argument, at_least, default_out, environment, ratio_range, within_noise
 from benchmarks.peak import default_dtype, peak_flops
 from benchmarks.train_step import matmul_params, reference_step, time_steps
 
@@ -78,7 +81,8 @@ DEFAULT_SHAPES = ("cpu", "gpu", "gpt2")
 FORMULA = ("flops_per_token = 6*N + 12*L*H*Q*T (PaLM appendix B; full T x T attention); "
            "flops_per_token_causal = 6*N + 6*L*H*Q*T (attention term halved for the causal mask); "
            "N = parameters used in matmuls: all but the token and position tables, plus vocab*width for the "
-           "tied output head (nanoGPT's count); MFU = tokens/s * flops_per_token / (peak per device * devices)")
+           "tied output head (nanoGPT's count); MFU = tokens/s * flops_per_token / (peak per device * devices; "
+           "a CPU's peak, which counts the process's cores, once)")
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -173,12 +177,14 @@ def bench_shape(name: str, args, dtype, peak):
     compile_s = time.perf_counter() - start
     state, _ = time_steps(compiled, state, batches, 1)  # the first run allocates
     state, warm_ms = time_steps(compiled, state, batches, max(1, warmup))
+    per_device = xla_flops(compiled)  # the SPMD program: one device's share
     runs[impl] = dict(step=compiled, state=state, compile_s=compile_s, warm_ms=warm_ms, times=[],
-                      xla_flops=xla_flops(compiled))
+                      xla_flops=per_device and per_device * mesh.size)
   params = runs["ours"]["state"].params
   n = matmul_params(params, m.tie_embeddings)
   per_token, per_token_causal = flops_per_token(n, m.num_layers, m.num_heads, head_dim, seq_len)
   tokens = batch * seq_len
+  total_peak = peak and (peak if jax.default_backend() == "cpu" else peak * mesh.size)  # see the module doc
   target_s = 0.5 if args.quick else 2.0  # seconds per timed repetition
   n_steps = args.steps or int(np.clip(round(target_s * 1000 / runs["ours"]["warm_ms"]), 1, 50))
   for _ in range(args.reps or (3 if args.quick else 7)):  # alternate, so slow phases of the machine hit both
@@ -205,9 +211,9 @@ def bench_shape(name: str, args, dtype, peak):
         ms=ms, ms_all=run["times"], ms_iqr=float(np.percentile(run["times"], 75) - np.percentile(run["times"], 25)),
         steps_per_rep=n_steps, compile_s=run["compile_s"], tokens_per_s=tokens_per_s,
         tflops=tokens_per_s * per_token / 1e12,
-        devices=mesh.size, mfu=tokens_per_s * per_token / (peak * mesh.size) if peak else None,
-        mfu_causal=tokens_per_s * per_token_causal / (peak * mesh.size) if peak else None,
-        ratio_to_reference=ref_ms / ms))
+        devices=mesh.size, mfu=tokens_per_s * per_token / total_peak if peak else None,
+        mfu_causal=tokens_per_s * per_token_causal / total_peak if peak else None,
+        ratio_to_reference=ref_ms / ms, ratio_range=ratio_range(runs["reference"]["times"], run["times"])))
   return rows
 
 
@@ -215,6 +221,8 @@ def run(args) -> int:
   backend = jax.default_backend()
   dtype = default_dtype(args.dtype)
   names = [s.strip() for s in args.shapes.split(",") if s.strip()]
+  if not names:
+    raise UserError(f"--shapes names no shape; give some of {', '.join(SHAPES)}, separated by commas.")
   for name in names:
     if name not in SHAPES:
       raise UserError(f"Unknown shape {name!r} for the training benchmark; use some of {', '.join(SHAPES)}.")
@@ -225,19 +233,20 @@ def run(args) -> int:
   out_path = args.out or default_out("train", backend, args.quick)
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({backend}); peak: {peak_note}; dtype {dtype.name}; attention (ours) "
-        f"{args.attention}\n")
+        f"{args.attention}; ~ marks a ratio within the timing noise\n")
   print(f"{'shape':>5s} {'impl':>9s} {'attention':>13s} {'batch':>5s} {'seq':>5s} {'ms/step':>9s} {'tokens/s':>9s} "
         f"{'TFLOP/s':>8s} {'MFU':>6s} {'MFU c.':>6s} {'vs ref':>6s}")
   meta = dict(
-      **environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick, shapes=names,
-      attention=args.attention, batch_size=args.batch_size, formula=FORMULA,
-      warmup=args.warmup or (1 if args.quick else 3), reps=args.reps or (3 if args.quick else 7),
+      suite="train", **environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick,
+      shapes=names, attention=args.attention, batch_size=args.batch_size, formula=FORMULA,
+      warmup=args.warmup or (1 if args.quick else 3), reps=args.reps or (3 if args.quick else 7), steps=args.steps,
       ms="median over repetitions of ms per step (each repetition: steps_per_rep steps, block_until_ready)",
       ratio_to_reference="reference ms / ms (above 1: faster than the reference)",
+      ratio_range="[reference q25 / q75, reference q75 / q25] over the repetitions",
       data="random tokens of the shape's vocabulary", dropout=0.0,
       reference="benchmarks/train_step.py:reference_step (straightforward Flax GPT, einsum attention)")
   report = Report(out_path, meta, plot, cell=("shape",), same=("dtype", "quick", "shapes", "attention", "batch_size",
-                                                               "warmup", "reps"), resume=args.resume)
+                                                               "warmup", "reps", "steps"), resume=args.resume)
   for name in names:
     if report.done(shape=name):
       print_shape(report.kept(shape=name))  # the whole table
@@ -256,7 +265,7 @@ def print_shape(shape_rows: list) -> None:
   for r in shape_rows:
     print(f"{r['shape']:>5s} {r['implementation']:>9s} {r['attention']:>13s} {r['batch']:5d} {r['seq_len']:5d} "
           f"{r['ms']:9.1f} {r['tokens_per_s']:9.0f} {r['tflops']:8.4f} {pct(r['mfu']):>6s} "
-          f"{pct(r['mfu_causal']):>6s} {r['ratio_to_reference']:6.2f}", flush=True)
+          f"{pct(r['mfu_causal']):>6s} {'~' if within_noise(r) else ' '}{r['ratio_to_reference']:5.2f}", flush=True)
   ours = shape_rows[0]
   xla = f"{ours['xla_flops_per_step'] / ours['model_flops_per_step']:.2f}x" if ours["xla_flops_per_step"] else "-"
   print(f"      {ours['matmul_params'] / 1e6:.2f}M matmul params, {ours['flops_per_token'] / 1e6:.1f} MFLOP/token;"

@@ -42,8 +42,9 @@ ZEN3 = {"vendor_id": "AuthenticAMD", "cpu family": "25", "model name": "AMD EPYC
         "flags": "fpu sse sse2 avx fma avx2"}
 
 
-def cpu_peak(monkeypatch, **fields):
+def cpu_peak(monkeypatch, cpufreq="/no/cpufreq", **fields):
   monkeypatch.setattr(peak, "cpuinfo", lambda: {**ZEN3, **fields})
+  monkeypatch.setattr(peak, "CPUFREQ_MAX", str(cpufreq))
   monkeypatch.setattr(peak.os, "sched_getaffinity", lambda _: {0, 1})
   return peak.peak_flops(jnp.float32, device("cpu", "cpu"))
 
@@ -54,7 +55,15 @@ def test_cpu_peak_is_cores_times_clock_times_flop_per_cycle(monkeypatch):
   assert value == 2 * 2000e6 * 32 == 128e9
   assert note == "AMD EPYC: 2 cores x 2000 MHz x 32 fp32 FLOP/cycle (AVX2, 2 FMA units x 8 lanes x 2) = 128 GFLOP/s"
   value, note = cpu_peak(monkeypatch, **{"cpu MHz": ""})
-  assert value is None and note == "AMD EPYC: no 'cpu MHz' in /proc/cpuinfo, peak unknown"
+  assert value is None and note == "AMD EPYC: no clock in cpufreq or /proc/cpuinfo, peak unknown"
+
+
+def test_cpu_peak_takes_the_steady_maximum_clock_where_cpufreq_gives_it(tmp_path, monkeypatch):
+  """A bare-metal host's 'cpu MHz' moves with load: a peak from it would change between runs (and --resume)."""
+  monkeypatch.delenv(peak.CPU_FLOP_PER_CYCLE_VARIABLE, raising=False)
+  (tmp_path / "cpuinfo_max_freq").write_text("3500000\n")  # kHz
+  value, note = cpu_peak(monkeypatch, cpufreq=tmp_path / "cpuinfo_max_freq", **{"cpu MHz": "1400.000"})
+  assert value == 2 * 3500e6 * 32 and "2 cores x 3500 MHz x 32" in note
 
 
 @pytest.mark.parametrize("vendor,family,flags,want", [

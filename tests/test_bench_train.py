@@ -38,7 +38,8 @@ def test_run_on_the_tiny_shape_writes_rows_and_a_chart(run_bench):
     assert (r["shape"], r["batch"], r["seq_len"], r["flops_per_token"]) == ("tiny", 2, 16, 173184)
     assert r["ms"] > 0 and r["tokens_per_s"] > 0 and r["devices"] == 1
     assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / report["meta"]["peak_flops"])
-  assert rows[1]["ratio_to_reference"] == 1.0
+  assert rows[1]["ratio_to_reference"] == 1.0 and rows[1]["ratio_range"] == [1.0, 1.0]
+  assert report["meta"]["suite"] == "train" and report["meta"]["steps"] == 1
   assert [r["position_encoding"] for r in rows] == ["rope", "rope"]  # the CPU recipe's, in both models
   assert rows[0]["params"] == rows[1]["params"]  # like for like: no position table in either
   assert rows[0]["attention"].startswith("auto->")
@@ -66,9 +67,16 @@ def test_resume_keeps_the_shapes_already_measured(run_bench, tmp_path, monkeypat
         table  # the kept rows make the same table
 
 
-def test_unknown_shape_is_a_user_error(tmp_path):
+def test_unknown_shape_no_shape_and_a_gpu_grid_on_a_cpu_are_user_errors(tmp_path):
+  from benchmarks import denoise as bench_denoise
+  out = str(tmp_path / "x.json")
   with pytest.raises(UserError, match="Unknown shape"):
-    bench_train.run(_args("--shapes", "gpt3", "--out", str(tmp_path / "x.json")))
+    bench_train.run(_args("--shapes", "gpt3", "--out", out))
+  with pytest.raises(UserError, match="--shapes names no shape; give some of cpu, gpu, gpt2, tiny"):
+    bench_train.run(_args("--quick", "--shapes", " ,", "--out", out))
+  with pytest.raises(UserError, match="The full denoise grid is sized for a GPU .*; pass --quick"):
+    bench_denoise.run(parse_args(bench_denoise, ["--shapes", "ddpm_mnist", "--out", out]))
+  assert not os.path.exists(out)  # refused before a report was written
 
 
 def test_counts_below_one_are_usage_errors(capsys):
@@ -105,7 +113,7 @@ def test_denoise_tiny_shape_writes_every_measurement_against_the_reference_and_a
   report = run_bench(bench_denoise, "--quick", "--shapes", "tiny", "--reps", "2", "--min-time", "1e-3")
   rows = report["rows"]
   assert [(r["what"], r["implementation"]) for r in rows] == [
-      (w, i) for w in ("forward", "train_step", "sampler") for i in ("ours", "stock_flax_conv")]
+      (w, i) for w in ("forward", "train_step", "sampler") for i in ("ours", "plain_flax")]
   forward_flops_per_image = rows[0]["flops"] / rows[0]["batch"]
   for r in rows:
     assert r["shape"] == "tiny" and r["batch"] == 2 and r["ms"] > 0
@@ -113,10 +121,16 @@ def test_denoise_tiny_shape_writes_every_measurement_against_the_reference_and_a
     assert r["images_per_sec"] == pytest.approx(r["batch"] / r["ms"] * 1000)
     assert r["tflops"] == pytest.approx(r["flops"] / r["ms"] / 1e9)
     assert r["params"] == rows[0]["params"]  # the reference is the same UNet
-    if r["implementation"] == "stock_flax_conv":
-      assert r["ratio_to_reference"] == 1.0 and r["error_vs_reference"] == 0.0
+    reference = next(ref for ref in rows if (ref["what"], ref["implementation"]) == (r["what"], "plain_flax"))
+    assert r["flops"] == reference["xla_flops"]  # the work, counted once for both
+    if r["implementation"] == "plain_flax":
+      assert r["ratio_to_reference"] == 1.0 and r["error_vs_reference"] == 0.0 and r["same_program"] is None
     else:  # the same UNet: forward and sampler the same XLA convolutions; the kernel gradients differ in sum order
       assert r["error_vs_reference"] < (1e-5 if r["what"] == "train_step" else 1e-7)
+      # On a CPU `auto` attention is `xla` at these lengths and only the conv kernel gradient differs: the
+      # forward and the sampler compile to the reference's program, the train step does not.
+      assert r["same_program"] == (r["what"] != "train_step")
+      assert r["xla_flops"] > r["flops"] if r["what"] == "train_step" else r["xla_flops"] == r["flops"]
     low, high = r["ratio_range"]
     assert low <= r["ratio_to_reference"] <= high
   assert report["meta"]["wrong"] == [] and report["meta"]["warmup"] == 1
@@ -129,6 +143,6 @@ def test_denoise_tiny_shape_writes_every_measurement_against_the_reference_and_a
   monkeypatch.setattr(conv, "conv2d_tap_grad", lambda x, kernel, strides: conv._conv(x, 1.01 * kernel, strides))
   report = run_bench(bench_denoise, "--quick", "--shapes", "tiny", "--reps", "1", "--min-time", "1e-3")
   assert {"forward", "train_step"} <= {r["what"] for r in report["meta"]["wrong"]}  # (2 sampler steps clip x0)
-  assert "WRONG: tiny forward ours: differs from stock_flax_conv by" in capsys.readouterr().out
+  assert "WRONG: tiny forward ours: differs from plain_flax by" in capsys.readouterr().out
   with pytest.raises(UserError, match="Unknown denoise shape 'unet3d'"):
     bench_denoise.run(parse_args(bench_denoise, ["--shapes", "unet3d", "--out", str(tmp_path / "x.json")]))
