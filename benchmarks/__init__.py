@@ -344,10 +344,16 @@ def write_tensorboard(report_path: str) -> str:
 
   report = load_report(report_path)
   logdir = tensorboard_dir(report_path)
-  os.makedirs(logdir, exist_ok=True)
-  for name in os.listdir(logdir):
-    if name.startswith("events.out.tfevents."):
-      os.remove(os.path.join(logdir, name))
+  try:
+    os.makedirs(logdir, exist_ok=True)
+    for name in os.listdir(logdir):
+      if name.startswith("events.out.tfevents."):
+        os.remove(os.path.join(logdir, name))
+    write_atomically(os.path.join(logdir, ".check"), "")
+    os.remove(os.path.join(logdir, ".check"))
+  except OSError as e:
+    raise UserError(f"Cannot write TensorBoard events to {logdir} ({e.strerror}); copy the report into a folder you "
+                    f"can write to and show it from there.") from None
   writer = SummaryWriter(logdir)
   suite = report["meta"].get("suite")
   if suite in SCALAR_SUITES:  # curves: e.g. attention TFLOP/s against seq_len

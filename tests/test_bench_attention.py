@@ -265,3 +265,10 @@ def test_show_puts_reports_made_elsewhere_in_tensorboard_and_refuses_other_files
   with pytest.raises(UserError, match=r"None of the files given is a benchmark report"):
     show.run(parse_args(show, [str(tmp_path / "missing.json")]))
   assert "skipped: Cannot read the benchmark report " in capsys.readouterr().out
+  blocked = tmp_path / "blocked"  # where TensorBoard's folder would go, a file stands
+  blocked.mkdir()
+  (blocked / "tensorboard").write_text("")
+  (blocked / "attention.json").write_text(report.read_text())
+  with pytest.raises(UserError, match=r"Cannot write TensorBoard events to .*blocked/tensorboard/attention \(Not a "
+                                      r"directory\); copy the report into a folder you can write to"):
+    show.run(parse_args(show, [str(blocked / "attention.json")]))
