@@ -2,7 +2,7 @@
 
   pip install torch numpy   # in a separate environment: torch is not a dependency of aigc_jax
   python benchmarks/reference_nanogpt_char.py --seeds 1337 1 2 3 --out benchmarks/results/gpt_cpu_reference.json
-  python benchmarks/train_step.py --torch-python PATH/TO/venv/bin/python   # its step speed, side by side with ours
+  aigc-jax bench train --quick --shapes cpu --torch-python PATH/TO/venv/bin/python   # its step speed beside ours
 
 nanoGPT's `model.py` and `train.py` as its README runs them on a CPU (`--device=cpu --compile=False
 --eval_iters=20 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
@@ -12,7 +12,7 @@ scaled by 1/sqrt(2 * layers), AdamW (0.9, 0.99) with weight decay 0.1 on matrice
 then cosine 1e-3 -> 1e-4, clip 1.0, random windows from the first 90% of the characters.
 
 It answers two questions. How fast is the PyTorch step: `--serve` is the step timer that
-`benchmarks/train_step.py --torch-python` runs beside our JAX steps. And what validation loss
+`aigc-jax bench train --torch-python` runs beside our JAX steps. And what validation loss
 this recipe reaches, measured precisely (the default mode). nanoGPT
 prints `estimate_loss()` with `--eval_iters=20`: 20 random batches of 12 x 64, a noisy figure.
 This script reports the loss after step 2,000 on 400 fixed batches (as precise as our own
@@ -158,7 +158,7 @@ def run(seed, train_data, val_data, vocab_size):
 
 
 def serve(batches_path, layers, heads, width, vocab_size):
-  """Step timer for `benchmarks/train_step.py`, which reads the PyTorch step's speed through it.
+  """Step timer for `aigc-jax bench train --torch-python`, which reads the PyTorch step's speed through it.
 
   Loads token batches (`inputs` and `targets`, [n, B, T] int arrays) from an .npz file, builds
   the model at that shape, prints one JSON line (versions, threads), then for each line `N`
@@ -171,7 +171,8 @@ def serve(batches_path, layers, heads, width, vocab_size):
   torch.manual_seed(0)
   model = GPT(vocab_size, layers, heads, width, inputs.shape[-1])
   optimizer = make_optimizer(model)
-  print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+  print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "params": sum(p.numel() for p in model.parameters())}), flush=True)
   step = 0
   for line in sys.stdin:
     start = time.perf_counter()

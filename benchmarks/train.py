@@ -21,9 +21,12 @@ row's `attention` records what `auto` chose (e.g. `auto->cudnn`).
 
 Ours is the training loop's own step (`aigc_jax.train.loop.compile_steps` on a language-model
 task: our Transformer, loss, AdamW chain, jitted with the state donated); the reference is
-`benchmarks/train_step.py:reference_step` (separate q/k/v `nn.Dense`, einsum attention,
-optax clip + adamw) at the same shape and dtype. Each is compiled ahead of time, warmed up,
-then timed in alternating repetitions of `steps` steps ending in `block_until_ready`;
+`benchmarks/reference_gpt.py:reference_step` (separate q/k/v `nn.Dense`, einsum attention,
+optax clip + adamw) at the same shape and dtype. With `--torch-python PATH` (a Python with
+torch) a `pytorch` row adds nanoGPT's model and iteration at the same shape, fed the same
+batches in a subprocess (`reference_gpt.TorchRun`; nanoGPT's learned positions; shapes with
+options nanoGPT lacks, bf16 among them, are refused). Each is compiled ahead of time, warmed
+up, then timed in alternating repetitions of `steps` steps ending in `block_until_ready`;
 `ms` is the median over repetitions of ms per step. The JSON is rewritten after every
 shape (`meta.complete` is false until the last); `--resume` runs only the shapes missing.
 
@@ -62,7 +65,7 @@ from aigc_jax.train import parallel
 from aigc_jax.train.loop import compile_steps
 from benchmarks import Report, add_resume_argument, at_least, default_out, environment, ratio_range, within_noise
 from benchmarks.peak import default_dtype, peak_flops
-from benchmarks.train_step import matmul_params, reference_step, time_steps
+from benchmarks.reference_gpt import TorchRun, check_torch_shape, matmul_params, reference_step, time_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAR_VOCAB = 65  # Tiny Shakespeare's characters
@@ -105,6 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser):
   parser.add_argument("--batch-size", type=at_least(1), default=None,
                       help="sequences per step for every shape, replacing the grid's (e.g. to find the batch where "
                       "GPT-2's MFU levels off)")
+  parser.add_argument("--torch-python", metavar="PATH",
+                      help="a Python with torch (not our dependency): add nanoGPT's PyTorch step as a third row")
   add_resume_argument(parser)
 
 
@@ -154,8 +159,29 @@ def xla_flops(compiled) -> float | None:
   return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
+class JaxRun:
+  """A compiled step and its (donated) state, timed `steps` at a time."""
+
+  def __init__(self, step, state, batches, compile_s: float):
+    self.step, self.state, self.batches, self.compile_s = step, state, batches, compile_s
+
+  def time(self, steps: int) -> float:
+    """ms per step over `steps` steps."""
+    self.state, ms = time_steps(self.step, self.state, self.batches, steps)
+    return ms
+
+  def params(self) -> int:
+    tree = self.state.params if hasattr(self.state, "params") else self.state[0]  # ours, the reference's tuple
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+  def xla_flops(self, devices: int) -> float | None:
+    """XLA's count for the whole step: the SPMD program is one device's share."""
+    per_device = xla_flops(self.step)
+    return per_device and per_device * devices
+
+
 def bench_shape(name: str, args, dtype, peak):
-  """The two rows (ours, reference) of one shape."""
+  """The rows (ours, the reference, and pytorch with --torch-python) of one shape."""
   config, vocab, note = shape_config(name, args.quick, dtype, args.attention, args.batch_size)
   m = config.model
   batch, seq_len = config.batch_size, config.data.seq_len
@@ -163,7 +189,8 @@ def bench_shape(name: str, args, dtype, peak):
   task = SyntheticTokens(config, vocab)
   mesh = parallel.data_mesh()
   steps = compile_steps(task, config, mesh)
-  batches = [parallel.shard_batch(task.train_batch(i), mesh) for i in range(4)]
+  host_batches = [task.train_batch(i) for i in range(4)]
+  batches = [parallel.shard_batch(b, mesh) for b in host_batches]
   rng = jax.random.PRNGKey(config.seed)
   ref_init, ref_step = reference_step(config, vocab)
 
@@ -176,44 +203,52 @@ def bench_shape(name: str, args, dtype, peak):
     compiled = step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - start
     state, _ = time_steps(compiled, state, batches, 1)  # the first run allocates
-    state, warm_ms = time_steps(compiled, state, batches, max(1, warmup))
-    per_device = xla_flops(compiled)  # the SPMD program: one device's share
-    runs[impl] = dict(step=compiled, state=state, compile_s=compile_s, warm_ms=warm_ms, times=[],
-                      xla_flops=per_device and per_device * mesh.size)
-  params = runs["ours"]["state"].params
-  n = matmul_params(params, m.tie_embeddings)
-  per_token, per_token_causal = flops_per_token(n, m.num_layers, m.num_heads, head_dim, seq_len)
-  tokens = batch * seq_len
-  total_peak = peak and (peak if jax.default_backend() == "cpu" else peak * mesh.size)  # see the module doc
-  target_s = 0.5 if args.quick else 2.0  # seconds per timed repetition
-  n_steps = args.steps or int(np.clip(round(target_s * 1000 / runs["ours"]["warm_ms"]), 1, 50))
-  for _ in range(args.reps or (3 if args.quick else 7)):  # alternate, so slow phases of the machine hit both
-    for run in runs.values():
-      run["state"], ms = time_steps(run["step"], run["state"], batches, n_steps)
-      run["times"].append(ms)
+    runs[impl] = JaxRun(compiled, state, batches, compile_s)
+  if args.torch_python:
+    start = time.perf_counter()
+    runs["pytorch"] = TorchRun(args.torch_python, config, vocab, host_batches)
+    runs["pytorch"].time(1)
+    runs["pytorch"].compile_s = time.perf_counter() - start  # start-up and the first step
+  times = {impl: [] for impl in runs}
+  try:
+    warm_ms = {impl: run.time(max(1, warmup)) for impl, run in runs.items()}
+    params = runs["ours"].state.params
+    n = matmul_params(params, m.tie_embeddings)
+    per_token, per_token_causal = flops_per_token(n, m.num_layers, m.num_heads, head_dim, seq_len)
+    tokens = batch * seq_len
+    total_peak = peak and (peak if jax.default_backend() == "cpu" else peak * mesh.size)  # see the module doc
+    target_s = 0.5 if args.quick else 2.0  # seconds per timed repetition
+    n_steps = args.steps or int(np.clip(round(target_s * 1000 / warm_ms["ours"]), 1, 50))
+    for _ in range(args.reps or (3 if args.quick else 7)):  # alternate, so slow phases of the machine hit all
+      for impl, run in runs.items():
+        times[impl].append(run.time(n_steps))
+  finally:
+    if "pytorch" in runs:
+      runs["pytorch"].close()
 
   attention = m.attention
   if attention == "auto":
     attention = f"auto->{resolve_implementation('auto', dtype, head_dim, q_len=seq_len, kv_len=seq_len)}"
-  ref_ms = float(np.median(runs["reference"]["times"]))
+  ref_ms = float(np.median(times["reference"]))
   rows = []
   for impl, run in runs.items():
-    ms = float(np.median(run["times"]))
+    ms = float(np.median(times[impl]))
     tokens_per_s = tokens / ms * 1000
+    torch = impl == "pytorch"
     rows.append(dict(
-        shape=name, implementation=impl, attention=attention if impl == "ours" else "einsum",
+        shape=name, implementation=impl,
+        attention=attention if impl == "ours" else "torch sdpa" if torch else "einsum",
         dtype=jnp.dtype(dtype).name, batch=batch, seq_len=seq_len, vocab=vocab, layers=m.num_layers,
-        heads=m.num_heads, width=m.emb_dim, position_encoding=m.position_encoding, note=note,
-        params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run["state"][0] if impl == "reference"
-                                                                  else run["state"].params)),
-        matmul_params=n, flops_per_token=per_token, flops_per_token_causal=per_token_causal,
-        model_flops_per_step=per_token * tokens, xla_flops_per_step=run["xla_flops"],
-        ms=ms, ms_all=run["times"], ms_iqr=float(np.percentile(run["times"], 75) - np.percentile(run["times"], 25)),
-        steps_per_rep=n_steps, compile_s=run["compile_s"], tokens_per_s=tokens_per_s,
+        heads=m.num_heads, width=m.emb_dim, position_encoding="learned" if torch else m.position_encoding,
+        note=f"torch {run.info['torch']}, {run.info['threads']} threads" if torch else note,
+        params=run.params(), matmul_params=n, flops_per_token=per_token, flops_per_token_causal=per_token_causal,
+        model_flops_per_step=per_token * tokens, xla_flops_per_step=None if torch else run.xla_flops(mesh.size),
+        ms=ms, ms_all=times[impl], ms_iqr=float(np.percentile(times[impl], 75) - np.percentile(times[impl], 25)),
+        steps_per_rep=n_steps, compile_s=run.compile_s, tokens_per_s=tokens_per_s,
         tflops=tokens_per_s * per_token / 1e12,
-        devices=mesh.size, mfu=tokens_per_s * per_token / total_peak if peak else None,
+        devices=1 if torch else mesh.size, mfu=tokens_per_s * per_token / total_peak if peak else None,
         mfu_causal=tokens_per_s * per_token_causal / total_peak if peak else None,
-        ratio_to_reference=ref_ms / ms, ratio_range=ratio_range(runs["reference"]["times"], run["times"])))
+        ratio_to_reference=ref_ms / ms, ratio_range=ratio_range(times["reference"], times[impl])))
   return rows
 
 
@@ -229,6 +264,12 @@ def run(args) -> int:
   if backend == "cpu" and not args.quick and set(names) & {"gpu", "gpt2"}:
     raise UserError("The full training grid is sized for a GPU (GPT-2 at 16 x 1024 takes minutes per step on a "
                     "CPU); pass --quick, or --shapes cpu.")
+  if args.torch_python:
+    if backend != "cpu":
+      raise UserError(f"The PyTorch reference runs on the CPU, and ours here on the {backend}; compare them on a "
+                      f"CPU, or leave --torch-python out.")
+    for name in names:  # before anything is measured
+      check_torch_shape(shape_config(name, args.quick, dtype, args.attention, args.batch_size)[0])
   peak, peak_note = peak_flops(dtype)
   out_path = args.out or default_out("train", backend, args.quick)
   device = jax.devices()[0]
@@ -238,15 +279,16 @@ def run(args) -> int:
         f"{'TFLOP/s':>8s} {'MFU':>6s} {'MFU c.':>6s} {'vs ref':>6s}")
   meta = dict(
       suite="train", **environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, quick=args.quick,
-      shapes=names, attention=args.attention, batch_size=args.batch_size, formula=FORMULA,
+      shapes=names, attention=args.attention, batch_size=args.batch_size, torch=bool(args.torch_python),
+      formula=FORMULA,
       warmup=args.warmup or (1 if args.quick else 3), reps=args.reps or (3 if args.quick else 7), steps=args.steps,
       ms="median over repetitions of ms per step (each repetition: steps_per_rep steps, block_until_ready)",
       ratio_to_reference="reference ms / ms (above 1: faster than the reference)",
       ratio_range="[reference q25 / q75, reference q75 / q25] over the repetitions",
       data="random tokens of the shape's vocabulary", dropout=0.0,
-      reference="benchmarks/train_step.py:reference_step (straightforward Flax GPT, einsum attention)")
+      reference="benchmarks/reference_gpt.py:reference_step (straightforward Flax GPT, einsum attention)")
   report = Report(out_path, meta, plot, cell=("shape",), same=("dtype", "quick", "shapes", "attention", "batch_size",
-                                                               "warmup", "reps", "steps"), resume=args.resume)
+                                                               "warmup", "reps", "steps", "torch"), resume=args.resume)
   for name in names:
     if report.done(shape=name):
       print_shape(report.kept(shape=name))  # the whole table
@@ -260,7 +302,7 @@ def run(args) -> int:
 
 
 def print_shape(shape_rows: list) -> None:
-  """A shape's lines of the table (ours, then the reference; the header is in `run`) and its model's size."""
+  """A shape's lines of the table (ours, the reference, pytorch; the header is in `run`) and its model's size."""
   pct = lambda x: f"{100 * x:5.1f}%" if x is not None else "-"
   for r in shape_rows:
     print(f"{r['shape']:>5s} {r['implementation']:>9s} {r['attention']:>13s} {r['batch']:5d} {r['seq_len']:5d} "
@@ -281,10 +323,12 @@ def plot(rows, title):
             if r["shape"] == s and r["implementation"] == "ours"]
   x = np.arange(len(shapes))
   fig, (ax_mfu, ax_ratio) = plt.subplots(1, 2, figsize=(4 + 2 * len(shapes), 3.6))
-  for offset, impl in ((-0.2, "ours"), (0.2, "reference")):
+  impls = list(dict.fromkeys(r["implementation"] for r in rows))  # ours, reference (, pytorch)
+  width = 0.8 / len(impls)
+  for i, impl in enumerate(impls):
     values = [next((100 * (r["mfu"] or 0) for r in rows if (r["shape"], r["implementation"]) == (s, impl)), 0)
               for s in shapes]
-    ax_mfu.bar(x + offset, values, 0.4, label=impl)
+    ax_mfu.bar(x + (i - (len(impls) - 1) / 2) * width, values, width, label=impl)
   ax_mfu.set_xticks(x, labels, fontsize=8)
   ax_mfu.set_ylabel("MFU (%), PaLM formula")
   ax_mfu.legend(fontsize=8)

@@ -27,11 +27,27 @@ def _args(*argv):
   return parse_args(bench_train, argv)
 
 
-def test_run_on_the_tiny_shape_writes_rows_and_a_chart(run_bench):
-  report = run_bench(bench_train, "--quick", "--shapes", "tiny", "--reps", "1", "--warmup", "1", "--steps", "1")
+FAKE_TORCH = """#!/usr/bin/env python3
+import json, sys
+print(json.dumps({"torch": "fake", "threads": 1, "params": 123}), flush=True)
+for line in sys.stdin:  # reference_nanogpt_char.py --serve's protocol: N steps asked, ms per step answered
+  print(json.dumps({"ms_per_step": 2.5}), flush=True)
+"""
+
+
+def test_run_on_the_tiny_shape_writes_rows_and_a_chart(run_bench, tmp_path):
+  torch_python = tmp_path / "python"  # stands in for a Python with torch: the plumbing is what is tested here
+  torch_python.write_text(FAKE_TORCH)
+  torch_python.chmod(0o755)
+  report = run_bench(bench_train, "--quick", "--shapes", "tiny", "--reps", "1", "--warmup", "1", "--steps", "1",
+                     "--torch-python", str(torch_python))
   assert {"device", "versions", "peak_flops", "peak_note", "formula", "dtype"} <= set(report["meta"])
-  rows = report["rows"]
-  assert [r["implementation"] for r in rows] == ["ours", "reference"]
+  rows, torch_row = report["rows"][:2], report["rows"][2]
+  assert [r["implementation"] for r in report["rows"]] == ["ours", "reference", "pytorch"]
+  assert (torch_row["ms"], torch_row["params"], torch_row["position_encoding"], torch_row["devices"]) == \
+      (2.5, 123, "learned", 1)
+  assert torch_row["ratio_to_reference"] == pytest.approx(rows[1]["ms"] / 2.5)
+  assert torch_row["note"] == "torch fake, 1 threads" and report["meta"]["torch"] is True
   for r in rows:
     assert {"shape", "batch", "seq_len", "ms", "tokens_per_s", "tflops", "mfu", "mfu_causal", "ratio_to_reference",
             "flops_per_token", "xla_flops_per_step", "attention"} <= set(r)
@@ -98,13 +114,18 @@ def _cpu_recipe(*overrides):
                                 list(overrides))
 
 
-def test_torch_reference_refuses_shapes_nanogpt_lacks_and_a_missing_python():
-  from benchmarks.train_step import TorchRun
+def test_torch_reference_refuses_shapes_nanogpt_lacks_and_a_missing_python(tmp_path):
+  from benchmarks.reference_gpt import TorchRun
   batches = [{"inputs": jnp.zeros((2, 8), jnp.int32), "targets": jnp.zeros((2, 8), jnp.int32)}]
-  with pytest.raises(SystemExit, match=r"nanoGPT's model, which has no model.mlp_ratio=2, model.use_bias=True;"):
+  with pytest.raises(UserError, match=r"nanoGPT's model, which has no model.mlp_ratio=2, model.use_bias=True;"):
     TorchRun("python", _cpu_recipe("model.mlp_ratio=2", "model.use_bias=True"), 65, batches)
-  with pytest.raises(SystemExit, match=r"--torch-python /no/such/python: .*give the path of a Python that has torch"):
+  with pytest.raises(UserError, match=r"--torch-python /no/such/python: .*give the path of a Python that has torch"):
     TorchRun("/no/such/python", _cpu_recipe(), 65, batches)
+  out = tmp_path / "x.json"  # refused before anything is measured: bf16 is not nanoGPT's
+  with pytest.raises(UserError, match=r"nanoGPT's model, which has no model.dtype='bfloat16'"):
+    bench_train.run(_args("--quick", "--shapes", "tiny", "--dtype", "bfloat16", "--torch-python", "/no/such/python",
+                          "--out", str(out)))
+  assert not out.exists()
 
 
 def test_denoise_tiny_shape_writes_every_measurement_against_the_reference_and_a_chart(run_bench, tmp_path,
