@@ -298,8 +298,8 @@ def plot(rows, title):
     cell = [r for r in rows if (r["shape"], r["what"]) == (shape, what)]
     bars = ax.bar([r["implementation"] for r in cell], [r["images_per_sec"] for r in cell], color=["C0", "C1"])
     for bar, r in zip(bars, cell):
-      ax.annotate(f"{'same program ' if r.get('same_program') else ''}{r['ratio_to_reference']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                  ha="center", va="bottom", fontsize=8)
+      label = f"{'same program ' if r.get('same_program') else ''}{r['ratio_to_reference']:.2f}x"
+      ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
     ax.set_title(f"{shape} {what} (batch {cell[0]['batch']})", fontsize=9)
     ax.set_ylabel("images/s")
     ax.tick_params(axis="x", labelsize=7)
