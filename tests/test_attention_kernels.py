@@ -191,6 +191,27 @@ def test_flash_tpu_rows_that_see_no_key_give_zeros_and_finite_gradients():
   assert np.isfinite(dk).all() and np.isfinite(dv).all() and np.all(dk[1] == 0) and np.all(dv[1] == 0)
 
 
+def test_every_implementation_gives_zeros_and_no_gradient_where_a_row_sees_no_key():
+  """`auto` moves from xla to chunked with the length: the same model must not change its outputs there."""
+  # Causal with 6 queries on 4 keys: queries 0, 1 come before every key; query 2 sees key 0 only, of another
+  # segment; query 3 sees keys 0, 1, of another segment too. Queries 4 and 5 see keys 2 (and 3).
+  q, k, v, w = qkv(b=2, t=6, s=4, h=2, kv_heads=1, d=64)
+  pair = (np.array([[0, 0, 5, 1, 1, 1]] * 2, np.int32), np.array([[0, 0, 1, 1]] * 2, np.int32))
+  mask = np.ones((2, 1, 1, 4), bool)
+  mask[1] = False  # batch row 1 sees no key at all
+  results = {}
+  for impl in ("xla", "chunked", "flash"):
+    attend = lambda q, k, v: dot_product_attention(q, k, v, causal=True, mask=mask, segment_ids=pair,
+                                                   implementation=impl)
+    results[impl] = out, dq, dk, dv = out_and_grads(attend, q, k, v, w)
+    assert np.all(out[:, :4] == 0) and np.all(dq[:, :4] == 0), impl
+    assert np.all(out[1] == 0) and np.all(dq[1] == 0) and np.all(dk[1] == 0) and np.all(dv[1] == 0), impl
+    assert np.abs(out[0, 4:]).min() > 0, impl  # the rest attend
+  for impl in ("chunked", "flash"):
+    for got, want in zip(results[impl], results["xla"]):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_flash_tpu_rejects_what_its_kernels_lack_in_one_sentence():
   q, k, v, _ = qkv(b=1, t=8, s=8, h=2, kv_heads=1, d=16)
   with pytest.raises(UserError, match=r"'flash' on TPU supports float32 and bfloat16 inputs \(got float16\); use"):

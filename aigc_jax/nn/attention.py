@@ -18,7 +18,9 @@ Shapes follow `jax.nn.dot_product_attention`: q is [B, T, H, D], k and v are
     entries (T * S), else `xla`.
     `flash` is opt-in until it has been timed on a GPU and a TPU (so far both kernel
     families have been checked in interpret mode and cross-lowered, never run on the hardware).
-`chunked` and `flash` give zeros for a query row that can see no key (`xla` gives the mean of v).
+Every implementation gives zeros for a query row that can see no key (all its keys masked, outside its
+segment, or after it), and no gradient through it: the same model's outputs do not change when `auto` moves
+from `xla` to `chunked` with the length.
 
 Data parallelism: under a mesh set with `jax.set_mesh` (the training loop sets its own)
 whose `data` axis splits the batch, `flash` runs its kernels on each device's slice of
@@ -165,7 +167,12 @@ def _cudnn_attention(q, k, v, *, causal, mask):
   if causal and t != s:
     keep = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None, None]  # [1, 1, T, S]
     mask, causal = (keep if mask is None else jnp.logical_and(mask, keep)), False
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+  if mask is None:
+    return out  # (causal with T == S: every query sees itself)
+  # A query row that sees no key gives zeros, as in the other implementations (not a softmax over masked keys).
+  seen = jnp.any(jnp.broadcast_to(mask, (*jnp.shape(mask)[:2], t, s)), axis=-1)  # [B|1, H|1, T]
+  return jnp.where(jnp.moveaxis(seen, 1, 2)[..., None], out, 0).astype(out.dtype)
 
 
 def _per_batch_shard(attend, q, k, v, mask, pair):
@@ -221,6 +228,9 @@ def _softmax_attention_fwd(q, k, v, bias, scale):
   scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32) * scale + bias
   probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
   probs = probs * (1 / jnp.sum(probs, axis=-1, keepdims=True))  # [B, K, M, S] fp32
+  # A row whose keys are all masked (every bias entry the fp32 minimum) would spread evenly over them: it attends
+  # to nothing instead, as chunked and flash do. Constant-folded away where the bias masks nothing.
+  probs = jnp.where(jnp.max(bias, axis=-1, keepdims=True) > jnp.finfo(jnp.float32).min, probs, 0)
   out = jnp.einsum("bkms,bksd->bkmd", probs.astype(v.dtype), v)
   return out, (q, k, v, probs)  # the bias is a constant mask: not saved, no gradient
 
