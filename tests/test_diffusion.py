@@ -270,6 +270,20 @@ def test_guidance_scales():
   np.testing.assert_allclose(run(guided, labels=labels, num_classes=2, guidance=3.0), run(mixed), atol=1e-5)
 
 
+def test_guidance_and_eta_may_be_traced_for_a_sweep_under_one_jit():
+  schedule = make_schedule("linear", 50)
+  labels = np.array([0, 1, 1, 0])
+  guided = class_eps(schedule)
+
+  def sample(guidance, eta):
+    return ddim_sample(guided, schedule, rbg_key(0), (4, 2), num_steps=10, eta=eta, clip_x0=False, labels=labels,
+                       num_classes=2, guidance=guidance)
+
+  swept = jax.jit(sample)
+  for guidance, eta in ((3.0, 0.0), (1.0, 0.5), (0.0, 1.0)):
+    np.testing.assert_allclose(swept(guidance, eta), sample(guidance, eta), atol=1e-5)
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_guidance_interval_guides_only_its_noise_levels(sampler):
   schedule = make_schedule("linear", 50)  # 10 steps visit t = 0, 5, 11, 16, 22, 27, 33, 38, 44, 49
@@ -317,6 +331,26 @@ def test_user_errors():
   check_labels(np.array([0, 9]), 10, batch_size=2)
   with pytest.raises(UserError, match="posterior, beta"):
     ddpm_sample(fn, schedule, rbg_key(0), (2, 2), variance="large")
+  np.testing.assert_array_equal(ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=jnp.int32(5)),
+                                ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=5))  # a concrete jax int
+  with pytest.raises(UserError, match="positive integer known when the sampler is traced"):
+    jax.jit(lambda n: ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=n))(5)
+  with pytest.raises(UserError, match=r"x_init has shape \(1, 2\) but the samples \(2, 2\); give x_init of the"):
+    ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=5, x_init=jnp.zeros((1, 2)))
+
+
+def test_a_prediction_not_shaped_like_its_input_is_one_sentence_not_a_broadcast_loss():
+  """E.g. a learned-variance UNet's 2C output channels, or a model that drops the channel axis."""
+  schedule = make_schedule("linear", 50)
+  x0 = jnp.zeros((4, 8, 8, 1))
+  doubled = lambda x, t, y: jnp.concatenate([x, x], -1)
+  message = r"prediction has shape \(4, 8, 8, 2\) but its input x_t \(4, 8, 8, 1\); the diffusion model must"
+  with pytest.raises(UserError, match=message):
+    diffusion_loss(lambda p, x, t, y, r: doubled(x, t, y), None, schedule, x0, None, rbg_key(0))
+  with pytest.raises(UserError, match=message):
+    bits_per_dim_bound(doubled, schedule, x0, None, rbg_key(0), stride=10)
+  with pytest.raises(UserError, match=message):
+    ddim_sample(doubled, schedule, rbg_key(0), (4, 8, 8, 1), num_steps=2)
 
 
 # --- The variational bound in bits per dimension ---------------------------------------------------

@@ -45,6 +45,7 @@ def diffusion_loss(apply_fn: TrainApplyFn, params, schedule: NoiseSchedule, x0, 
   x_t = sched.q_sample(schedule, x0, t, noise)
   labels = drop_labels(labels, drop_rng, cond_drop_prob, num_classes)
   pred = apply_fn(params, x_t, t, labels, model_rng)
+  sched.check_prediction_shape(pred, x_t)
   target = noise if prediction == "epsilon" else sched.v_target(schedule, x0, noise, t)
   per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target).reshape(b, -1), axis=1)  # [B]
   return jnp.sum(per_example), jnp.asarray(b, jnp.float32)

@@ -2,7 +2,7 @@
 
 A sampler takes `apply_fn(x_t [B, ...], t [B] int, labels [B] int or None) -> prediction`, so it
 works with any model; the prediction is the noise (`epsilon`) or `v`. Both run on a subsequence
-of `num_steps` <= T of the training timesteps (evenly spaced, always including T - 1 and 0), with
+of `num_steps` <= T of the training timesteps (evenly spaced from T - 1, down to 0 when num_steps > 1), with
 the process respaced to it as in Nichol & Dhariwal 2021: abar' is abar on the subsequence and
 beta'_i = 1 - abar'_i / abar'_{i-1}. With num_steps = T this is exactly Ho et al.'s sampler.
 
@@ -12,7 +12,9 @@ guidance in a limited interval improves sample and distribution quality"): `guid
 conditional prediction elsewhere; (0, 1), the default, guides every step.
 
 The samplers trace under `jax.jit` (close over the parameters in the jitted function); the
-label check then cannot see traced labels, so call `check_labels` on the host first:
+label check then cannot see traced labels, so call `check_labels` on the host first. `guidance`
+and `eta` may be traced too (one compiled sampler for a sweep over them); a Python number lets
+guidance 1 and eta 0 skip the doubled batch and the noise draws:
 
   @jax.jit
   def sample(params, rng, labels):
@@ -21,6 +23,7 @@ label check then cannot see traced labels, so call `check_labels` on the host fi
                        guidance=3.0)
 """
 
+import operator
 from typing import Optional
 
 import flax.struct
@@ -53,8 +56,14 @@ def check_labels(labels, num_classes: int, batch_size: Optional[int] = None):
 
 def sampling_timesteps(num_train_steps: int, num_steps: int) -> np.ndarray:
   """The `num_steps` training timesteps a sampler visits, ascending: evenly spaced from 0 to T - 1."""
-  if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-    raise UserError(f"The number of sampling steps must be a positive integer, not {num_steps!r}; use num_steps >= 1.")
+  try:
+    steps = operator.index(num_steps)  # a Python or numpy integer, or a concrete jax one
+  except TypeError:
+    steps = 0
+  if steps < 1:
+    raise UserError(f"The number of sampling steps must be a positive integer known when the sampler is traced, "
+                    f"not {num_steps!r}; use num_steps >= 1 (a Python int).")
+  num_steps = steps
   if num_steps > num_train_steps:
     raise UserError(f"The noise schedule has only {num_train_steps} training steps; use num_steps <= "
                     f"{num_train_steps}.")
@@ -67,14 +76,19 @@ def guided_prediction(apply_fn: ApplyFn, x, t, labels, *, num_classes: int, guid
   The mix is affine (weights 1 - w and w), so mixing v predictions mixes the implied eps the same way.
   When guided, the conditional and unconditional predictions come from one call on the batch doubled.
   """
-  if labels is None or guidance == 1.0:
+  if labels is None or _is(guidance, 1.0):
     return apply_fn(x, t, labels)
   null = jnp.full_like(labels, num_classes)
-  if guidance == 0.0:
+  if _is(guidance, 0.0):
     return apply_fn(x, t, null)
   both = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([labels, null]))
   cond, uncond = jnp.split(both, 2)
   return uncond + guidance * (cond - uncond)
+
+
+def _is(value, number: float) -> bool:
+  """Whether `value` is known at trace time to equal `number` (a traced value never is)."""
+  return not isinstance(value, jax.core.Tracer) and value == number
 
 
 def check_guidance_interval(interval, setting: str = "guidance_interval=(LO, HI)") -> tuple[float, float]:
@@ -116,6 +130,9 @@ def _sample(apply_fn, schedule, rng, shape, *, num_steps, labels, num_classes, g
   steps = _Step(abar_prev=jnp.exp(log_abar_prev), one_minus_abar=-jnp.expm1(log_abar),
                 one_minus_abar_prev=-jnp.expm1(log_abar_prev), beta=-jnp.expm1(log_abar - log_abar_prev))
   init_rng, step_rng = jax.random.split(rng)
+  if x_init is not None and tuple(jnp.shape(x_init)) != tuple(shape):
+    raise UserError(f"x_init has shape {tuple(jnp.shape(x_init))} but the samples {tuple(shape)}; give x_init of "
+                    f"the sample shape.")
   x = jax.random.normal(init_rng, shape) if x_init is None else jnp.asarray(x_init, jnp.float32)
   if labels is not None:
     labels = jnp.asarray(labels, jnp.int32)
@@ -124,7 +141,7 @@ def _sample(apply_fn, schedule, rng, shape, *, num_steps, labels, num_classes, g
     i = num_steps - 1 - j  # position in ts, counting down
     t = jnp.full((shape[0],), ts[i])
     guided = lambda: guided_prediction(apply_fn, x, t, labels, num_classes=num_classes, guidance=guidance)
-    if labels is None or guidance == 1.0 or (lo, hi) == (0.0, 1.0):
+    if labels is None or _is(guidance, 1.0) or (lo, hi) == (0.0, 1.0):
       pred = guided()
     else:  # outside the interval, the conditional prediction (guidance 1) at the cost of one call
       level = ts[i] / (schedule.num_steps - 1)
@@ -179,4 +196,4 @@ def ddim_sample(apply_fn: ApplyFn, schedule: NoiseSchedule, rng, shape, *, num_s
 
   return _sample(apply_fn, schedule, rng, shape, num_steps=num_steps, labels=labels, num_classes=num_classes,
                  guidance=guidance, guidance_interval=guidance_interval, prediction=prediction, clip_x0=clip_x0,
-                 x_init=x_init, update=update, stochastic=eta != 0)
+                 x_init=x_init, update=update, stochastic=not _is(eta, 0.0))

@@ -118,8 +118,16 @@ def eps_from_x0(schedule: NoiseSchedule, x_t, t, x0):
   return (x_t - _at(schedule.sqrt_alphas_cumprod, t, x_t) * x0) / _at(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
 
 
+def check_prediction_shape(pred, x) -> None:
+  """One sentence where a model's prediction is not shaped like its input (it would broadcast into a wrong loss)."""
+  if jnp.shape(pred) != jnp.shape(x):
+    raise UserError(f"The model's prediction has shape {tuple(jnp.shape(pred))} but its input x_t "
+                    f"{tuple(jnp.shape(x))}; the diffusion model must predict one value per input value (eps or v).")
+
+
 def to_x0_and_eps(schedule: NoiseSchedule, x_t, t, pred, prediction: str, *, clip_x0: bool = False):
   """(x0, eps) implied by a model's `prediction` at x_t; with clip_x0, x0 is clipped to [-1, 1] and eps follows it."""
+  check_prediction_shape(pred, x_t)
   if prediction == "epsilon":
     x0 = x0_from_eps(schedule, x_t, t, pred)
     eps = pred
