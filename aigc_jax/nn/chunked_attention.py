@@ -144,6 +144,13 @@ def first_query_block(k_start, block_q: int, nq: int, t: int, s: int):
   return jnp.minimum(jnp.where(first < 0, 0, lax.div(jnp.maximum(first, 0), block_q)), nq)
 
 
+def _only_where(runs, step):
+  """A fori_loop body that runs `step(i, carry)` where `runs(i)` and passes the carry on elsewhere. The causal loops
+  skip blocks this way, not by a traced trip count: a loop with static bounds is a scan, which reverse-mode AD
+  can go through (a second-order gradient of the custom VJP, e.g. a gradient penalty), and a while loop is not."""
+  return lambda i, carry: lax.cond(runs(i), step, lambda _, c: c, i, carry)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(q, k, v, masks, st: _Static):
   """q [B, K, Tp, G, D], k/v [B, K, Sp, D], masks as `_tile_keep`'s -> out [B, K, Tp, G, D]."""
@@ -172,10 +179,15 @@ def _forward(q, k, v, masks, st: _Static):
                                                   preferred_element_type=jnp.float32)
       return acc, m_new, l
 
-    init = (jnp.zeros((b, kv_heads, rows, d), jnp.float32), jnp.full((b, kv_heads, rows), M_START, jnp.float32),
-            jnp.zeros((b, kv_heads, rows), jnp.float32))
-    stop = key_blocks_seen(i * st.block_q, st.block_q, st.block_k, nk, st.t, st.s) if st.causal else nk
-    acc, m, l = lax.fori_loop(0, stop, key_step, init)
+    # The carries are made from the inputs (`*_like`), so they carry the inputs' sharding: under an Explicit
+    # mesh a loop whose body returns batch-sharded values must start from batch-sharded ones.
+    init = (jnp.zeros_like(q_tile, jnp.float32), jnp.full_like(q_tile[..., 0], M_START, jnp.float32),
+            jnp.zeros_like(q_tile[..., 0], jnp.float32))
+    if st.causal:  # the key blocks after `stop` are all in the future: skipped
+      stop = key_blocks_seen(i * st.block_q, st.block_q, st.block_k, nk, st.t, st.s)
+      acc, m, l = lax.fori_loop(0, nk, _only_where(lambda j: j < stop, key_step), init)
+    else:
+      acc, m, l = lax.fori_loop(0, nk, key_step, init)
     seen = l > 0
     out = acc / jnp.where(seen, l, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)  # inf: rows that see nothing get p = 0
@@ -218,13 +230,14 @@ def _backward(st: _Static, residuals, d_out):
           + d_q_tile.reshape(b, kv_heads, st.block_q, g, d), i * st.block_q, axis=2)
       return d_q, d_k, d_v
 
-    zeros = jnp.zeros((b, kv_heads, st.block_k, d), jnp.float32)
-    start = first_query_block(j * st.block_k, st.block_q, nq, st.t, st.s) if st.causal else 0
-
-    d_q, d_k, d_v = lax.fori_loop(start, nq, query_step, (d_q, zeros, zeros))
+    zeros = jnp.zeros_like(k_tile, jnp.float32)  # sharded as k (see _forward)
+    if st.causal:  # the query blocks before `start` see none of these keys: skipped
+      start = first_query_block(j * st.block_k, st.block_q, nq, st.t, st.s)
+      query_step = _only_where(lambda i: i >= start, query_step)
+    d_q, d_k, d_v = lax.fori_loop(0, nq, query_step, (d_q, zeros, zeros))
     return d_q, (d_k.astype(k.dtype), d_v.astype(v.dtype))
 
-  d_q, (d_k, d_v) = lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))  # d_k [nk, B, K, bk, D]
+  d_q, (d_k, d_v) = lax.scan(key_block, jnp.zeros_like(q, jnp.float32), jnp.arange(nk))  # d_k [nk, B, K, bk, D]
   d_k = jnp.moveaxis(d_k, 0, 2).reshape(k.shape)
   d_v = jnp.moveaxis(d_v, 0, 2).reshape(v.shape)
   return d_q.astype(q.dtype), d_k, d_v, None
