@@ -433,6 +433,13 @@ assert "pallas_call" in jaxpr and "f32[1,24,4,16]" in jaxpr  # the kernels see o
 for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 assert got[1][0].sharding.spec == rows.spec  # dq stays split over the batch
+# No context mesh, inputs placed on a mesh with Explicit axes (their type names the mesh): per shard all the same.
+explicit = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+on_rows = jax.sharding.NamedSharding(explicit, jax.sharding.PartitionSpec("data"))
+args = [jax.device_put(x, on_rows) for x in (q, k, v)]
+assert str(jax.make_jaxpr(flash)(*args)).count("shard_map") == 2
+for a, b in zip(jax.tree.leaves(flash(*args)), jax.tree.leaves(want)):
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 # Cross-lowered for 8 GPUs and for 8 TPUs: each family's kernels sit inside the per-shard manual computations.
 allow_triton = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]

@@ -23,8 +23,9 @@ segment, or after it), and no gradient through it: the same model's outputs do n
 from `xla` to `chunked` with the length.
 
 Data parallelism: under a mesh set with `jax.set_mesh` (the training loop sets its own)
-whose `data` axis splits the batch, `flash` runs its kernels on each device's slice of
-the batch inside `jax.shard_map`, as MaxText does with splash attention. A Pallas kernel
+whose `data` axis splits the batch, or on inputs placed on such a mesh with Explicit axes
+(their type names the mesh; no context mesh needed), `flash` runs its kernels on each
+device's slice of the batch inside `jax.shard_map`, as MaxText does with splash attention. A Pallas kernel
 is one opaque custom call to XLA, whose partitioner has no rule for splitting it; the
 other implementations are ordinary XLA ops that it partitions by itself.
 """
@@ -179,13 +180,19 @@ def _per_batch_shard(attend, q, k, v, mask, pair):
   """`attend(q, k, v, mask=mask, segment_ids=pair)`, on each device's rows of the batch when the context
   mesh splits it."""
   mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:  # no context mesh: inputs sharded on a mesh's Explicit axes carry that mesh in their type
+    mesh = getattr(jax.typeof(q).sharding, "mesh", mesh)
   if (mesh.empty or BATCH_AXIS not in mesh.axis_names or BATCH_AXIS in mesh.manual_axes
       or q.shape[0] % mesh.shape[BATCH_AXIS]):
     return attend(q, k, v, mask=mask, segment_ids=pair)
   rows, whole = jax.sharding.PartitionSpec(BATCH_AXIS), jax.sharding.PartitionSpec()
   mask_spec = rows if mask is not None and jnp.ndim(mask) == 4 and jnp.shape(mask)[0] == q.shape[0] else whole
+  if dict(zip(mesh.axis_names, mesh.axis_types))[BATCH_AXIS] == jax.sharding.AxisType.Explicit:  # typed: must match
+    place = lambda x, spec: None if x is None else jax.reshard(x, jax.sharding.NamedSharding(mesh, spec))
+    q, k, v, mask, pair = (place(x, spec) for x, spec in ((q, rows), (k, rows), (v, rows), (mask, mask_spec),
+                                                          (pair, rows)))
   # check_vma=False: Pallas kernels declare no per-axis variance for their outputs.
-  return jax.shard_map(lambda q, k, v, mask, pair: attend(q, k, v, mask=mask, segment_ids=pair),
+  return jax.shard_map(lambda q, k, v, mask, pair: attend(q, k, v, mask=mask, segment_ids=pair), mesh=mesh,
                        in_specs=(rows, rows, rows, mask_spec, rows), out_specs=rows, axis_names={BATCH_AXIS},
                        check_vma=False)(q, k, v, mask, pair)
 
