@@ -221,28 +221,31 @@ def _xla_attention(q, k, v, *, causal, mask):
     bias = jnp.where(mask, bias, neg)
   bias = jnp.broadcast_to(bias, (*bias.shape[:2], g, t, s)).reshape(bias.shape[0], bias.shape[1], g * t, s)
   attend = _softmax_attention if custom_gradients() else lambda *a: _softmax_attention_fwd(*a)[0]
-  out = attend(q, k, v, bias, d ** -0.5)  # [B, K, G*T, D]
+  empty_rows = mask is not None or (causal and t > s)  # can a query row see no key at all?
+  out = attend(q, k, v, bias, d ** -0.5, empty_rows)  # [B, K, G*T, D]
   return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _softmax_attention(q, k, v, bias, scale):
-  """softmax(scale q k^T + bias) v for q [B, K, M, D], k/v [B, K, S, D], bias broadcastable to [B, K, M, S]."""
-  return _softmax_attention_fwd(q, k, v, bias, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _softmax_attention(q, k, v, bias, scale, empty_rows):
+  """softmax(scale q k^T + bias) v for q [B, K, M, D], k/v [B, K, S, D], bias broadcastable to [B, K, M, S]; with
+  `empty_rows`, a row whose bias masks every key gives zeros."""
+  return _softmax_attention_fwd(q, k, v, bias, scale, empty_rows)[0]
 
 
-def _softmax_attention_fwd(q, k, v, bias, scale):
+def _softmax_attention_fwd(q, k, v, bias, scale, empty_rows):
   scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32) * scale + bias
   probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
   probs = probs * (1 / jnp.sum(probs, axis=-1, keepdims=True))  # [B, K, M, S] fp32
-  # A row whose keys are all masked (every bias entry the fp32 minimum) would spread evenly over them: it attends
-  # to nothing instead, as chunked and flash do. Constant-folded away where the bias masks nothing.
-  probs = jnp.where(jnp.max(bias, axis=-1, keepdims=True) > jnp.finfo(jnp.float32).min, probs, 0)
+  if empty_rows:  # a row whose keys are all masked would spread evenly over them: it attends to nothing instead,
+    # as chunked and flash do. (Only where possible: on a constant bias XLA's constant folding of this takes
+    # seconds at length 4096.)
+    probs = jnp.where(jnp.max(bias, axis=-1, keepdims=True) > jnp.finfo(jnp.float32).min, probs, 0)
   out = jnp.einsum("bkms,bksd->bkmd", probs.astype(v.dtype), v)
   return out, (q, k, v, probs)  # the bias is a constant mask: not saved, no gradient
 
 
-def _softmax_attention_bwd(scale, residuals, d_out):
+def _softmax_attention_bwd(scale, empty_rows, residuals, d_out):
   q, k, v, probs = residuals
   d_v = jnp.einsum("bkms,bkmd->bksd", probs.astype(d_out.dtype), d_out)
   d_probs = jnp.einsum("bkmd,bksd->bkms", d_out, v, preferred_element_type=jnp.float32)
