@@ -233,12 +233,8 @@ class Report:
     """One sentence now, before any cell is measured, if the report cannot be written where asked."""
     if os.path.isdir(self.path):
       raise UserError(f"--out {self.path} is a directory; give a file path such as {self.path}/report.json.")
-    folder = os.path.dirname(os.path.abspath(self.path))
-    probe = os.path.join(folder, f".{os.path.basename(self.path)}.check")
     try:
-      os.makedirs(folder, exist_ok=True)  # where _write puts the report from now on
-      write_atomically(probe, "")
-      os.remove(probe)
+      make_writable_folder(os.path.dirname(os.path.abspath(self.path)))  # where _write puts the report from now on
     except OSError as e:
       raise UserError(f"Cannot write the report {self.path} ({e.strerror}); give an --out in a folder you can "
                       f"write to.") from None
@@ -296,6 +292,14 @@ class Report:
     write_atomically(self.path, json.dumps(_finite(dict(meta=self.meta, rows=self.rows)), indent=1, allow_nan=False))
 
 
+def make_writable_folder(folder: str) -> None:
+  """Creates `folder` where it is missing and writes (then removes) a file in it: an OSError where either fails."""
+  os.makedirs(folder, exist_ok=True)
+  probe = os.path.join(folder, f".write-check-{os.getpid()}")
+  write_atomically(probe, "")
+  os.remove(probe)
+
+
 def _finite(value):
   """`value` with every NaN or infinite float replaced by None, for strict JSON."""
   if isinstance(value, float) and not math.isfinite(value):
@@ -345,12 +349,10 @@ def write_tensorboard(report_path: str) -> str:
   report = load_report(report_path)
   logdir = tensorboard_dir(report_path)
   try:
-    os.makedirs(logdir, exist_ok=True)
+    make_writable_folder(logdir)
     for name in os.listdir(logdir):
       if name.startswith("events.out.tfevents."):
         os.remove(os.path.join(logdir, name))
-    write_atomically(os.path.join(logdir, ".check"), "")
-    os.remove(os.path.join(logdir, ".check"))
   except OSError as e:
     raise UserError(f"Cannot write TensorBoard events to {logdir} ({e.strerror}); copy the report into a folder you "
                     f"can write to and show it from there.") from None
