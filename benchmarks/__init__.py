@@ -62,21 +62,25 @@ def _cuda_versions() -> dict:
 
 
 CODE_PATHS = ("aigc_jax", "benchmarks")  # what a measurement depends on
+RESULTS_PATH = "benchmarks/results"  # ... but for the reports themselves, which are not code
 
 
 def code_version() -> dict:
   """The code being measured: the git commit, and `tree`, which changes exactly when aigc_jax/ or benchmarks/ do
-  (their committed trees plus a hash of any uncommitted change to them); None outside a git checkout."""
+  (their committed files plus a hash of any uncommitted change to them; benchmarks/results/, the reports, is not
+  code and counts for neither); None outside a git checkout."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   git = lambda *args: subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30,
                                      check=True).stdout
+  paths = (*CODE_PATHS, f":(exclude){RESULTS_PATH}")
   try:
     commit = git("rev-parse", "HEAD").strip()
-    trees = [git("rev-parse", f"HEAD:{path}").strip() for path in CODE_PATHS]
-    diff = git("diff", "HEAD", "--", *CODE_PATHS) + git("ls-files", "--others", "--exclude-standard", "--", *CODE_PATHS)
+    files = [line for line in git("ls-tree", "-r", "HEAD", "--", *CODE_PATHS).splitlines()
+             if not line.split("\t", 1)[-1].startswith(RESULTS_PATH + "/")]  # "mode type blob\tpath" per file
+    diff = git("diff", "HEAD", "--", *paths) + git("ls-files", "--others", "--exclude-standard", "--", *paths)
   except (OSError, subprocess.SubprocessError):
     return dict(commit=None, tree=None, dirty=None)
-  tree = hashlib.sha1(("\n".join(trees) + "\n" + diff).encode()).hexdigest()[:16]
+  tree = hashlib.sha1(("\n".join(files) + "\n" + diff).encode()).hexdigest()[:16]
   return dict(commit=commit, tree=tree, dirty=bool(diff))
 
 

@@ -217,6 +217,19 @@ def test_resume_refuses_cells_measured_on_other_code(tmp_path):
     bench_attention.run(parse_args(bench_attention, [*argv, "--resume"]))
 
 
+def test_the_code_version_ignores_the_reports_themselves():
+  """A report written into benchmarks/results/ is not a change of the code measured: the next run's code.tree (which
+  --resume compares) and dirty flag stay as they were."""
+  before = benchmarks.code_version()
+  report = os.path.join(benchmarks.RESULTS, f"test_report_{os.getpid()}.json")
+  try:
+    with open(report, "w") as f:
+      f.write("{}")
+    assert benchmarks.code_version() == before
+  finally:
+    os.remove(report)
+
+
 def test_a_capped_run_reports_xla_out_of_memory_where_chunked_runs():
   shape = dict(heads=4, head_dim=64)  # at length 4096 `xla` needs 552 MiB, `chunked` 63 MiB (memory analysis)
   free = attention_memory.run_capped("chunked", 4096, "fwd_bwd", attention_memory.physical_memory(), **shape)
