@@ -52,17 +52,14 @@ from aigc_jax.errors import UserError
 from aigc_jax.nn import attention as attention_lib
 from aigc_jax.nn import flash_attention as flash_lib
 from aigc_jax.nn import flash_attention_hopper as hopper_lib
-from benchmarks import (Report, add_resume_argument, add_timing_arguments, default_out, environment, positive_float,
-                        ratio_range, relative_error, time_alternately, warm_up, within_noise)
+from benchmarks import (Report, add_resume_argument, add_timing_arguments, default_out, environment, error_tolerance,
+                        positive_float, ratio_range, relative_error, time_alternately, warm_up, within_noise)
 from benchmarks.peak import default_dtype, peak_flops
 
 FULL = dict(tokens=16384, width=2048, lengths=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128))
 QUICK = dict(tokens=2048, width=256, lengths=(512, 1024, 2048, 4096), head_dims=(64,))
 MODES = ("fwd", "fwd_bwd")
 FLASH_TRITON = "flash_triton"  # `flash` with its Triton forward even on a Hopper GPU
-# Largest error (relative to the reference's largest entry) a correct implementation shows on the grid's
-# random inputs: fp32 sums in another order; bf16/fp16 one rounding of the output and of each gradient on top.
-ERROR_TOLERANCE, ERROR_TOLERANCE_HALF = 1e-3, 5e-2
 CAUSAL = {"both": (False, True), "true": (True,), "false": (False,)}
 
 
@@ -220,7 +217,7 @@ def run(args) -> int:
         f"memory limit {limit / 2 ** 30:.1f} GiB; {args.warmup} warm-up + at least {args.reps} timed reps and "
         f"{args.min_time:g} s per implementation and cell; ms is the median; ~ marks a ratio within the noise")
 
-  tolerance = ERROR_TOLERANCE if dtype == jnp.float32 else ERROR_TOLERANCE_HALF
+  tolerance = error_tolerance(dtype)
   meta = dict(
       suite="attention", **environment(), peak_flops=peak, peak_note=peak_note, dtype=dtype.name, reference=reference,
       quick=args.quick,

@@ -47,8 +47,8 @@ from aigc_jax.tasks.diffusion import unet_config
 from aigc_jax.train.loop import jit_init
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_train_step
-from benchmarks import (Report, add_resume_argument, add_timing_arguments, default_out, environment, ratio_range,
-                        relative_error, time_alternately, warm_up, within_noise)
+from benchmarks import (Report, add_resume_argument, add_timing_arguments, default_out, environment, error_tolerance,
+                        ratio_range, relative_error, time_alternately, warm_up, within_noise)
 from benchmarks.peak import default_dtype, peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,9 +65,6 @@ FULL = {"ddpm_mnist": (256, 128, 256, 50), "ddpm_cifar10": (128, 128, 128, 50), 
 DEFAULT_SHAPES = ("ddpm_mnist", "ddpm_cifar10")
 REFERENCE = "plain_flax"
 IMPLEMENTATIONS = ("ours", REFERENCE)
-# Largest error vs the reference, relative to its largest entry, that the same UNet shows with convolution sums in
-# another order: fp32, and bf16 with a rounding of each activation on top.
-ERROR_TOLERANCE, ERROR_TOLERANCE_HALF = 1e-3, 5e-2
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -202,7 +199,7 @@ def run(args) -> int:
     raise UserError("The full denoise grid is sized for a GPU (batches of 128-256: minutes per call on a CPU); "
                     "pass --quick.")
   peak, peak_note = peak_flops(dtype)
-  tolerance = ERROR_TOLERANCE if dtype == jnp.float32 else ERROR_TOLERANCE_HALF
+  tolerance = error_tolerance(dtype)
   grid = QUICK if args.quick else FULL
   out_path = args.out or default_out("denoise", backend, args.quick)
   device = jax.devices()[0]

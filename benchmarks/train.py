@@ -63,7 +63,9 @@ from aigc_jax.nn.attention import IMPLEMENTATIONS, resolve_implementation
 from aigc_jax.tasks.language_model import LanguageModelTask
 from aigc_jax.train import parallel
 from aigc_jax.train.loop import compile_steps
-from benchmarks import Report, add_resume_argument, at_least, default_out, environment, ratio_range, within_noise
+from aigc_jax.nn import plain_autodiff
+from benchmarks import (Report, add_resume_argument, at_least, default_out, environment, error_tolerance, ratio_range,
+                        relative_error, within_noise)
 from benchmarks.peak import default_dtype, peak_flops
 from benchmarks.reference_gpt import TorchRun, check_torch_shape, matmul_params, reference_step, time_steps
 
@@ -159,6 +161,22 @@ def xla_flops(compiled) -> float | None:
   return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
+def error_vs_plain(name: str, args, dtype, params, batch) -> float:
+  """`relative_error` of ours' loss and gradient on one batch against the same model and parameters with `xla`
+  attention and JAX's own autodiff (`plain_autodiff`: no custom VJP): a fast kernel or custom gradient that is
+  wrong shows here, which timing alone would not show."""
+  def loss_and_gradient(attention):
+    config, vocab, _ = shape_config(name, args.quick, dtype, attention, args.batch_size)
+    task = SyntheticTokens(config, vocab)
+    mean_loss = lambda p: (lambda total, count, _: total / count)(*task.loss(p, batch, jax.random.PRNGKey(0), False))
+    return jax.jit(jax.value_and_grad(mean_loss))(params)
+
+  got = loss_and_gradient(args.attention)
+  with plain_autodiff():
+    want = loss_and_gradient("xla")
+  return relative_error(got, want)
+
+
 class JaxRun:
   """A compiled step and its (donated) state, timed `steps` at a time."""
 
@@ -226,6 +244,7 @@ def bench_shape(name: str, args, dtype, peak):
     if "pytorch" in runs:
       runs["pytorch"].close()
 
+  error = error_vs_plain(name, args, dtype, runs["ours"].state.params, batches[0])
   attention = m.attention
   if attention == "auto":
     attention = f"auto->{resolve_implementation('auto', dtype, head_dim, q_len=seq_len, kv_len=seq_len)}"
@@ -248,7 +267,8 @@ def bench_shape(name: str, args, dtype, peak):
         tflops=tokens_per_s * per_token / 1e12,
         devices=1 if torch else mesh.size, mfu=tokens_per_s * per_token / total_peak if peak else None,
         mfu_causal=tokens_per_s * per_token_causal / total_peak if peak else None,
-        ratio_to_reference=ref_ms / ms, ratio_range=ratio_range(times["reference"], times[impl])))
+        ratio_to_reference=ref_ms / ms, ratio_range=ratio_range(times["reference"], times[impl]),
+        error_vs_plain=error if impl == "ours" else None))
   return rows
 
 
@@ -285,18 +305,27 @@ def run(args) -> int:
       ms="median over repetitions of ms per step (each repetition: steps_per_rep steps, block_until_ready)",
       ratio_to_reference="reference ms / ms (above 1: faster than the reference)",
       ratio_range="[reference q25 / q75, reference q75 / q25] over the repetitions",
+      error_vs_plain="ours: largest |x - plain| / largest |plain| over the loss and each gradient on one batch, "
+      "plain being the same model and parameters with xla attention and JAX's own autodiff",
+      error_tolerance=error_tolerance(dtype),
       data="random tokens of the shape's vocabulary", dropout=0.0,
       reference="benchmarks/reference_gpt.py:reference_step (straightforward Flax GPT, einsum attention)")
   report = Report(out_path, meta, plot, cell=("shape",), same=("dtype", "quick", "shapes", "attention", "batch_size",
-                                                               "warmup", "reps", "steps", "torch"), resume=args.resume)
+                                                               "warmup", "reps", "steps", "torch"),
+                  lists=("wrong",), resume=args.resume)
   for name in names:
     if report.done(shape=name):
       print_shape(report.kept(shape=name))  # the whole table
       continue
     shape_rows = bench_shape(name, args, dtype, peak)
-    report.add(shape_rows)
+    report.add(shape_rows, wrong=[r for r in shape_rows if r["error_vs_plain"] is not None
+                                  and not r["error_vs_plain"] <= report.meta["error_tolerance"]])
     print_shape(shape_rows)
   print()
+  for r in report.meta["wrong"]:
+    print(f"WRONG: {r['shape']} ours differs from the plain model (xla attention, JAX autodiff) by "
+          f"{r['error_vs_plain']:.2g} of the largest loss or gradient entry (tolerance "
+          f"{report.meta['error_tolerance']:g} in {dtype.name})")
   report.finish()
   return 0
 
@@ -311,7 +340,8 @@ def print_shape(shape_rows: list) -> None:
   ours = shape_rows[0]
   xla = f"{ours['xla_flops_per_step'] / ours['model_flops_per_step']:.2f}x" if ours["xla_flops_per_step"] else "-"
   print(f"      {ours['matmul_params'] / 1e6:.2f}M matmul params, {ours['flops_per_token'] / 1e6:.1f} MFLOP/token;"
-        f" XLA cost analysis / model FLOPs (ours): {xla}" + (f"; {ours['note']}" if ours["note"] else ""))
+        f" XLA cost analysis / model FLOPs (ours): {xla}; ours vs plain autodiff and xla attention, loss and "
+        f"gradient: {ours['error_vs_plain']:.1e}" + (f"; {ours['note']}" if ours["note"] else ""))
 
 
 def plot(rows, title):

@@ -55,6 +55,7 @@ def test_run_on_the_tiny_shape_writes_rows_and_a_chart(run_bench, tmp_path):
     assert r["ms"] > 0 and r["tokens_per_s"] > 0 and r["devices"] == 1
     assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / report["meta"]["peak_flops"])
   assert rows[1]["ratio_to_reference"] == 1.0 and rows[1]["ratio_range"] == [1.0, 1.0]
+  assert rows[0]["error_vs_plain"] < 1e-5 and rows[1]["error_vs_plain"] is None and report["meta"]["wrong"] == []
   assert report["meta"]["suite"] == "train" and report["meta"]["steps"] == 1
   assert [r["position_encoding"] for r in rows] == ["rope", "rope"]  # the CPU recipe's, in both models
   assert rows[0]["params"] == rows[1]["params"]  # like for like: no position table in either
@@ -81,6 +82,19 @@ def test_resume_keeps_the_shapes_already_measured(run_bench, tmp_path, monkeypat
     printed = capsys.readouterr().out
     assert "resuming" in printed and [line for line in printed.splitlines() if line.lstrip().startswith("tiny")] == \
         table  # the kept rows make the same table
+
+
+def test_ours_is_checked_against_plain_autodiff_and_a_wrong_custom_gradient_shows(monkeypatch):
+  import types
+  from aigc_jax.nn import layers
+  args = types.SimpleNamespace(quick=True, batch_size=None, attention="auto")
+  config, vocab, _ = bench_train.shape_config("tiny", True, jnp.float32, "auto")
+  task = bench_train.SyntheticTokens(config, vocab)
+  params, batch = task.init_params(jax.random.PRNGKey(0)), task.train_batch(0)
+  assert bench_train.error_vs_plain("tiny", args, jnp.float32, params, batch) < 1e-5
+  gelu_grad = layers._gelu_grad
+  monkeypatch.setattr(layers, "_gelu_grad", lambda x: 1.1 * gelu_grad(x))  # ours' MLP backward, 10% off
+  assert bench_train.error_vs_plain("tiny", args, jnp.float32, params, batch) > 1e-3
 
 
 def test_unknown_shape_no_shape_and_a_gpu_grid_on_a_cpu_are_user_errors(tmp_path):
