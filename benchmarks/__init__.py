@@ -171,6 +171,15 @@ def within_noise(row: dict) -> bool:
   return low is not None and low <= 1 <= high and row["ratio_to_reference"] != 1
 
 
+def xla_flops(compiled) -> float | None:
+  """XLA's FLOP count for a compiled function (`cost_analysis()`, a multiply-add is 2 FLOPs; a loop body counts
+  once; under SPMD one device's share), or None where the backend gives none."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+    analysis = analysis[0] if analysis else None
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
 def relative_error(got, want) -> float:
   """The largest |got - want| over each output array (the gradients too), relative to that array's largest
   |want| entry (absolute where that is 0, e.g. the gradients of one key); the worst array's. inf where any

@@ -48,7 +48,7 @@ from aigc_jax.train.loop import jit_init
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_train_step
 from benchmarks import (Report, add_resume_argument, add_timing_arguments, default_out, environment, error_tolerance,
-                        ratio_range, relative_error, time_alternately, warm_up, within_noise)
+                        ratio_range, relative_error, time_alternately, warm_up, within_noise, xla_flops)
 from benchmarks.peak import default_dtype, peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,22 +159,16 @@ def build(name, config_file, overrides, size, channels, classes, dtype, batches,
   return compiled, n_params, sample_steps, params
 
 
-def _flops(compiled) -> float | None:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"]) if cost and "flops" in cost else None
-
-
 def counted_flops(built, what: str) -> float | None:
   """XLA's FLOP count of one implementation's compiled `what`; the sampler's is its steps x the forward's per
   image (XLA counts a loop body once)."""
   compiled, _, sample_steps, _ = built
   fn, _, batch = compiled[what]
   if what != "sampler":
-    return _flops(fn)
+    return xla_flops(fn)
   forward, _, forward_batch = compiled["forward"]
-  per_image = _flops(forward) and _flops(forward) / forward_batch
-  return per_image and per_image * batch * sample_steps
+  forward_flops = xla_flops(forward)
+  return forward_flops and forward_flops / forward_batch * batch * sample_steps
 
 
 def program_fingerprint(compiled) -> str:

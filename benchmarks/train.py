@@ -65,7 +65,7 @@ from aigc_jax.train import parallel
 from aigc_jax.train.loop import compile_steps
 from aigc_jax.nn import plain_autodiff
 from benchmarks import (Report, add_resume_argument, at_least, default_out, environment, error_tolerance, ratio_range,
-                        relative_error, within_noise)
+                        relative_error, within_noise, xla_flops)
 from benchmarks.peak import default_dtype, peak_flops
 from benchmarks.reference_gpt import TorchRun, check_torch_shape, matmul_params, reference_step, time_steps
 
@@ -152,13 +152,6 @@ def flops_per_token(n: int, layers: int, heads: int, head_dim: int, seq_len: int
   """(PaLM's 6N + 12LHQT, the same with the attention term halved for the causal mask)."""
   attention = 12 * layers * heads * head_dim * seq_len
   return 6 * n + attention, 6 * n + attention / 2
-
-
-def xla_flops(compiled) -> float | None:
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
-    analysis = analysis[0] if analysis else None
-  return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
 def error_vs_plain(name: str, args, dtype, params, batch) -> float:
