@@ -67,7 +67,7 @@ def test_resume_keeps_the_shapes_already_measured(run_bench, tmp_path, monkeypat
   from benchmarks import denoise as bench_denoise
   argv = ["--quick", "--shapes", "tiny", "--reps", "1"]
   for suite, extra, stage in ((bench_train, ["--warmup", "1", "--steps", "1"], "bench_shape"),
-                              (bench_denoise, [], "build")):
+                              (bench_denoise, ["--min-time", "1e-3"], "build")):  # --reps 1 alone, not 0.5 s
     capsys.readouterr()
     first = run_bench(suite, *argv, *extra)
     table = [line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("tiny")]
