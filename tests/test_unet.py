@@ -77,10 +77,29 @@ def test_unet_labels_null_class_dropout_and_float_timesteps(conditional):
   same_t = apply(params, x, jnp.array([5, 5]), None)
   np.testing.assert_array_equal(apply(params, x, jnp.array(5), None), same_t)  # a scalar: one timestep for all
   assert not np.allclose(apply(params, x, t, jnp.array([0, 1])), null)
+  np.testing.assert_array_equal(apply(params, x, t, jnp.array(3)), null)  # a scalar: one class for all
   model = UNet(dataclasses.replace(TINY, num_classes=3))
   dropped = jax.jit(lambda p, r: model.apply({"params": p}, x, t, None, train=True, rngs={"dropout": r}))(
       params, rbg_key(3))
   assert np.all(np.isfinite(dropped)) and not np.allclose(dropped, null)  # dropout is on only in training
+
+
+def test_unet_refuses_labels_the_embedding_cannot_look_up(conditional):
+  _, params, _ = conditional
+  model = UNet(dataclasses.replace(TINY, num_classes=3))
+  x, t = jnp.zeros((2, 8, 8, 2)), jnp.array([1, 5])
+  apply = lambda labels: model.apply({"params": params}, x, t, labels, train=False)  # eager: labels are concrete
+  with pytest.raises(UserError, match=r"Class label 4 is outside \[0, 3\]"):
+    apply(jnp.array([3, 4]))  # 3 is the null class; 4 would embed as NaN
+  with pytest.raises(UserError, match=r"Class label -1 is outside"):
+    apply(np.array([-1, 0]))
+  with pytest.raises(UserError, match="must be integers"):
+    apply(jnp.array([0.0, 1.0]))
+  with pytest.raises(UserError, match=r"one class label per image \(2 labels\)"):
+    apply(jnp.array([0, 1, 2]))
+  # Inside jit the values are not known: shapes and dtypes are still checked.
+  with pytest.raises(UserError, match="one class label per image"):
+    jax.eval_shape(apply, jax.ShapeDtypeStruct((2, 1), jnp.int32))
 
 
 def test_unconditional_unet_shape_and_refuses_labels():
