@@ -35,12 +35,31 @@ for line in sys.stdin:  # reference_nanogpt_char.py --serve's protocol: N steps 
 """
 
 
-def test_run_on_the_tiny_shape_writes_rows_and_a_chart(run_bench, tmp_path):
+def check_resume_keeps_the_rows(run_bench, monkeypatch, capsys, suite, argv, report, printed, stage):
+  """`--resume` with the same arguments measures nothing again (`stage` would fail) and prints the same table."""
+  table = [line for line in printed.splitlines() if line.lstrip().startswith("tiny")]
+  assert len(table) == len(report["rows"])
+
+  def unexpected(*args, **kwargs):
+    raise AssertionError("a shape already in the report was measured again")
+
+  monkeypatch.setattr(suite, stage, unexpected)
+  again = run_bench(suite, *argv, "--resume")
+  assert again["rows"] == report["rows"] and again["meta"]["runs"] == 2 and again["meta"]["complete"] is True
+  printed = capsys.readouterr().out
+  assert "resuming" in printed and [line for line in printed.splitlines() if line.lstrip().startswith("tiny")] == \
+      table  # the kept rows make the same table
+
+
+def test_run_on_the_tiny_shape_writes_rows_and_a_chart_and_resumes(run_bench, tmp_path, monkeypatch, capsys):
   torch_python = tmp_path / "python"  # stands in for a Python with torch: the plumbing is what is tested here
   torch_python.write_text(FAKE_TORCH)
   torch_python.chmod(0o755)
-  report = run_bench(bench_train, "--quick", "--shapes", "tiny", "--reps", "1", "--warmup", "1", "--steps", "1",
-                     "--torch-python", str(torch_python))
+  argv = ["--quick", "--shapes", "tiny", "--reps", "1", "--warmup", "1", "--steps", "1", "--torch-python",
+          str(torch_python)]
+  capsys.readouterr()
+  report = run_bench(bench_train, *argv)
+  printed = capsys.readouterr().out
   assert {"device", "versions", "peak_flops", "peak_note", "formula", "dtype"} <= set(report["meta"])
   rows, torch_row = report["rows"][:2], report["rows"][2]
   assert [r["implementation"] for r in report["rows"]] == ["ours", "reference", "pytorch"]
@@ -61,27 +80,7 @@ def test_run_on_the_tiny_shape_writes_rows_and_a_chart(run_bench, tmp_path):
   assert rows[0]["params"] == rows[1]["params"]  # like for like: no position table in either
   assert rows[0]["attention"].startswith("auto->")
   assert report["meta"]["complete"] is True
-
-
-def test_resume_keeps_the_shapes_already_measured(run_bench, tmp_path, monkeypatch, capsys):
-  from benchmarks import denoise as bench_denoise
-  argv = ["--quick", "--shapes", "tiny", "--reps", "1"]
-  for suite, extra, stage in ((bench_train, ["--warmup", "1", "--steps", "1"], "bench_shape"),
-                              (bench_denoise, ["--min-time", "1e-3"], "build")):  # --reps 1 alone, not 0.5 s
-    capsys.readouterr()
-    first = run_bench(suite, *argv, *extra)
-    table = [line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("tiny")]
-    assert len(table) == len(first["rows"])
-
-    def unexpected(*args, **kwargs):
-      raise AssertionError("a shape already in the report was measured again")
-
-    monkeypatch.setattr(suite, stage, unexpected)
-    again = run_bench(suite, *argv, *extra, "--resume")
-    assert again["rows"] == first["rows"] and again["meta"]["runs"] == 2 and again["meta"]["complete"] is True
-    printed = capsys.readouterr().out
-    assert "resuming" in printed and [line for line in printed.splitlines() if line.lstrip().startswith("tiny")] == \
-        table  # the kept rows make the same table
+  check_resume_keeps_the_rows(run_bench, monkeypatch, capsys, bench_train, argv, report, printed, "bench_shape")
 
 
 def test_ours_is_checked_against_plain_autodiff_and_a_wrong_custom_gradient_shows(monkeypatch):
@@ -142,10 +141,13 @@ def test_torch_reference_refuses_shapes_nanogpt_lacks_and_a_missing_python(tmp_p
   assert not out.exists()
 
 
-def test_denoise_tiny_shape_writes_every_measurement_against_the_reference_and_a_chart(run_bench, tmp_path,
-                                                                                        monkeypatch, capsys):
+def test_denoise_tiny_shape_writes_every_measurement_against_the_reference_and_a_chart_and_resumes(
+    run_bench, tmp_path, monkeypatch, capsys):
   from benchmarks import denoise as bench_denoise
-  report = run_bench(bench_denoise, "--quick", "--shapes", "tiny", "--reps", "2", "--min-time", "1e-3")
+  argv = ["--quick", "--shapes", "tiny", "--reps", "2", "--min-time", "1e-3"]  # --reps alone, not 0.5 s
+  capsys.readouterr()
+  report = run_bench(bench_denoise, *argv)
+  printed = capsys.readouterr().out
   rows = report["rows"]
   assert [(r["what"], r["implementation"]) for r in rows] == [
       (w, i) for w in ("forward", "train_step", "sampler") for i in ("ours", "plain_flax")]
@@ -173,6 +175,8 @@ def test_denoise_tiny_shape_writes_every_measurement_against_the_reference_and_a
   assert sampler["flops"] == pytest.approx(forward_flops_per_image * 2 * 2)
   assert sampler["steps_per_sec"] == pytest.approx(2 / sampler["ms"] * 1000)
   assert report["meta"]["batches"] == {"tiny": {"forward": 2, "train_step": 2, "sampler": 2, "sampler_steps": 2}}
+  with monkeypatch.context() as patched:
+    check_resume_keeps_the_rows(run_bench, patched, capsys, bench_denoise, argv, report, printed, "build")
   # The check is not vacuous: the output conv starts at zero, which made every output equal whatever came before.
   from aigc_jax.nn import conv
   monkeypatch.setattr(conv, "conv2d_tap_grad", lambda x, kernel, strides: conv._conv(x, 1.01 * kernel, strides))
