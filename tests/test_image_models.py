@@ -69,9 +69,23 @@ def test_gradient_penalty_is_zero_for_a_unit_slope_critic():
   np.testing.assert_allclose(gan_lib.gradient_penalty(critic, real, fake, jax.random.PRNGKey(0)), 0.0, atol=1e-4)
   doubled = lambda x: 2.0 * critic(x)  # |grad| = 2 -> weight * (2 - 1)^2
   np.testing.assert_allclose(gan_lib.gradient_penalty(doubled, real, fake, jax.random.PRNGKey(0)), 10.0, rtol=1e-4)
+  # Data of any rank, as the paper's 2-D toy points: a linear critic's gradient is w at every interpolate.
+  w = jnp.array([1.5, -0.8])
+  real, fake = jnp.arange(8.0).reshape(4, 2), -jnp.ones((4, 2))
+  expected = 10.0 * (np.linalg.norm([1.5, -0.8]) - 1.0) ** 2
+  np.testing.assert_allclose(gan_lib.gradient_penalty(lambda x: x @ w, real, fake, jax.random.PRNGKey(0)),
+                             [expected] * 4, rtol=1e-5)
+  sequences = jnp.ones((4, 5, 2))  # [B, T, C]: the norm is over T and C, sqrt(10) for a summing critic
+  np.testing.assert_allclose(gan_lib.gradient_penalty(lambda x: jnp.sum(x, axis=(1, 2)), sequences, 0 * sequences,
+                                                      jax.random.PRNGKey(0)), [10.0 * (np.sqrt(10) - 1) ** 2] * 4,
+                             rtol=1e-5)
+  with pytest.raises(UserError, match=r"one \[B, \.\.\.\] shape; got \(4, 2\) and \(4, 3\)"):
+    gan_lib.gradient_penalty(lambda x: x[:, 0], real, jnp.ones((4, 3)), jax.random.PRNGKey(0))
 
 
 def test_gan_shapes_that_do_not_fit_are_one_sentence(monkeypatch):
+  with pytest.raises(UserError, match="Unknown GAN architecture 'dc'; use one of mlp, dcgan"):
+    gan_lib.GANConfig(architecture="dc")
   with pytest.raises(UserError, match="The DCGAN halves image_size twice and it is 30; use a multiple of 4"):
     gan_lib.GANConfig(image_size=30)
   with pytest.raises(UserError, match=r"GroupNorm splits conv_features \(12\) into 8 groups; use a multiple of 8"):

@@ -29,6 +29,8 @@ class GANConfig:
   dtype: Any = jnp.float32
 
   def __post_init__(self):
+    if self.architecture not in ARCHITECTURES:
+      raise UserError(f"Unknown GAN architecture {self.architecture!r}; use one of {', '.join(ARCHITECTURES)}.")
     if self.architecture == "dcgan" and self.image_size % 4:
       raise UserError(f"The DCGAN halves image_size twice and it is {self.image_size}; use a multiple of 4, or "
                       f"model.architecture=mlp.")
@@ -101,8 +103,6 @@ class DCDiscriminator(nn.Module):
 
 def build_gan(config: GANConfig) -> tuple[nn.Module, nn.Module]:
   networks = {"mlp": (MLPGenerator, MLPDiscriminator), "dcgan": (DCGenerator, DCDiscriminator)}
-  if config.architecture not in networks:
-    raise ValueError(f"Unknown GAN architecture {config.architecture!r}; use one of {', '.join(ARCHITECTURES)}.")
   generator, discriminator = networks[config.architecture]
   return generator(config), discriminator(config)
 
@@ -127,9 +127,15 @@ def generator_loss(kind: str, d_fake):
 
 
 def gradient_penalty(critic, real, fake, rng, weight: float = 10.0):
-  """WGAN-GP: weight * (||grad critic(x_hat)|| - 1)^2 per example at random interpolates x_hat, [B]."""
-  eps = jax.random.uniform(rng, (real.shape[0], 1, 1, 1))
+  """WGAN-GP: weight * (||grad critic(x_hat)|| - 1)^2 per example at random interpolates x_hat, [B].
+
+  real and fake are [B, ...] of one shape (images, vectors, sequences); the norm is over all but the batch axis.
+  """
+  if jnp.shape(real) != jnp.shape(fake) or jnp.ndim(real) < 2:
+    raise UserError(f"The gradient penalty interpolates real and fake examples of one [B, ...] shape; got "
+                    f"{jnp.shape(real)} and {jnp.shape(fake)}. Make the generator's output the data's shape.")
+  eps = jax.random.uniform(rng, real.shape[:1] + (1,) * (real.ndim - 1))  # one mixing weight per example
   x_hat = eps * real + (1.0 - eps) * fake
   grads = jax.grad(lambda x: jnp.sum(critic(x)))(x_hat)  # per-example: the critic has no cross-example terms
-  norms = jnp.sqrt(jnp.sum(grads ** 2, axis=(1, 2, 3)) + 1e-12)
+  norms = jnp.sqrt(jnp.sum(grads ** 2, axis=tuple(range(1, grads.ndim))) + 1e-12)
   return weight * (norms - 1.0) ** 2
