@@ -11,12 +11,13 @@ last `max_len` tokens recomputed in full, as nanoGPT does.
 """
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from aigc_jax.errors import UserError
+from aigc_jax.nn.layers import check_token_ids
 
 
 def context_length(model) -> int | None:
@@ -58,6 +59,10 @@ def check_prompt(model, prompt_len: int, max_new_tokens: int, beams: int = 1, vo
   more beams than continuations, or a beam search past the model's context."""
   if prompt_len < 1:
     raise UserError("The prompt is empty; give at least one token (a character, for our models) to start from.")
+  try:
+    operator.index(max_new_tokens)  # it sizes the output: a Python (or numpy) integer
+  except TypeError:
+    raise UserError(f"max_new_tokens must be a whole number known before tracing, not {max_new_tokens!r}.") from None
   if max_new_tokens < 1:
     raise UserError(f"max_new_tokens is {max_new_tokens}; ask for at least one new token.")
   if beams < 1:
@@ -82,23 +87,12 @@ def check_prompt(model, prompt_len: int, max_new_tokens: int, beams: int = 1, vo
 
 
 def settings_ok(temperature, top_k, top_p) -> bool:
-  """Whether sampling can take these settings: 0 <= temperature < inf, top_k >= 0, 0 < top_p <= 1 (NaN fails).
-  Values traced under a caller's jax.jit cannot be looked at, and pass."""
+  """Whether sampling can take these settings: 0 <= temperature < inf, top_k a whole number >= 0, 0 < top_p <= 1
+  (NaN fails). Values traced under a caller's jax.jit cannot be looked at, and pass."""
   if any(isinstance(v, jax.core.Tracer) for v in (temperature, top_k, top_p)):
     return True
-  return bool(0 <= temperature < float("inf") and top_k >= 0 and 0 < top_p <= 1)
-
-
-def check_tokens(model, prompt) -> None:
-  """Token ids outside the model's vocabulary would index past its embedding table: JAX clamps such a gather, so
-  they would silently read another token's embedding. (Traced ids, under a caller's jax.jit, are not checked.)"""
-  if isinstance(prompt, jax.core.Tracer):
-    return
-  ids = np.asarray(prompt)  # not jnp: under a caller's jax.jit, its min and max would be traced
-  vocab_size = model.config.vocab_size
-  if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-    raise UserError(f"The prompt has token ids from {int(ids.min())} to {int(ids.max())}, outside the model's "
-                    f"vocabulary 0..{vocab_size - 1}; encode it with the vocabulary the model was trained with.")
+  return bool(0 <= temperature < float("inf") and 0 <= top_k < float("inf") and float(top_k).is_integer()
+              and 0 < top_p <= 1)
 
 
 def sample(model, params, prompt, rng, *, max_new_tokens: int, temperature=1.0, top_k=0, top_p=1.0):
@@ -107,13 +101,13 @@ def sample(model, params, prompt, rng, *, max_new_tokens: int, temperature=1.0, 
   One compiled program per (model, shapes, max_new_tokens): the sampling settings are traced.
   """
   if not settings_ok(temperature, top_k, top_p):
-    raise UserError(f"Sampling takes 0 <= temperature < inf, top_k >= 0 and 0 < top_p <= 1; got {temperature}, "
-                    f"{top_k} and {top_p}.")
+    raise UserError(f"Sampling takes 0 <= temperature < inf, a whole top_k >= 0 and 0 < top_p <= 1; got "
+                    f"{temperature}, {top_k} and {top_p}.")
   if jnp.ndim(prompt) != 2:
     raise UserError(f"sample takes prompts [batch, length] of token ids, and got shape {jnp.shape(prompt)}; for one "
                     f"prompt pass prompt[None].")
   check_prompt(model, jnp.shape(prompt)[1], max_new_tokens)
-  check_tokens(model, prompt)
+  check_token_ids(prompt, model.config.vocab_size, "The prompt")
   return _sample(model, params, jnp.asarray(prompt, jnp.int32), rng, max_new_tokens,
                  jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
 
@@ -159,7 +153,7 @@ def beam_search(model, params, prompt, *, beams: int, max_new_tokens: int):
     raise UserError(f"beam_search takes one prompt [length] of token ids, and got shape {jnp.shape(prompt)}; search "
                     f"from each prompt in turn.")
   check_prompt(model, jnp.shape(prompt)[0], max_new_tokens, beams, vocab_size=model.config.vocab_size)
-  check_tokens(model, prompt)
+  check_token_ids(prompt, model.config.vocab_size, "The prompt", ndim=1)
   return _beam_search(model, params, jnp.asarray(prompt, jnp.int32), beams=beams, max_new_tokens=max_new_tokens)
 
 

@@ -145,8 +145,9 @@ def test_bad_generation_requests():
   decoding.check_prompt(model, 2, 2, beams=5, vocab_size=3)  # 9 continuations of 2 tokens
   params, rng = params_of(model), jax.random.PRNGKey(0)
   for settings in (dict(top_p=0.0), dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_k=-1),
-                   dict(temperature=float("inf"))):
-    with pytest.raises(UserError, match=r"Sampling takes 0 <= temperature < inf, top_k >= 0 and 0 < top_p <= 1; got "):
+                   dict(temperature=float("inf")), dict(top_k=2.7)):  # 2.7 was cast to 2
+    with pytest.raises(UserError, match=r"Sampling takes 0 <= temperature < inf, a whole top_k >= 0 and "
+                                        r"0 < top_p <= 1; got "):
       decoding.sample(model, params, jnp.array([[1, 2]]), rng, max_new_tokens=2, **settings)
   for prompt in ([[1, VOCAB]], [[-1, 2]]):  # would silently read another token's embedding
     with pytest.raises(UserError, match=rf"outside the model's vocabulary 0..{VOCAB - 1}; encode it with"):
@@ -167,6 +168,32 @@ def test_bad_generation_requests():
     decoding.sample(model, params, jnp.array([1, 2]), rng, max_new_tokens=2)
   with pytest.raises(UserError, match="The prompt is empty"):
     decoding.sample(model, params, jnp.zeros((1, 0), jnp.int32), rng, max_new_tokens=2)
+  with pytest.raises(UserError, match="The prompt must be integer token ids, not float32"):  # was truncated to 1
+    decoding.sample(model, params, jnp.array([[1.7]]), rng, max_new_tokens=2)
+  with pytest.raises(UserError, match="max_new_tokens must be a whole number known before tracing, not 2.0"):
+    decoding.sample(model, params, jnp.array([[1, 2]]), rng, max_new_tokens=2.0)
+
+
+@pytest.mark.parametrize("name", ["transformer", "transformer_rope", "lstm"])
+def test_the_models_refuse_token_ids_their_embedding_cannot_look_up(name):
+  """Called directly (not through decoding), an id past the vocabulary gave NaN logits and -1 the last token's."""
+  model = MODELS[name]
+  params = params_of(model)
+  apply = lambda tokens: model.apply({"params": params}, tokens)
+  for tokens, lowest, highest in (([[0, 1, VOCAB]], 0, VOCAB), ([[-1, 2]], -1, 2)):
+    with pytest.raises(UserError, match=rf"The input has token ids from {lowest} to {highest}, outside the model's "
+                                        rf"vocabulary 0..{VOCAB - 1}"):
+      apply(jnp.array(tokens))
+  with pytest.raises(UserError, match=r"must be \[batch, length\] token ids, not an array of shape \(3,\); for "
+                                      r"one sequence pass tokens\[None\]"):
+    apply(jnp.array([0, 1, 2]))
+  with pytest.raises(UserError, match="must be integer token ids, not float32"):
+    apply(jnp.array([[0.0, 1.0]]))
+  # Under jit the ids are traced: shapes and dtypes are still checked, and in-range ids run as before.
+  with pytest.raises(UserError, match="must be integer token ids"):
+    jax.eval_shape(apply, jax.ShapeDtypeStruct((1, 2), jnp.float32))
+  np.testing.assert_allclose(jax.jit(apply)(jnp.array([[0, VOCAB - 1]])), apply(jnp.array([[0, VOCAB - 1]])),
+                             rtol=1e-5, atol=1e-7)  # jit fuses what eager runs op by op
 
 
 @pytest.mark.parametrize("name", ["transformer", "transformer_rope"])
@@ -218,6 +245,10 @@ def test_transformer_shapes_that_do_not_fit_are_one_sentence():
     transformer(num_kv_heads=3)
   with pytest.raises(UserError, match="Rotary positions rotate pairs of features and head_dim is 3; use an even"):
     transformer(position_encoding="rope", num_heads=4, emb_dim=12)
+  with pytest.raises(UserError, match="The Transformer's num_heads is 0; it must be at least 1"):  # was a ZeroDivision
+    transformer(num_heads=0)
+  with pytest.raises(UserError, match=r"num_kv_heads is -1; use 0 \(as many as query heads\) or a divisor"):
+    transformer(num_kv_heads=-1)
   model = MODELS["transformer"]  # learned positions, max_len 8
   with pytest.raises(UserError, match="9 tokens are more than the 8 positions the model learned; feed at most 8"):
     model.apply({"params": params_of(model)}, jnp.zeros((1, 9), jnp.int32))
@@ -245,6 +276,9 @@ def test_positions_restart_in_each_segment_and_decoding_refuses_segments():
   np.testing.assert_array_equal(segments.positions_in_segments(jnp.asarray([[0, 0, 1, 1, 1, 0], [5, 5, 5, 5, 5, 5]])),
                                 [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]])
   model = MODELS["transformer"]
+  tokens = jnp.zeros((2, 4), jnp.int32)
+  with pytest.raises(UserError, match="Segment 0 of row 1 is split by another segment; .* give each piece its own id"):
+    model.apply({"params": params_of(model)}, tokens, segment_ids=jnp.asarray([[0, 0, 1, 1], [0, 1, 0, 1]]))
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), decode=True)
   with pytest.raises(UserError, match="segment_ids mark packed sequences.*decode without them"):
     model.apply(variables, jnp.zeros((1, 1), jnp.int32), segment_ids=jnp.zeros((1, 1), jnp.int32), decode=True,

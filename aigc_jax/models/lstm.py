@@ -6,6 +6,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from aigc_jax.nn.layers import check_token_ids
+
 
 @dataclasses.dataclass(frozen=True)
 class LSTMConfig:
@@ -29,6 +31,7 @@ class LSTM(nn.Module):
   @nn.compact
   def __call__(self, tokens, *, train: bool = False, decode: bool = False):
     c = self.config
+    check_token_ids(tokens, c.vocab_size)
     b = tokens.shape[0]
     x = nn.Embed(c.vocab_size, c.emb_dim, dtype=c.dtype, param_dtype=c.param_dtype, name="embed")(tokens)
     for i in range(c.num_layers):

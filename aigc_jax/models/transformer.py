@@ -34,6 +34,12 @@ class TransformerConfig:
   position_encoding: str = "learned"  # learned: GPT-2's absolute table; rope: rotary, on queries and keys
 
   def __post_init__(self):
+    for name in ("vocab_size", "max_len", "num_heads", "emb_dim", "mlp_ratio"):  # num_layers 0: a bigram model
+      if getattr(self, name) < 1:
+        raise UserError(f"The Transformer's {name} is {getattr(self, name)}; it must be at least 1.")
+    if self.num_kv_heads < 0:
+      raise UserError(f"num_kv_heads is {self.num_kv_heads}; use 0 (as many as query heads) or a divisor of "
+                      f"num_heads.")
     if self.position_encoding not in POSITION_ENCODINGS:
       raise UserError(f"Unknown position_encoding {self.position_encoding!r}; use one of "
                       f"{', '.join(POSITION_ENCODINGS)}.")
@@ -89,6 +95,7 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens, *, segment_ids=None, train: bool = False, decode: bool = False):
     c = self.config
+    ann_layers.check_token_ids(tokens, c.vocab_size)
     t = tokens.shape[1]
     decode_index = None
     if decode:
@@ -98,6 +105,7 @@ class Transformer(nn.Module):
         index.value = decode_index + t
       positions = decode_index + jnp.arange(t)
     elif segment_ids is not None:
+      segments.check_contiguous(segment_ids)
       positions = segments.positions_in_segments(segment_ids)  # [B, T]
     else:
       positions = jnp.arange(t)

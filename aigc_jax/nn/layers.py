@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn.attention import dot_product_attention
@@ -145,6 +146,28 @@ class _GeluDense(nn.Module):
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
     return y
+
+
+def check_token_ids(tokens, vocab_size: int, what: str = "The input", ndim: int = 2) -> None:
+  """One sentence for token ids an embedding cannot look up: past the table nn.Embed's gather fills
+  NaN, and a negative id wraps to the table's end, both silently.
+
+  The rank and the integer dtype are checked always; the values only where they are concrete
+  (under jax.jit they are traced and cannot be looked at).
+  """
+  if jnp.ndim(tokens) != ndim:
+    shape = "[batch, length]" if ndim == 2 else "[length]"
+    raise UserError(f"{what} must be {shape} token ids, not an array of shape {jnp.shape(tokens)}"
+                    + ("; for one sequence pass tokens[None]." if ndim == 2 and jnp.ndim(tokens) == 1 else "."))
+  if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+    raise UserError(f"{what} must be integer token ids, not {jnp.result_type(tokens)}; encode the text with the "
+                    f"model's vocabulary.")
+  if isinstance(tokens, jax.core.Tracer):
+    return
+  ids = np.asarray(tokens)  # not jnp: under a caller's jax.jit, its min and max would be traced
+  if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+    raise UserError(f"{what} has token ids from {int(ids.min())} to {int(ids.max())}, outside the model's "
+                    f"vocabulary 0..{vocab_size - 1}; encode it with the vocabulary the model was trained with.")
 
 
 class TokenAndPositionEmbed(nn.Module):

@@ -10,6 +10,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from aigc_jax.errors import UserError
 
@@ -92,6 +93,21 @@ def rows_that_see_a_key(pair, t: int, s: int, causal: bool):
     return present
   first = jnp.take_along_axis(order, at, axis=-1)  # position of the segment's first key
   return present & (first <= jnp.arange(t)[None] + (s - t))
+
+
+def check_contiguous(segment_ids) -> None:
+  """One sentence for packed ids [B, T] where a segment resumes after another: positions restart there while its
+  tokens still attend to its first part, so it is neither one sequence nor two. Checked where the ids are concrete
+  (not traced under jax.jit)."""
+  if isinstance(segment_ids, jax.core.Tracer):
+    return
+  ids = np.asarray(segment_ids)
+  for row, row_ids in enumerate(ids.reshape(-1, ids.shape[-1]) if ids.ndim else []):
+    runs = row_ids[np.concatenate([[True], row_ids[1:] != row_ids[:-1]])]  # the id of each run, in order
+    if len(np.unique(runs)) != len(runs):
+      again = next(i for i in runs if np.sum(runs == i) > 1)
+      raise UserError(f"Segment {int(again)} of row {row} is split by another segment; packed sequences take each "
+                      f"segment's tokens together, so give each piece its own id.")
 
 
 def positions_in_segments(segment_ids):
