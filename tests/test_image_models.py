@@ -302,6 +302,17 @@ def test_vae_reconstructs_pixels_in_the_units_its_encoder_was_trained_on():
   got = model.apply(params, 2 * binary - 1, method=VAE.reconstruct)  # the same images in [-1, 1]
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert got.shape == (2, 8, 8, 1) and float(jnp.min(got)) >= -1 and float(jnp.max(got)) <= 1
+  # Images it cannot score: 3 channels broadcast against the 1-channel decoder, [-1, 1] pixels gave the Bernoulli
+  # likelihood positive log-probabilities, and 2 - 1 pixels fall outside reconstruct's units.
+  rng = jax.random.key(2)
+  with pytest.raises(UserError, match=r"This VAE takes \[batch, 8, 8, 1\] images, not shape \(2, 8, 8, 3\); "
+                                      "resize the images or build it for their size and channels"):
+    model.apply(params, jnp.zeros((2, 8, 8, 3)), rng)
+  with pytest.raises(UserError, match=r"Pixels run from -1 to 1; this VAE takes binarized pixels in \{0, 1\}"):
+    model.apply(params, 2 * binary - 1, rng)
+  with pytest.raises(UserError, match=r"Pixels run from 0 to 3; this VAE takes pixels in \[-1, 1\] to reconstruct"):
+    model.apply(params, 3 * binary, method=VAE.reconstruct)
+  assert jax.jit(lambda x: model.apply(params, x, rng))(binary)["nelbo"].shape == (2,)  # traced: shape checked only
 
 
 def test_gaussian_vae_scores_8_bit_pixels_with_probabilities():

@@ -72,6 +72,21 @@ class Decoder(nn.Module):
     return Conv(c.channels, (3, 3), dtype=c.dtype)(upsample_nearest(x)).astype(jnp.float32)
 
 
+def check_images(x, config: VAEConfig, low: float, high: float, units: str) -> None:
+  """One sentence for images the VAE cannot score: another shape (a channel count that broadcast silently, and
+  counted bits per dim over the wrong number of dimensions) or, where the values are concrete, pixels outside
+  its likelihood's range (the Bernoulli log-likelihood of a pixel of -1 is positive: no probability)."""
+  c = config
+  if jnp.ndim(x) != 4 or jnp.shape(x)[1:] != (c.image_size, c.image_size, c.channels):
+    raise UserError(f"This VAE takes [batch, {c.image_size}, {c.image_size}, {c.channels}] images, not shape "
+                    f"{jnp.shape(x)}; resize the images or build it for their size and channels.")
+  if isinstance(x, jax.core.Tracer):
+    return
+  lowest, highest = float(jnp.min(x)), float(jnp.max(x))
+  if not low <= lowest <= highest <= high:  # NaN fails too
+    raise UserError(f"Pixels run from {lowest:g} to {highest:g}; this VAE takes {units}.")
+
+
 class VAE(nn.Module):
   """`__call__(x, rng)` returns the negative ELBO per image and its parts; `decode(z)` the likelihood's mean."""
   config: VAEConfig
@@ -83,6 +98,11 @@ class VAE(nn.Module):
       self.log_scale = self.param("log_scale", nn.initializers.zeros, (self.config.channels,))
 
   def __call__(self, x, rng):  # x [B, H, W, C]: {0, 1} for bernoulli, the 256 levels of [-1, 1] for gaussian
+    if self.config.likelihood == "bernoulli":
+      check_images(x, self.config, 0.0, 1.0, "binarized pixels in {0, 1} for its Bernoulli likelihood (reconstruct "
+                   "takes [-1, 1])")
+    else:
+      check_images(x, self.config, -1.0, 1.0, "pixels in [-1, 1] for its discretized Gaussian likelihood")
     mean, log_var = self.encoder(x)
     z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(rng, mean.shape)
     recon = -self.log_likelihood(x, self.decoder(z))  # [B]
@@ -104,6 +124,7 @@ class VAE(nn.Module):
   def reconstruct(self, x):
     """The decoded posterior mean of images x in [-1, 1] pixel units, in the same units. The Bernoulli encoder
     was trained on {0, 1} pixels, so it gets x mapped to [0, 1]."""
+    check_images(x, self.config, -1.0, 1.0, "pixels in [-1, 1] to reconstruct")
     x = (x + 1.0) / 2.0 if self.config.likelihood == "bernoulli" else x
     return self.decode(self.encoder(x)[0])
 
