@@ -1,7 +1,5 @@
 """Figures people would rather see than read, as PNG: training curves and sample grids."""
 
-import json
-
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
@@ -9,13 +7,14 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from aigc_jax.files import read_jsonl  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 CURVES = ("loss", "train_loss", "val_loss", "g_loss")
 
 
 def plot_training_curves(metrics_path: str, png_path: str, ylabel: str = "loss") -> np.ndarray:
   """Plots the loss curves of a run to `png_path`; returns the image as [H, W, 3] uint8."""
-  with open(metrics_path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = read_jsonl(metrics_path)
   fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
   for key in CURVES:
     points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), float)]

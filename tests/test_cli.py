@@ -240,10 +240,12 @@ def test_a_damaged_checkpoint_ends_the_command_on_its_one_sentence(tmp_path, tex
   message = (f"aigc-jax: The checkpoint at step 2 in {os.path.join(workdir, 'checkpoints')} could not be read "
              f"(Exception); delete {os.path.join(workdir, 'checkpoints', '2')} to resume from the one before it.")
   assert done.returncode == 2 and done.stderr.splitlines()[-1] == message, done.stderr[-3000:]
-  # Resumed with a longer schedule (a change a resume may make), it is still the damage that is named. In a
-  # process of its own too: the reads Orbax abandons run on in background threads, which in this test process
-  # raced pytest's own parsing of later imports (CPython 3.11: "AST constructor recursion depth mismatch").
+  # Resumed with a longer schedule and another learning rate (changes a resume may make), it is still the damage
+  # that is named, not the learning rate (the arrays' layout is the config's). In a process of its own too: the
+  # reads Orbax abandons run on in background threads, which in this test process raced pytest's own parsing of
+  # later imports (CPython 3.11: "AST constructor recursion depth mismatch").
   done = subprocess.run([sys.executable, "-m", "aigc_jax.cli",
-                         *train_args(workdir, text_file, extra=["--config.num_train_steps=4"])],
+                         *train_args(workdir, text_file, extra=["--config.num_train_steps=4",
+                                                                "--config.optim.learning_rate=3e-4"])],
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 2 and done.stderr.splitlines()[-1] == message, done.stderr[-3000:]

@@ -10,7 +10,9 @@ import optax
 import pytest
 
 from aigc_jax import config as config_lib
+from aigc_jax.data.text import CharVocab
 from aigc_jax.errors import UserError
+from aigc_jax.files import read_jsonl
 from aigc_jax.plots import read_png
 from aigc_jax.tasks import make_task
 from aigc_jax.train import loop, parallel
@@ -61,7 +63,9 @@ def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path, monkeypatch
 
   a, meta_a = final_params(straight, tiny_config)
   b, meta_b = final_params(resumed, tiny_config)
-  assert int(a.step) == int(b.step) == 6 and meta_a == meta_b == {"data": {"next_batch": 6, "seed": 0}}
+  fingerprint = make_task(tiny_config).data_fingerprint()
+  assert int(a.step) == int(b.step) == 6 and meta_a == meta_b == {"data": {"next_batch": 6, "seed": 0,
+                                                                            "fingerprint": fingerprint}}
   for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   rows_a, rows_b = read_metrics(straight), read_metrics(resumed)
@@ -92,9 +96,24 @@ def test_workdir_outputs(tiny_config, tmp_path, tensorboard_events):
   # Run again when already trained: the final evaluation is returned, not written a second time.
   again = loop.train_and_evaluate(tiny_config, workdir, show_progress=False)
   assert again == pytest.approx(result) and read_metrics(workdir) == rows
-  # A resume from step 3 keeps step 3's TensorBoard events and drops those after it.
+  # A line cut short (a full disk, a kill mid-write) is skipped, not a JSONDecodeError on every later resume.
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 7, "grad_no')
+  assert [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))] == [r["step"] for r in rows]
+  # A resume from step 3 keeps step 3's TensorBoard events and drops those after it (and the cut line).
   assert MetricWriter(workdir, resume_step=3).tensorboard.purge_step == 4
   assert max(r["step"] for r in read_metrics(workdir)) == 3
+  assert all(line.endswith("}\n") for line in open(os.path.join(workdir, "metrics.jsonl")))
+
+
+def test_a_logging_window_averages_the_work_and_keeps_the_last_learning_rate():
+  from aigc_jax.train.steps import reduce_metrics  # the learning rate averaged over a warm-up window was no step's
+  history = [{"loss": (6.0, 2.0), "grad_norm": (1.0, 1.0), "learning_rate": (0.1, 1.0), "param_norm": (3.0, 1.0),
+              "d_learning_rate": (0.5, 1.0)},
+             {"loss": (2.0, 2.0), "grad_norm": (3.0, 1.0), "learning_rate": (0.2, 1.0), "param_norm": (4.0, 1.0),
+              "d_learning_rate": (0.25, 1.0)}]
+  assert reduce_metrics(history) == {"loss": 2.0, "grad_norm": 2.0, "learning_rate": 0.2, "param_norm": 4.0,
+                                     "d_learning_rate": 0.25}
 
 
 def test_gradient_accumulation_equals_the_full_batch(tiny_config):
@@ -163,9 +182,24 @@ def test_non_finite_loss_before_any_checkpoint_says_so(tiny_config, tmp_path):
     loop.train_and_evaluate(tiny_config, str(tmp_path / "run"), show_progress=False)
 
 
-def test_corrupt_checkpoint_is_one_clear_sentence(tiny_config, tmp_path):
+def test_changed_data_and_a_corrupt_checkpoint_are_one_clear_sentence(tiny_config, tmp_path, text_file):
   workdir = str(tmp_path / "run")
   loop.train_and_evaluate(tiny_config, workdir, show_progress=False)
+  _, meta = final_params(workdir, tiny_config)
+  assert meta["data"]["fingerprint"] == make_task(tiny_config).data_fingerprint()
+  # The same characters in another order: the same vocabulary and shapes, other data. It resumed silently.
+  with open(text_file, "w", encoding="utf-8") as f:
+    f.write(TEXT[::-1])
+  with pytest.raises(UserError, match=r"data.source=text_file:.* no longer reads the data the checkpoints in .* were "
+                                      r"trained on .*: resume on the same data"):
+    loop.train_and_evaluate(tiny_config, workdir, show_progress=False)
+  with open(text_file, "w", encoding="utf-8") as f:
+    f.write(TEXT)
+  # What tells a config that changed the saved arrays' layout (it names the keys) from damaged files (below).
+  abstract = lambda config: loop.compile_steps(make_task(config), config, parallel.data_mesh()).abstract
+  wider = config_lib.load_config(CPU_CONFIG, tiny_overrides(text_file) + ["model.emb_dim=64"])
+  checkpointer = Checkpointer(workdir)
+  assert checkpointer.layout_differs(6, abstract(wider)) and not checkpointer.layout_differs(6, abstract(tiny_config))
   for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "6", "state")):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
@@ -251,9 +285,12 @@ def test_train_step_runs_flash_kernels_per_batch_shard(text_file):
 def test_zero_steps_on_a_new_run_evaluates_the_initial_model(tiny_config, tmp_path):
   tiny_config.num_train_steps = 0
   workdir = str(tmp_path / "run")
+  os.makedirs(workdir)  # what a run on another corpus, stopped before its first checkpoint, left behind
+  CharVocab.from_text("0123456789").save(os.path.join(workdir, "vocab.json"))
   result = loop.train_and_evaluate(tiny_config, workdir, show_progress=False)
   assert set(result) == {"train_loss", "val_loss"} and result["val_loss"] == pytest.approx(np.log(len(set(TEXT))), abs=0.2)  # near uniform
   assert not os.path.exists(os.path.join(workdir, "metrics.jsonl")) and Checkpointer(workdir).latest_step() is None
+  assert CharVocab.load(os.path.join(workdir, "vocab.json")).chars == "".join(sorted(set(TEXT)))  # this run's corpus
 
 
 def test_profile_traces_the_steps_after_the_compiling_one_into_tensorboard(tiny_config, tmp_path):

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from aigc_jax.data import missing_path
+from aigc_jax.data import fingerprint, missing_path
 from aigc_jax.data.tfds_source import prepare, tfds_builder
 from aigc_jax.errors import UserError
 
@@ -220,6 +220,10 @@ class ImageDataset:
   @classmethod
   def from_config(cls, data_config) -> "ImageDataset":
     return cls(load_images(data_config.source), data_config.image_size, data_config.channels)
+
+  def fingerprint(self) -> str:
+    """Of the images and labels of every split."""
+    return fingerprint([array for split in self.SPLITS for array in self.data.splits[split]])
 
   def images(self, split: str) -> np.ndarray:
     """All images of `split` in [-1, 1]: float32 [N, H, W, C]."""

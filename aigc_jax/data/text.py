@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from aigc_jax.data import missing_path
+from aigc_jax.data import fingerprint, missing_path
 from aigc_jax.data.tfds_source import prepare, tfds_builder
 from aigc_jax.errors import UserError
 from aigc_jax.files import write_atomically
@@ -144,6 +144,10 @@ class CharDataset:
         raise UserError(
             f"The {split} split has {len(data)} characters, fewer than one window of {seq_len + 1}; "
             "use more text or a smaller data.seq_len.")
+
+  def fingerprint(self) -> str:
+    """Of the token ids of both splits: the text, its vocabulary and where validation starts."""
+    return fingerprint([self.splits[split] for split in self.SPLITS])
 
   @classmethod
   def from_config(cls, data_config, vocab: CharVocab | None = None) -> "CharDataset":

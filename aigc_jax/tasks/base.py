@@ -26,6 +26,11 @@ class Task:
     del workdir
     self.config = config
 
+  def data_fingerprint(self) -> str | None:
+    """A string that changes when the training data does (`aigc_jax.data.fingerprint`), saved with each checkpoint;
+    None: the family's data is not checked on resume."""
+    return None
+
   def save_assets(self, workdir: str) -> None:
     """Writes what sampling needs besides the checkpoint (e.g. a vocabulary); process 0 of a run calls it."""
 

@@ -93,6 +93,7 @@ class GANTask(ImageTask):
                       f"it at 1 and set batch_size instead.")
     d_tx, g_tx = self.txs["discriminator"], self.txs["generator"]
     schedule = learning_rate_schedule(self.config.optim.generator, self.config.num_train_steps)
+    d_schedule = learning_rate_schedule(self.config.optim.discriminator, self.config.num_train_steps)
     d_steps = self.config.model.d_steps
 
     def train_step(state, batch):
@@ -120,7 +121,8 @@ class GANTask(ImageTask):
           "d_grad_norm": (d_grad_norms[-1], 1.0),
           "grad_norm": (optax.tree.norm(g_grads), 1.0),
           "param_norm": (optax.tree.norm(g_params), 1.0),
-          "learning_rate": (schedule(state.step), 1.0),
+          "learning_rate": (schedule(state.step), 1.0),  # the generator's
+          "d_learning_rate": (d_schedule(state.step), 1.0),  # the critic's, at each of this step's d_steps updates
       }
       new_params = {"generator": g_params, "discriminator": d_params}
       new_opt = {"generator": g_opt, "discriminator": d_opt}

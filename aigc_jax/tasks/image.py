@@ -28,6 +28,9 @@ class ImageTask(Task):
   def train_batch(self, step: int):
     return self.dataset.batch("train", step, self.config.batch_size, self.config.seed)
 
+  def data_fingerprint(self) -> str:
+    return self.dataset.fingerprint()
+
   def eval_batches(self) -> dict:
     return {"validation": self.dataset.eval_batches("test", self.config.eval_batches, self.config.batch_size,
                                                     self.config.seed)}

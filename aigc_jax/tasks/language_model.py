@@ -36,6 +36,9 @@ class LanguageModelTask(Task):
       self._dataset = CharDataset.from_config(self.config.data, self.vocab)
     return self._dataset
 
+  def data_fingerprint(self) -> str:
+    return self.dataset.fingerprint()
+
   def save_assets(self, workdir: str) -> None:
     self.vocab.save(os.path.join(workdir, VOCAB_FILE))
 

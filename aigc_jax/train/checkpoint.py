@@ -46,6 +46,19 @@ class Checkpointer:
           f"delete {os.path.join(self.directory, str(step))} to resume from the one before it.") from None
     return restored.state, restored.meta
 
+  def layout_differs(self, step: int, abstract_state) -> bool:
+    """Whether the arrays saved at `step` (their shapes and dtypes, as a multiset) differ from `abstract_state`'s:
+    a config that changed the state's layout (the optimizer's) then explains a failed restore. False when the
+    layout itself cannot be read: the checkpoint's files are damaged, whatever changed besides."""
+    def layout(tree):
+      return sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
+    try:
+      with ocp.StandardCheckpointer() as reader:
+        saved = reader.metadata(os.path.join(self.directory, str(step), "state")).item_metadata.tree
+      return saved is not None and layout(saved) != layout(abstract_state)
+    except Exception:  # pylint: disable=broad-except  # Orbax raises many types for missing or damaged files
+      return False
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

@@ -193,23 +193,30 @@ def jit_init(init: Callable, platform: str, **jit_kwargs) -> Callable:
   return jax.jit(init, compiler_options=options, **jit_kwargs)
 
 
-def _resume(checkpointer, abstract_state, config, workdir: str):
+def _resume(checkpointer, abstract_state, config, workdir: str, data_fingerprint: str | None):
   """The latest checkpoint's state; one sentence when it cannot be read, naming the config keys changed since the
   run's config.json when there are any (a changed model or optimizer no longer fits the saved arrays)."""
   try:
     state, meta = checkpointer.restore(abstract_state)
   except UserError:
     # Settings that shape the saved state (the optimizer's, say grad_clip's chain) can make it unreadable; how long
-    # the run is and what it logs cannot, and the rest were refused before (_check_changes).
+    # the run is and what it logs cannot, and the rest were refused before (_check_changes). Damaged files are
+    # damage whatever changed: a learning rate changed along with them is not the cause.
     changed = [key for key in _changed_keys(os.path.join(workdir, CONFIG_FILE), config)
                if key.startswith("optim.") or not key.startswith(RESUMABLE_CHANGES)]
-    if changed:
+    if changed and checkpointer.layout_differs(checkpointer.latest_step(), abstract_state):
       raise _config_changed(checkpointer, changed) from None
     raise
   if not isinstance(meta, dict) or (meta.get("data") or {}).get("next_batch") != int(state.step):
     raise UserError(f"The checkpoint at step {int(state.step)} in {checkpointer.directory} has no record of where "
                     f"the data stream stands; delete {os.path.join(checkpointer.directory, str(int(state.step)))} to "
                     f"resume from the one before it.")
+  saved = meta["data"].get("fingerprint")  # checkpoints saved before fingerprints were kept have none
+  if saved is not None and data_fingerprint is not None and saved != data_fingerprint:
+    raise UserError(f"data.source={config.data.source} no longer reads the data the checkpoints in "
+                    f"{checkpointer.directory} were trained on (its fingerprint was {saved}, now {data_fingerprint}): "
+                    f"resume on the same data (for embedded text, the same Python version), or train in a new "
+                    f"--workdir.")
   logging.info("resumed from step %d in %s", int(state.step), checkpointer.directory)
   return state
 
@@ -269,14 +276,21 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir} is a file; name a folder (new or holding a run).")
   os.makedirs(workdir, exist_ok=True)
-  task = make_task(config, workdir)
-  mesh = parallel.data_mesh()
-  steps = compile_steps(task, config, mesh)
   checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  if checkpointer.latest_step() is not None:
+  resuming = checkpointer.latest_step() is not None
+  try:
+    # A resumed run's task reads what the run saved (its vocabulary); a new one builds it from the data, even over
+    # what a run that never reached a checkpoint left in the folder.
+    task = make_task(config, workdir if resuming else None)
+    mesh = parallel.data_mesh()
+    steps = compile_steps(task, config, mesh)
+  except BaseException:
+    checkpointer.close()
+    raise
+  if resuming:
     try:
       _check_changes(checkpointer, config, workdir)
-      state = _resume(checkpointer, steps.abstract, config, workdir)
+      state = _resume(checkpointer, steps.abstract, config, workdir, task.data_fingerprint())
     except UserError:
       checkpointer.close()  # stops Orbax's background threads before the error ends the process
       raise
@@ -311,6 +325,12 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
         writer.write_scalars(step, results)
       task.on_eval(params, step, writer)
     return results
+
+  fingerprint = task.data_fingerprint()
+
+  def data_record(next_batch: int) -> dict:  # where the data stream stands, and what data it is
+    record = {"next_batch": next_batch, "seed": config.seed}
+    return record if fingerprint is None else {**record, "fingerprint": fingerprint}
 
   writer = MetricWriter(workdir, resume_step=start, active=primary)
   progress = tqdm(total=config.num_train_steps, initial=start, disable=not (show_progress and primary), unit="step",
@@ -355,8 +375,9 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
             progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
           window_start = time.perf_counter()  # evaluation time is not training throughput
         if saving:
-          checkpointer.save(done, state, {"data": {"next_batch": done, "seed": config.seed}})
+          checkpointer.save(done, state, {"data": data_record(done)})
           last_saved = done
+          window_start = time.perf_counter()  # nor is saving (its device-to-host copy blocks)
         progress.update(1)
         if stop is not None:
           raise Stopped(done, stop)
@@ -365,7 +386,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
       last_eval = evaluate(state.eval_params, start, record=False)  # the run's own evaluation there is kept
     if primary and os.path.exists(writer.path):  # nothing is logged by a run of 0 steps
       curves = plot_training_curves(writer.path, os.path.join(workdir, "curves.png"), task.loss_label)
-      writer.write_image(config.num_train_steps, "curves", curves)
+      writer.write_image(max(start, config.num_train_steps), "curves", curves)  # a run resumed past the end
   finally:  # an interrupted run keeps every checkpoint it started writing
     profiler.stop()
     progress.close()

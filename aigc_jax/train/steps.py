@@ -86,11 +86,16 @@ def make_eval_step(loss_fn: LossFn):
   return eval_step
 
 
+# Metrics that describe the state at a step rather than the work of one: a window of steps logs the last step's
+# (an average of the learning rate over a warm-up window is a rate no step used).
+LAST_VALUE = ("learning_rate", "d_learning_rate", "param_norm")
+
+
 def reduce_metrics(history) -> dict[str, float]:
-  """Adds a list of fetched `(sum, count)` metric dicts and divides."""
+  """Adds a list of fetched `(sum, count)` metric dicts and divides; LAST_VALUE metrics keep the last one's."""
   totals = {}
   for metrics in history:
     for name, (value, count) in metrics.items():
-      s, c = totals.get(name, (0.0, 0.0))
+      s, c = (0.0, 0.0) if name in LAST_VALUE else totals.get(name, (0.0, 0.0))
       totals[name] = (s + float(value), c + float(count))
   return {name: s / c for name, (s, c) in totals.items()}

@@ -11,6 +11,7 @@ import os
 from tensorboardX import SummaryWriter
 
 from aigc_jax import plots
+from aigc_jax.files import read_jsonl, write_atomically
 
 SAMPLES_DIR = "samples"
 
@@ -30,10 +31,8 @@ class MetricWriter:
   def _drop_lines_after(self, step: int) -> None:
     if not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(self.path, "w") as f:
-      f.writelines(lines)
+    rows = [row for row in read_jsonl(self.path) if row["step"] <= step]
+    write_atomically(self.path, "".join(json.dumps(row) + "\n" for row in rows))
 
   def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
     if not self.active:
