@@ -238,7 +238,8 @@ def test_a_damaged_checkpoint_ends_the_command_on_its_one_sentence(tmp_path, tex
   done = subprocess.run([sys.executable, "-m", "aigc_jax.cli", "sample", "--workdir", workdir], capture_output=True,
                         text=True, timeout=300)
   message = (f"aigc-jax: The checkpoint at step 2 in {os.path.join(workdir, 'checkpoints')} could not be read "
-             f"(Exception); delete {os.path.join(workdir, 'checkpoints', '2')} to resume from the one before it.")
+             f"(Exception); it is the run's only checkpoint: delete {os.path.join(workdir, 'checkpoints', '2')} to "
+             f"start the run over from step 0.")
   assert done.returncode == 2 and done.stderr.splitlines()[-1] == message, done.stderr[-3000:]
   # Resumed with a longer schedule and another learning rate (changes a resume may make), it is still the damage
   # that is named, not the learning rate (the arrays' layout is the config's). In a process of its own too: the

@@ -195,6 +195,15 @@ def test_changed_data_and_a_corrupt_checkpoint_are_one_clear_sentence(tiny_confi
     loop.train_and_evaluate(tiny_config, workdir, show_progress=False)
   with open(text_file, "w", encoding="utf-8") as f:
     f.write(TEXT)
+  # Without the run's config.json (only checkpoints/ copied) another seed resumed silently; the checkpoint says.
+  os.remove(os.path.join(workdir, "config.json"))
+  with tiny_config.unlocked():
+    tiny_config.seed = 5
+  with pytest.raises(UserError, match=r"were trained with seed 0, and the config has seed 5; resume with "
+                                      r"--config.seed=0, or train in a new --workdir"):
+    loop.train_and_evaluate(tiny_config, workdir, show_progress=False)
+  with tiny_config.unlocked():
+    tiny_config.seed = 0
   # What tells a config that changed the saved arrays' layout (it names the keys) from damaged files (below).
   abstract = lambda config: loop.compile_steps(make_task(config), config, parallel.data_mesh()).abstract
   wider = config_lib.load_config(CPU_CONFIG, tiny_overrides(text_file) + ["model.emb_dim=64"])
@@ -204,7 +213,8 @@ def test_changed_data_and_a_corrupt_checkpoint_are_one_clear_sentence(tiny_confi
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  with pytest.raises(UserError, match=r"checkpoint at step 6 .* could not be read .*delete .*6 to resume"):
+  with pytest.raises(UserError, match=r"checkpoint at step 6 .* could not be read .*delete .*6 to resume from the one "
+                                      r"before it \(step 3\)"):
     final_params(workdir, tiny_config)
 
 

@@ -41,10 +41,18 @@ class Checkpointer:
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax raises many types for missing or damaged files.
       _quiet_abandoned_reads()
-      raise UserError(
-          f"The checkpoint at step {step} in {self.directory} could not be read ({type(e).__name__}); "
-          f"delete {os.path.join(self.directory, str(step))} to resume from the one before it.") from None
+      raise UserError(f"The checkpoint at step {step} in {self.directory} could not be read ({type(e).__name__}); "
+                      f"{self.delete_advice(step)}.") from None
     return restored.state, restored.meta
+
+  def delete_advice(self, step: int) -> str:
+    """What deleting the unusable checkpoint at `step` does: resume from the one before, or, the only one, start
+    the run over (its logged metrics past step 0 then go)."""
+    earlier = [s for s in self.manager.all_steps() if s < step]
+    path = os.path.join(self.directory, str(step))
+    if earlier:
+      return f"delete {path} to resume from the one before it (step {max(earlier)})"
+    return f"it is the run's only checkpoint: delete {path} to start the run over from step 0"
 
   def layout_differs(self, step: int, abstract_state) -> bool:
     """Whether the arrays saved at `step` (their shapes and dtypes, as a multiset) differ from `abstract_state`'s:

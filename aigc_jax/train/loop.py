@@ -209,8 +209,11 @@ def _resume(checkpointer, abstract_state, config, workdir: str, data_fingerprint
     raise
   if not isinstance(meta, dict) or (meta.get("data") or {}).get("next_batch") != int(state.step):
     raise UserError(f"The checkpoint at step {int(state.step)} in {checkpointer.directory} has no record of where "
-                    f"the data stream stands; delete {os.path.join(checkpointer.directory, str(int(state.step)))} to "
-                    f"resume from the one before it.")
+                    f"the data stream stands; {checkpointer.delete_advice(int(state.step))}.")
+  if meta["data"].get("seed", config.seed) != config.seed:  # config.json, which also says so, may be missing
+    raise UserError(f"The checkpoints in {checkpointer.directory} were trained with seed {meta['data']['seed']}, "
+                    f"and the config has seed {config.seed}; resume with --config.seed={meta['data']['seed']}, or "
+                    f"train in a new --workdir.")
   saved = meta["data"].get("fingerprint")  # checkpoints saved before fingerprints were kept have none
   if saved is not None and data_fingerprint is not None and saved != data_fingerprint:
     raise UserError(f"data.source={config.data.source} no longer reads the data the checkpoints in "
