@@ -287,18 +287,16 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
     task = make_task(config, workdir if resuming else None)
     mesh = parallel.data_mesh()
     steps = compile_steps(task, config, mesh)
+    if resuming:
+      _check_changes(checkpointer, config, workdir)  # before the data is read: a changed data.source is named
+      fingerprint = task.data_fingerprint()
+      state = _resume(checkpointer, steps.abstract, config, workdir, fingerprint)
+    else:
+      fingerprint = task.data_fingerprint()
+      state = steps.init(jax.random.PRNGKey(config.seed))
   except BaseException:
-    checkpointer.close()
+    checkpointer.close()  # stops Orbax's background threads before the error ends the process
     raise
-  if resuming:
-    try:
-      _check_changes(checkpointer, config, workdir)
-      state = _resume(checkpointer, steps.abstract, config, workdir, task.data_fingerprint())
-    except UserError:
-      checkpointer.close()  # stops Orbax's background threads before the error ends the process
-      raise
-  else:
-    state = steps.init(jax.random.PRNGKey(config.seed))
   start = int(state.step)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(steps.abstract.params))
   logging.info("%s: %.2fM parameters, %d devices, steps %d..%d", config.model.name, n_params / 1e6,
@@ -328,8 +326,6 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
         writer.write_scalars(step, results)
       task.on_eval(params, step, writer)
     return results
-
-  fingerprint = task.data_fingerprint()
 
   def data_record(next_batch: int) -> dict:  # where the data stream stands, and what data it is
     record = {"next_batch": next_batch, "seed": config.seed}
