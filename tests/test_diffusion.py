@@ -328,6 +328,9 @@ def test_user_errors():
     check_labels(np.array([0, 1, 2]), 10, batch_size=2)
   with pytest.raises(UserError, match="integers"):
     check_labels(np.array([0.5]), 10)
+  with pytest.raises(UserError, match="integers"):  # traced labels: the dtype is still checked (they passed)
+    jax.jit(lambda y: ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=5, labels=y, num_classes=10))(
+        jnp.array([0.5, 1.0]))
   check_labels(np.array([0, 9]), 10, batch_size=2)
   with pytest.raises(UserError, match="posterior, beta"):
     ddpm_sample(fn, schedule, rbg_key(0), (2, 2), variance="large")

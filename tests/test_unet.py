@@ -95,10 +95,10 @@ def test_unet_refuses_labels_the_embedding_cannot_look_up(conditional):
     apply(np.array([-1, 0]))
   with pytest.raises(UserError, match="must be integers"):
     apply(jnp.array([0.0, 1.0]))
-  with pytest.raises(UserError, match=r"one class label per image \(2 labels\)"):
+  with pytest.raises(UserError, match=r"one class label per sample \(2 labels\)"):
     apply(jnp.array([0, 1, 2]))
   # Inside jit the values are not known: shapes and dtypes are still checked.
-  with pytest.raises(UserError, match="one class label per image"):
+  with pytest.raises(UserError, match="one class label per sample"):
     jax.eval_shape(apply, jax.ShapeDtypeStruct((2, 1), jnp.int32))
 
 

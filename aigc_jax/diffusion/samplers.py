@@ -37,18 +37,27 @@ from aigc_jax.diffusion.schedules import NoiseSchedule
 from aigc_jax.errors import UserError
 
 
-def check_labels(labels, num_classes: int, batch_size: Optional[int] = None):
-  """Host-side check that class labels can condition a model with `num_classes` classes."""
+def check_labels(labels, num_classes: int, batch_size: Optional[int] = None, *, null_class: bool = False):
+  """That class labels can condition a model with `num_classes` classes: [B] integers in [0, num_classes), or in
+  [0, num_classes] with `null_class` (a model takes num_classes as the unconditional class; a sampling request
+  names real classes). Shapes and dtypes are checked always, values where they are concrete (not traced under
+  jax.jit): out of range, the model's embedding lookup would give NaN silently."""
   if labels is None:
     return
   if num_classes <= 0:
     raise UserError("This model is unconditional (num_classes=0); sample without class labels.")
+  shape, dtype = jnp.shape(labels), jnp.result_type(labels)
+  if len(shape) != 1 or (batch_size is not None and shape[0] != batch_size):
+    raise UserError(f"Give one class label per sample ({batch_size} labels), not labels of shape {shape}.")
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise UserError(f"Class labels must be integers, not {dtype}; pass labels in [0, {num_classes}).")
+  if isinstance(labels, jax.core.Tracer):
+    return
   labels = np.asarray(labels)
-  if labels.ndim != 1 or (batch_size is not None and labels.shape[0] != batch_size):
-    raise UserError(f"Give one class label per sample ({batch_size} labels), not labels of shape {labels.shape}.")
-  if not np.issubdtype(labels.dtype, np.integer):
-    raise UserError(f"Class labels must be integers, not {labels.dtype}; pass labels in [0, {num_classes}).")
-  bad = labels[(labels < 0) | (labels >= num_classes)]
+  bad = labels[(labels < 0) | (labels >= num_classes + null_class)]
+  if bad.size and null_class:
+    raise UserError(f"Class label {int(bad[0])} is outside [0, {num_classes}]; pass labels from 0 to "
+                    f"{num_classes - 1}, or {num_classes} (or labels=None) for the unconditional model.")
   if bad.size:
     raise UserError(f"Class label {int(bad[0])} is outside [0, {num_classes}); "
                     f"pass labels from 0 to {num_classes - 1}.")
@@ -118,10 +127,7 @@ def _sample(apply_fn, schedule, rng, shape, *, num_steps, labels, num_classes, g
   """The loop both samplers share: x_T ~ N(0, I), then num_steps updates x <- update(...) from t = T - 1 down to 0."""
   sched.check_prediction(prediction)
   lo, hi = check_guidance_interval(guidance_interval)
-  if labels is not None and isinstance(labels, jax.core.Tracer):
-    check_labels(np.zeros(labels.shape, np.int32), num_classes, shape[0])  # the checks that need no values
-  elif labels is not None:
-    check_labels(labels, num_classes, shape[0])
+  check_labels(labels, num_classes, shape[0])
   num_steps = schedule.num_steps if num_steps is None else num_steps
   ts = jnp.asarray(sampling_timesteps(schedule.num_steps, num_steps))  # [S] ascending
   # The respaced process in float32 without cancellation: from log abar, never 1 - abar / abar'.

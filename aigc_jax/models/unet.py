@@ -6,8 +6,8 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from aigc_jax.diffusion.samplers import check_labels
 from aigc_jax.errors import UserError
 from aigc_jax.nn import image
 
@@ -60,26 +60,6 @@ MNIST = UNetConfig(image_size=28, channels=1, base_features=32, channel_mults=(1
                    attention_resolutions=(7,), num_heads=4, dropout=0.1, num_classes=10)
 
 
-def _check_labels(labels, num_classes: int, batch_size: int):
-  """Labels must be [B] integers in [0, num_classes]; out of range, nn.Embed's lookup would give NaN silently.
-
-  Shape and dtype are checked always; values only where they are concrete (not inside jit), as
-  `aigc_jax.diffusion.check_labels` does on the host for the samplers.
-  """
-  if jnp.ndim(labels) != 1 or jnp.shape(labels)[0] != batch_size:
-    raise UserError(f"Give one class label per image ({batch_size} labels), not labels of shape {jnp.shape(labels)}.")
-  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-    raise UserError(f"Class labels must be integers, not {jnp.result_type(labels)}; "
-                    f"pass labels in [0, {num_classes}] ({num_classes}: the null class).")
-  if isinstance(labels, jax.core.Tracer):
-    return
-  labels = np.asarray(labels)
-  bad = labels[(labels < 0) | (labels > num_classes)]
-  if bad.size:
-    raise UserError(f"Class label {int(bad[0])} is outside [0, {num_classes}]; pass labels from 0 to "
-                    f"{num_classes - 1}, or {num_classes} (or labels=None) for the unconditional model.")
-
-
 class UNet(nn.Module):
   """x [B, H, W, C], timesteps t [B] (int or float), labels [B] int (or one for all) or None -> [B, H, W, C] fp32.
 
@@ -105,7 +85,7 @@ class UNet(nn.Module):
         labels = jnp.full((x.shape[0],), c.num_classes, jnp.int32)
       if jnp.ndim(labels) == 0:
         labels = jnp.broadcast_to(labels, x.shape[:1])  # one class for the batch, as with timesteps
-      _check_labels(labels, c.num_classes, x.shape[0])
+      check_labels(labels, c.num_classes, x.shape[0], null_class=True)
       emb = emb + nn.Embed(c.num_classes + 1, emb_dim, name="class_embed", **kw)(labels)  # +1: the null class
     elif labels is not None:
       raise UserError("This UNet is unconditional (num_classes=0); pass labels=None or set num_classes.")
