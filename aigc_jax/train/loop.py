@@ -306,7 +306,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
   # Written only once the run has started or resumed and read its data: a start that fails (a changed model, a
   # missing corpus) leaves the workdir's run as it was, still resumable and sampled as trained. A run already past
   # num_train_steps trains no further, and keeps the config it was trained with.
-  if checkpointer.latest_step() is None or start < config.num_train_steps:
+  if not resuming or start < config.num_train_steps:
     if primary:
       write_atomically(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(config))
   elif start > config.num_train_steps:
