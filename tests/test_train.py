@@ -17,7 +17,7 @@ from aigc_jax.plots import read_png
 from aigc_jax.tasks import make_task
 from aigc_jax.train import loop, parallel
 from aigc_jax.train import steps as steps_lib
-from aigc_jax.train.checkpoint import Checkpointer
+from aigc_jax.train.checkpoint import Checkpointer, checksums
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.writer import MetricWriter
 from conftest import CPU_CONFIG, ROOT, TEXT, TINY_UNET, tiny_overrides
@@ -209,6 +209,19 @@ def test_changed_data_and_a_corrupt_checkpoint_are_one_clear_sentence(tiny_confi
   wider = config_lib.load_config(CPU_CONFIG, tiny_overrides(text_file) + ["model.emb_dim=64"])
   checkpointer = Checkpointer(workdir)
   assert checkpointer.layout_differs(6, abstract(wider)) and not checkpointer.layout_differs(6, abstract(tiny_config))
+  # One flipped bit in the middle of the arrays' largest file: Orbax read it back as other numbers, silently.
+  data = os.path.join(workdir, "checkpoints", "6", "state", "ocdbt.process_0", "d")
+  largest = max((os.path.join(data, name) for name in os.listdir(data)), key=os.path.getsize)
+  with open(largest, "rb") as f:
+    intact = f.read()
+  with open(largest, "wb") as f:
+    f.write(intact[:len(intact) // 2] + bytes([intact[len(intact) // 2] ^ 0x10]) + intact[len(intact) // 2 + 1:])
+  with pytest.raises(UserError, match=r"checkpoint at step 6 .* is damaged: 1 of its arrays \(.*\) no longer match "
+                                      r"the checksums saved with them; delete .*6 to resume from the one before it"):
+    final_params(workdir, tiny_config)
+  with open(largest, "wb") as f:
+    f.write(intact)
+  assert int(final_params(workdir, tiny_config)[0].step) == 6
   for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "6", "state")):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
@@ -216,6 +229,25 @@ def test_changed_data_and_a_corrupt_checkpoint_are_one_clear_sentence(tiny_confi
   with pytest.raises(UserError, match=r"checkpoint at step 6 .* could not be read .*delete .*6 to resume from the one "
                                       r"before it \(step 3\)"):
     final_params(workdir, tiny_config)
+
+
+def test_checksums_change_with_any_flipped_bit_or_moved_value():
+  tree = {"f": jnp.array([1.5, -2.0, 3.25]), "h": jnp.array([0.5, 7.0], jnp.bfloat16), "i": jnp.array([3, 0], jnp.int8),
+          "b": jnp.array([True, False]), "key": jax.random.key(1), "none": None}
+  base = checksums(tree)
+  assert sorted(base) == ["['b']", "['f']", "['h']", "['i']", "['key']"]  # None is no array
+  assert checksums(jax.device_get(tree)) == base
+  for name in ("f", "h", "i"):
+    x = np.asarray(tree[name])
+    words = x.view(f"uint{8 * x.itemsize}")
+    for index in range(x.size):
+      for bit in range(8 * x.itemsize):
+        flipped = words.copy()
+        flipped[index] ^= words.dtype.type(1 << bit)
+        assert checksums({**tree, name: jnp.asarray(flipped.view(x.dtype))})[f"['{name}']"] != base[f"['{name}']"]
+  assert checksums({**tree, "f": tree["f"][::-1]})["['f']"] != base["['f']"]
+  assert checksums({**tree, "b": ~tree["b"]})["['b']"] != base["['b']"]
+  assert checksums({**tree, "key": jax.random.key(2)})["['key']"] != base["['key']"]
 
 
 def test_batch_must_split_over_devices(tiny_config):
@@ -232,6 +264,7 @@ sys.path.insert(0, {tests!r})
 from aigc_jax import config as config_lib
 from aigc_jax.tasks import make_task
 from aigc_jax.train import loop, parallel
+from aigc_jax.train.checkpoint import checksums
 assert jax.device_count() == 8, jax.devices()
 config = config_lib.load_config({config!r}, {overrides!r} + ["batch_size=16"])
 task = make_task(config)
@@ -244,6 +277,9 @@ for mesh in (parallel.data_mesh(), jax.make_mesh((1,), ("data",), devices=jax.de
     state, metrics = steps.train(state, parallel.shard_batch(task.train_batch(step), mesh))
   if mesh.devices.size == 8:  # parameters and optimizer state replicated on all eight
     assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(state))
+    assert checksums(state) == checksums(jax.device_get(state))  # what a checkpoint keeps: the same on one device
+    spread = jax.device_put(np.arange(40.0), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    assert checksums(spread) == checksums(np.arange(40.0)) != checksums(np.arange(40.0)[::-1])
   final.append((jax.device_get(state), float(metrics["loss"][0])))
 for x, y in zip(jax.tree.leaves(final[0]), jax.tree.leaves(final[1])):
   np.testing.assert_allclose(x, y, rtol={rtol}, atol={atol})

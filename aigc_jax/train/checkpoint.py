@@ -6,6 +6,7 @@ import sys
 import threading
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from aigc_jax.errors import UserError
@@ -17,7 +18,11 @@ reads_abandoned = False
 
 
 class Checkpointer:
-  """Saves the train state (a pytree) and a JSON record of where the data stream stands."""
+  """Saves the train state (a pytree) and a JSON record of where the data stream stands.
+
+  The record also keeps a checksum of each saved array (`checksums`), which a restore checks: a file damaged on
+  disk is refused rather than resumed (Orbax reads flipped bytes back as different numbers, NaN among them).
+  """
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -29,10 +34,12 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict) -> None:
+    meta = {**meta, CHECKSUMS: checksums(state)}
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
   def restore(self, abstract_state, step: int | None = None):
-    """Restores (state, meta) at `step` (default: latest) onto the shardings in `abstract_state`."""
+    """Restores (state, meta) at `step` (default: latest) onto the shardings in `abstract_state`; `meta` is the
+    record as `save` was given it, the checksums (checked here) left out."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise UserError(f"No checkpoint in {self.directory}; train first with `aigc-jax train --workdir ...`.")
@@ -43,7 +50,16 @@ class Checkpointer:
       _quiet_abandoned_reads()
       raise UserError(f"The checkpoint at step {step} in {self.directory} could not be read ({type(e).__name__}); "
                       f"{self.delete_advice(step)}.") from None
-    return restored.state, restored.meta
+    meta = dict(restored.meta) if isinstance(restored.meta, dict) else restored.meta
+    saved = meta.pop(CHECKSUMS, None) if isinstance(meta, dict) else None
+    if saved is not None:  # checkpoints written before checksums were kept have none
+      now = checksums(restored.state)
+      damaged = [name for name, value in now.items() if saved.get(name, value) != value]
+      if damaged:
+        raise UserError(f"The checkpoint at step {step} in {self.directory} is damaged: {len(damaged)} of its "
+                        f"arrays ({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}) no longer match "
+                        f"the checksums saved with them; {self.delete_advice(step)}.")
+    return restored.state, meta
 
   def delete_advice(self, step: int) -> str:
     """What deleting the unusable checkpoint at `step` does: resume from the one before, or, the only one, start
@@ -72,6 +88,33 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+CHECKSUMS = "checksums"  # the key of the arrays' checksums in a checkpoint's JSON record
+
+
+def checksums(tree) -> dict[str, int]:
+  """One number per array of `tree`, keyed by its path (`jax.tree_util.keystr`): the sum, modulo 2**32, of the
+  array's 32-bit words (16- and 8-bit values widened, 64-bit ones split), each times an odd weight that grows with
+  its position. Any flipped bit changes it (an odd weight keeps every bit of a word's change), as does a value moved
+  to another place. It is a function of the global array, so the same on any number of devices or processes."""
+  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0]) if jax.tree.leaves(tree) else ((), ())
+  sums = jax.device_get(_word_sums(list(leaves)))
+  return {jax.tree_util.keystr(path): int(value) for path, value in zip(paths, sums)}
+
+
+@jax.jit
+def _word_sums(leaves: list) -> jax.Array:
+  def word_sum(x):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+      x = x.astype(jnp.uint8)
+    unsigned = jnp.dtype(f"uint{8 * min(x.dtype.itemsize, 4)}")
+    words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+    weights = 2 * jax.lax.iota(jnp.uint32, words.size) + 1  # odd; wraps past 2**31 words, staying odd
+    return jnp.sum(words * weights, dtype=jnp.uint32)
+  return jnp.stack([word_sum(x) for x in leaves]) if leaves else jnp.zeros((0,), jnp.uint32)
 
 
 def _quiet_abandoned_reads() -> None:
