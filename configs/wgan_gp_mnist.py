@@ -11,6 +11,13 @@ On the offline MNIST (images 0-8,999 train, 9,000-9,999 held out):
   aigc-jax train --config configs/wgan_gp_mnist.py --workdir workdirs/wgan_gp_mnist \
       --config.data.source=mnist_idx:../shared/data/mnist
   aigc-jax eval --workdir workdirs/wgan_gp_mnist
+
+Measured on the 2-core CPU (2026-11-24): with the MLP pair (--config.model.architecture=mlp,
+--config.num_train_steps=10000) the Fréchet distance of 1,000 samples is 112.9 vs 15.5
+real-vs-real, against 132.6 for the non-saturating MLP GAN (gan_mlp_mnist.py) after the same
+10,000 generator steps; 6 min 49 s. The DCGAN pair as configured here takes 8.7 s a step on that
+CPU (the penalty's second backward pass through the convolutions, five times a step), so its
+1,500 steps wait for a GPU.
 """
 
 import ml_collections
