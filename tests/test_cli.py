@@ -206,12 +206,14 @@ def test_a_start_that_fails_leaves_the_run_as_it_was(tmp_path, capsys):
 def test_a_resume_may_change_how_long_and_how_fast_but_says_what_changed(tmp_path, text_file, capsys):
   workdir = str(tmp_path / "run")
   assert run(train_args(workdir, text_file, extra=["--config.num_train_steps=3"]), capsys)[0] == 0
-  longer = ["--config.num_train_steps=5", "--config.optim.learning_rate=0.0005"]
+  # Half the batch at a time (a run moved to a device with less memory) is the same step: it may change too.
+  longer = ["--config.num_train_steps=5", "--config.optim.learning_rate=0.0005", "--config.grad_accum_steps=2"]
   code, _, err = run(train_args(workdir, text_file, extra=longer), capsys)
-  assert code == 0 and "resuming with num_train_steps, optim.learning_rate changed since the run's config.json" in err
+  assert code == 0 and ("resuming with grad_accum_steps, num_train_steps, optim.learning_rate changed since the "
+                        "run's config.json") in err
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)
-  assert (saved["num_train_steps"], saved["optim"]["learning_rate"]) == (5, 0.0005)
+  assert (saved["num_train_steps"], saved["optim"]["learning_rate"], saved["grad_accum_steps"]) == (5, 0.0005, 2)
   code, _, err = run(train_args(workdir, text_file, extra=["--config.num_train_steps=5", "--config.seed=1"]), capsys)
   assert code == 2 and "(seed changed since the run's config.json)" in err
   for finished in (["--config.num_train_steps=2"], ["--config.num_train_steps=5", "--config.optim.learning_rate=0.1"]):

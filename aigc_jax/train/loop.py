@@ -28,10 +28,13 @@ from aigc_jax.train.writer import MetricWriter
 
 CONFIG_FILE = "config.json"
 # What a resumed run may change from its config.json: how long it trains, when and what it logs, evaluates, samples
-# and keeps, and the optimizer's settings (lowering optim.learning_rate after a divergence is how such a run goes
-# on). Anything else (the model, the data, the batch, the seed) would make the rest of the run silently another one.
+# and keeps, the optimizer's settings (lowering optim.learning_rate after a divergence is how such a run goes on),
+# and how many microbatches a step's batch is split into (grad_accum_steps: the same batch and mean gradient, so a
+# run moved to fewer or smaller devices goes on; only the random draws of dropout or diffusion noise, made per
+# microbatch, differ). Anything else (the model, the data, the batch, the seed) would make the rest of the run
+# silently another one.
 RESUMABLE_CHANGES = ("num_train_steps", "log_every_steps", "eval_every_steps", "eval_batches",
-                     "checkpoint_every_steps", "keep_checkpoints", "sample.", "eval.", "optim.")
+                     "checkpoint_every_steps", "keep_checkpoints", "grad_accum_steps", "sample.", "eval.", "optim.")
 
 
 class TrainingDiverged(UserError):
