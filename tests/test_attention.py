@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,6 +102,18 @@ def test_cudnn_places_the_causal_diagonal_as_every_implementation_does(on_a_gpu,
   assert on_a_gpu == [dict(mask=None, is_causal=True) if t == s else dict(mask=(1, 1, t, s), is_causal=False)]
 
 
+def test_cudnn_gives_zeros_where_the_mask_and_causality_leave_no_key(on_a_gpu):
+  """Left-padded prompts: queries 0 and 1 see only padding before them. The zeroing of empty rows read the mask
+  alone, so with causal left to cuDNN those rows came out as a softmax over masked keys."""
+  q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in qkv(t=4, h=2, k=2, d=8))
+  mask = np.array([False, False, True, True])[None, None, None, :]
+  want = dot_product_attention(q, k, v, causal=True, mask=mask, implementation="xla")
+  got = dot_product_attention(q, k, v, causal=True, mask=mask, implementation="cudnn")
+  np.testing.assert_array_equal(np.asarray(got[:, :2], np.float32), 0)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2)
+  assert on_a_gpu == [dict(mask=(1, 1, 1, 4), is_causal=True)]
+
+
 def test_cudnn_with_a_bias_needs_even_lengths_and_auto_goes_around_it(on_a_gpu):
   """jax's cuDNN backward refuses a mask (a bias) at odd lengths: `auto` picks another implementation there,
   an explicit 'cudnn' says so in one sentence."""
@@ -153,15 +167,66 @@ def test_rotary_embedding_rotates_feature_pairs_and_scores_see_only_relative_pos
 
 
 @pytest.mark.parametrize("dtypes, message", [
-    (("bfloat16", "float32", "float32"), "one floating-point dtype; got bfloat16, float32, float32: cast them"),
-    (("int32", "int32", "int32"), "one floating-point dtype; got int32, int32, int32"),
+    (("bfloat16", "float32", "float32"), "one floating-point dtype and got bfloat16, float32, float32; cast them"),
+    (("int32", "int32", "int32"), "one floating-point dtype and got int32, int32, int32"),
 ])
 def test_inputs_the_implementations_would_disagree_on_are_refused(dtypes, message):
   """bf16 q with fp32 k, v came out fp32 from xla and bf16 from chunked; integer inputs computed in integers."""
   q, k, v = (jnp.ones((1, 4, 2, 8), dtype) for dtype in dtypes)
   for implementation in ("xla", "chunked", "auto"):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
       dot_product_attention(q, k, v, implementation=implementation)
-  with pytest.raises(ValueError, match="at least one query and one key; got 4 queries and 0 keys"):
+  with pytest.raises(UserError, match="Attention needs at least one query and one key; got 4 queries and 0 keys"):
     dot_product_attention(jnp.ones((1, 4, 2, 8)), jnp.ones((1, 0, 2, 8)), jnp.ones((1, 0, 2, 8)),
                           implementation="chunked")  # was a ZeroDivisionError
+
+
+@pytest.mark.parametrize("shapes, message", [
+    # k without its head axis: "query heads (2) must be a multiple of key/value heads (8)"
+    (((1, 4, 2, 8), (1, 4, 8), (1, 4, 8)), r"takes q \[B, T, H, D\] and k, v \[B, S, K, D\] \(one B and D\) and got "
+                                           r"q \(1, 4, 2, 8\), k \(1, 4, 8\), v \(1, 4, 8\); for one sequence"),
+    (((1, 4, 2, 8), (1, 4, 1, 4), (1, 4, 1, 4)), r"and got q \(1, 4, 2, 8\), k \(1, 4, 1, 4\)"),  # other D
+    (((1, 4, 2, 8), (1, 4, 0, 8), (1, 4, 0, 8)), "at least one key/value head"),  # a ZeroDivisionError
+    (((1, 4, 2, 0), (1, 4, 1, 0), (1, 4, 1, 0)), "a head_dim of at least 1"),  # 0.0 ** -0.5
+    (((1, 4, 3, 8), (1, 4, 2, 8), (1, 4, 2, 8)), "query heads a multiple of key/value heads"),
+])
+def test_shapes_no_implementation_can_take_are_one_sentence(shapes, message):
+  q, k, v = (jnp.ones(shape) for shape in shapes)
+  for implementation in ("xla", "chunked", "flash"):
+    with pytest.raises(UserError, match=message):
+      dot_product_attention(q, k, v, implementation=implementation)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked", "flash"])
+def test_an_empty_batch_gives_an_empty_output(implementation):
+  """flash's Pallas grid cannot be empty: a batch (or query heads) of 0 was a slice TypeError there."""
+  for b, h in ((0, 2), (2, 0)):
+    q, k, v = jnp.ones((b, 4, h, 8)), jnp.ones((b, 4, 1 if h == 0 else h, 8)), jnp.ones((b, 4, 1 if h == 0 else h, 8))
+    out, grads = jax.value_and_grad(lambda q: jnp.sum(dot_product_attention(q, k, v, implementation=implementation)))(q)
+    assert (out, grads.shape) == (0.0, q.shape)
+    assert dot_product_attention(q, k, v, implementation=implementation).shape == (b, 4, h, 8)
+
+
+def test_float64_inputs_are_computed_in_float64():
+  """Under jax_enable_x64 the scores and softmax were fp32: float64 out, float32 accuracy (check_grads failed)."""
+  from jax.test_util import check_grads
+  from aigc_jax.nn.chunked_attention import chunked_attention
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 6, 2, 8))) for _ in range(3))
+    want = naive_attention(*map(np.asarray, (q, k, v)), np.tril(np.ones((6, 6), bool)))
+    for attend in (functools.partial(dot_product_attention, implementation="xla"),
+                   functools.partial(chunked_attention, block_q=4, block_k=4)):  # several tiles, one padded
+      f = functools.partial(attend, causal=True)
+      out = f(q, k, v)
+      assert out.dtype == jnp.float64
+      np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+      check_grads(f, (q, k, v), order=1, modes=["rev"])
+
+
+def test_segment_ids_as_a_list_of_rows_are_self_attention_ids():
+  """A list of B rows was read as a (query ids, key ids) pair and refused with shapes (5,) and (5,)."""
+  q, k, v = qkv()
+  rows = [[0, 0, 1, 1, 1], [0, 1, 1, 2, 2]]
+  np.testing.assert_array_equal(dot_product_attention(q, k, v, segment_ids=rows),
+                                dot_product_attention(q, k, v, segment_ids=jnp.asarray(rows)))

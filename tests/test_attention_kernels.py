@@ -113,6 +113,10 @@ def test_an_additive_bias_is_refused_not_cast_to_the_opposite_mask(impl):
     attend(q, k, v, mask=bias)
   ones = attend(q, k, v, mask=(bias == 0).astype(np.int32))  # 0/1 integers are a mask
   np.testing.assert_allclose(ones, attend(q, k, v, mask=bias == 0), rtol=1e-6, atol=1e-6)
+  # An integer bias was cast to bool: 0 (keep) became False, -10000 (drop) True, the opposite mask.
+  with pytest.raises(UserError, match=r"Attention mask holds the integers \[-10000, 0\], not only 0 and 1; give a "
+                                      r"boolean mask .True keeps a key., and for an additive bias b, pass b == 0."):
+    attend(q, k, v, mask=np.where(bias == 0, 0, -10000).astype(np.int32))
 
 
 # flash runs interpreted here, and each case compiles for seconds: a few cases that cover the features.
@@ -210,6 +214,19 @@ def test_every_implementation_gives_zeros_and_no_gradient_where_a_row_sees_no_ke
   for impl in ("chunked", "flash"):
     for got, want in zip(results[impl], results["xla"]):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_flash_refuses_a_second_order_gradient_in_one_sentence():
+  """Its backward kernels cannot be differentiated: grad of grad failed inside Pallas ("Linearization failed",
+  or a bare AssertionError when causal)."""
+  q, k, v, w = qkv(b=1, t=16, s=16, h=2, kv_heads=1, d=16)
+  for causal in (False, True):
+    def out_sum(q):
+      return jnp.sum(IMPLS["flash"](q, k, v, causal=causal) * w)
+    jax.grad(out_sum)(q)  # first order: fine
+    with pytest.raises(UserError, match="'flash' has first-order gradients only .*; use implementation='chunked' or "
+                                        "'xla' for a gradient penalty"):
+      jax.grad(lambda q: jnp.sum(jax.grad(out_sum)(q) ** 2))(q)
 
 
 @pytest.mark.parametrize("causal", [False, True])

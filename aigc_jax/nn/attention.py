@@ -1,9 +1,14 @@
 """Scaled dot-product attention behind one function with an `implementation` switch.
 
 Shapes follow `jax.nn.dot_product_attention`: q is [B, T, H, D], k and v are
-[B, S, K, D] with H a multiple of K (grouped-query heads). Implementations:
-  * `xla`: the einsum-softmax reference, any backend; scores and softmax in fp32. Holds
-    the [T, S] score matrix per batch-head (twice, with gradients).
+[B, S, K, D] with H a multiple of K (grouped-query heads). One convention differs: with
+`causal` and T != S the T queries are the last T of the S positions (query i sees keys up to
+i + S - T, as when decoding against a KV cache), where jax.nn aligns them with the first T.
+Scores and softmax are computed in fp32 for fp32, bf16 and fp16 inputs, in float64 for
+float64 ones (`jax_enable_x64`, say for gradient checks; `flash` refuses them).
+Implementations:
+  * `xla`: the einsum-softmax reference, any backend. Holds the [T, S] score matrix per
+    batch-head (twice, with gradients).
   * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only.
   * `chunked`: FlashAttention's blockwise online softmax in pure JAX
     (`aigc_jax.nn.chunked_attention`), any backend, any mask; O(T + S) memory.
@@ -73,7 +78,7 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, *, q_len: 
   cudnn_odd = (mask_shape is not None or segments or (causal and q_len != kv_len)) and (q_len % 2 or kv_len % 2)
   if implementation == "cudnn" and cudnn_ok and cudnn_odd:
     raise UserError(f"Attention implementation 'cudnn' takes a mask or segment ids (or causal attention with "
-                    f"fewer queries than keys) only at even lengths, and this call has {q_len} queries and {kv_len} "
+                    f"T != S) only at even lengths, and this call has {q_len} queries and {kv_len} "
                     f"keys; use 'chunked' or 'xla', or pad to an even length.")
   cudnn_ok = cudnn_ok and not cudnn_odd
   flash_why_not = _flash_lib().unsupported_reason((1, q_len, 1, head_dim), (1, kv_len, 1, head_dim), dtype,
@@ -124,23 +129,22 @@ def _log_interpreted(backend):
 def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=None, implementation: str = "xla"):
   """Attention of q [B, T, H, D] over k, v [B, S, K, D].
 
-  `mask` is boolean, broadcastable to [B, H, T, S]. `segment_ids` (packed sequences) is an
-  integer [B, T] array for self-attention or a pair (query ids [B, T], key ids [B, S]): a
-  query sees only keys with its id (see `aigc_jax.nn.segments`). Causal, mask and segments
-  combine: a score is kept where all of them keep it.
+  `mask` is boolean (True keeps a key; integer 0/1 masks are taken too), broadcastable to
+  [B, H, T, S]. `segment_ids` (packed sequences) is an integer [B, T] array for
+  self-attention or a tuple (query ids [B, T], key ids [B, S]): a query sees only keys with
+  its id (see `aigc_jax.nn.segments`). Causal, mask and segments combine: a score is kept
+  where all of them keep it; with T != S, causal query i sees keys up to i + S - T (the
+  queries are the last T positions, unlike jax.nn's). The scale is D ** -0.5: scale q
+  beforehand for another.
+
+  Gradients are custom VJPs (the memory-lean backward passes): reverse mode, second order
+  included, except `flash`, whose gradient cannot be differentiated again (use `chunked` or
+  `xla` for a gradient penalty). Forward mode (`jax.jvp`, `jax.jacfwd`) needs
+  `aigc_jax.nn.autodiff.plain_autodiff()`, under which JAX differentiates `xla` itself.
   """
-  if q.ndim != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
-    raise ValueError(f"attention wants q [B, T, H, D] and k, v [B, S, K, D]; got {q.shape}, {k.shape}, {v.shape}")
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+  _check_inputs(q, k, v)
   b, t, h, _ = q.shape
   s = k.shape[1]
-  if len({q.dtype, k.dtype, v.dtype}) > 1 or not jnp.issubdtype(q.dtype, jnp.floating):
-    # the implementations would otherwise disagree on the output's dtype, or compute in integers
-    raise ValueError(f"attention wants q, k, v of one floating-point dtype; got {q.dtype}, {k.dtype}, {v.dtype}: "
-                     f"cast them to one, like float32 or bfloat16")
-  if t == 0 or s == 0:
-    raise ValueError(f"attention wants at least one query and one key; got {t} queries and {s} keys")
   mask = None if mask is None else segments_lib.mask_as_rank4(mask, b, h, t, s)  # [B|1, H|1, T|1, S|1]
   pair = segments_lib.segment_pair(segment_ids, b, t, s)
   if implementation == "auto" and not custom_gradients():
@@ -148,6 +152,8 @@ def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, segment_i
   implementation = resolve_implementation(implementation, q.dtype, q.shape[-1], q_len=t, kv_len=s,
                                           mask_shape=None if mask is None else mask.shape,
                                           segments=pair is not None, causal=causal)
+  if b == 0 or h == 0:  # no query rows (an empty batch); a Pallas grid cannot be empty
+    return jnp.zeros_like(q)
   if implementation == "chunked":
     return chunked_lib.chunked_attention(q, k, v, causal=causal, mask=mask, segment_ids=pair)
   if implementation == "flash":
@@ -158,6 +164,25 @@ def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, segment_i
   if implementation == "cudnn":
     return _cudnn_attention(q, k, v, causal=causal, mask=mask)
   return _xla_attention(q, k, v, causal=causal, mask=mask)
+
+
+def _check_inputs(q, k, v) -> None:
+  """One sentence for inputs the implementations would reject in their own words, or disagree on."""
+  shapes = f"q {jnp.shape(q)}, k {jnp.shape(k)}, v {jnp.shape(v)}"
+  if (jnp.ndim(q), jnp.ndim(k), jnp.ndim(v)) != (4, 4, 4) or k.shape != v.shape or q.shape[0] != k.shape[0] \
+      or q.shape[3] != k.shape[3]:
+    raise UserError(f"Attention takes q [B, T, H, D] and k, v [B, S, K, D] (one B and D) and got {shapes}; for one "
+                    f"sequence add the batch axis (x[None]), for one head the head axis (x[:, :, None]).")
+  if k.shape[2] == 0 or q.shape[3] == 0 or q.shape[2] % k.shape[2]:
+    raise UserError(f"Attention needs at least one key/value head, a head_dim of at least 1, and query heads a "
+                    f"multiple of key/value heads (grouped-query attention); got {shapes}.")
+  if q.shape[1] == 0 or k.shape[1] == 0:
+    raise UserError(f"Attention needs at least one query and one key; got {q.shape[1]} queries and {k.shape[1]} "
+                    f"keys.")
+  if len({q.dtype, k.dtype, v.dtype}) > 1 or not jnp.issubdtype(q.dtype, jnp.floating):
+    # the implementations would otherwise disagree on the output's dtype, or compute in integers
+    raise UserError(f"Attention takes q, k, v of one floating-point dtype and got {q.dtype}, {k.dtype}, {v.dtype}; "
+                    f"cast them to one, like float32 or bfloat16.")
 
 
 def _cudnn_attention(q, k, v, *, causal, mask):
@@ -171,8 +196,12 @@ def _cudnn_attention(q, k, v, *, causal, mask):
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
   if mask is None:
     return out  # (causal with T == S: every query sees itself)
-  # A query row that sees no key gives zeros, as in the other implementations (not a softmax over masked keys).
-  seen = jnp.any(jnp.broadcast_to(mask, (*jnp.shape(mask)[:2], t, s)), axis=-1)  # [B|1, H|1, T]
+  # A query row that sees no key gives zeros, as in the other implementations (not a softmax over masked keys):
+  # with causal still set (T == S) cuDNN applies it, and a row the mask leaves only future keys is empty too.
+  visible = jnp.broadcast_to(mask, (*jnp.shape(mask)[:2], t, s))
+  if causal:
+    visible = jnp.logical_and(visible, jnp.tri(t, s, dtype=bool))
+  seen = jnp.any(visible, axis=-1)  # [B|1, H|1, T]
   return jnp.where(jnp.moveaxis(seen, 1, 2)[..., None], out, 0).astype(out.dtype)
 
 
@@ -207,8 +236,9 @@ def _xla_attention(q, k, v, *, causal, mask):
   q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)  # [B, K, G*T, D]
   k = k.transpose(0, 2, 1, 3)  # [B, K, S, D]
   v = v.transpose(0, 2, 1, 3)
-  neg = jnp.finfo(jnp.float32).min
-  bias = jnp.zeros((1, 1, 1, t, s), jnp.float32)  # additive mask, [B|1, K|1, G|1, T, S]
+  acc = chunked_lib.accumulation_dtype(q.dtype)
+  neg = jnp.finfo(acc).min
+  bias = jnp.zeros((1, 1, 1, t, s), acc)  # additive mask, [B|1, K|1, G|1, T, S]
   if causal:
     keep = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)  # queries are the last t positions
     bias = jnp.where(keep, bias, neg)
@@ -234,13 +264,13 @@ def _softmax_attention(q, k, v, bias, scale, empty_rows):
 
 
 def _softmax_attention_fwd(q, k, v, bias, scale, empty_rows):
-  scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32) * scale + bias
+  scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=bias.dtype) * scale + bias
   probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-  probs = probs * (1 / jnp.sum(probs, axis=-1, keepdims=True))  # [B, K, M, S] fp32
+  probs = probs * (1 / jnp.sum(probs, axis=-1, keepdims=True))  # [B, K, M, S] in the bias's fp32 (float64)
   if empty_rows:  # a row whose keys are all masked would spread evenly over them: it attends to nothing instead,
     # as chunked and flash do. (Only where possible: on a constant bias XLA's constant folding of this takes
     # seconds at length 4096.)
-    probs = jnp.where(jnp.max(bias, axis=-1, keepdims=True) > jnp.finfo(jnp.float32).min, probs, 0)
+    probs = jnp.where(jnp.max(bias, axis=-1, keepdims=True) > jnp.finfo(bias.dtype).min, probs, 0)
   out = jnp.einsum("bkms,bksd->bkmd", probs.astype(v.dtype), v)
   return out, (q, k, v, probs)  # the bias is a constant mask: not saved, no gradient
 
@@ -248,7 +278,7 @@ def _softmax_attention_fwd(q, k, v, bias, scale, empty_rows):
 def _softmax_attention_bwd(scale, empty_rows, residuals, d_out):
   q, k, v, probs = residuals
   d_v = jnp.einsum("bkms,bkmd->bksd", probs.astype(d_out.dtype), d_out)
-  d_probs = jnp.einsum("bkmd,bksd->bkms", d_out, v, preferred_element_type=jnp.float32)
+  d_probs = jnp.einsum("bkmd,bksd->bkms", d_out, v, preferred_element_type=probs.dtype)
   # Softmax backward over the saved probabilities only: keeping `out` for FlashAttention's
   # row term sum_d(out * d_out) would cost more memory than the reduction over S saves.
   d_scores = (probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True)) * scale).astype(q.dtype)

@@ -10,7 +10,8 @@ Conventions follow `aigc_jax.nn.attention`: q [B, T, H, D], k/v [B, S, K, D] wit
 multiple of K; `causal` treats the T queries as the last T of the S positions; `mask`
 is boolean and broadcastable to [B, H, T, S] (any such shape); `segment_ids` (packed
 sequences, `aigc_jax.nn.segments`) are compared tile by tile, never expanded to [T, S].
-A query row that can see no key at all gives zeros (the `xla` path gives the mean of v there).
+A query row that can see no key at all gives zeros, as in every implementation. Tiles are computed in fp32
+(float64 for float64 inputs).
 """
 
 import dataclasses
@@ -114,13 +115,23 @@ def _tile_keep(masks, i, j, st: _Static, sp: int):
 
 
 def _scores(q_tile, k_tile, keep, st: _Static):
-  """Scaled scores of q_tile [B, K, bq*G, D] against k_tile [B, K, bk, D], -inf where not kept: fp32."""
-  scores = jnp.einsum("bkmd,bksd->bkms", q_tile, k_tile, preferred_element_type=jnp.float32) * st.scale
+  """Scaled scores of q_tile [B, K, bq*G, D] against k_tile [B, K, bk, D], -inf where not kept: fp32 (float64
+  for float64 inputs)."""
+  scores = jnp.einsum("bkmd,bksd->bkms", q_tile, k_tile, preferred_element_type=_acc(q_tile)) * st.scale
   if keep is None:
     return scores
   b, kv_heads, m, bk = scores.shape
   scores = jnp.where(keep, scores.reshape(b, kv_heads, st.block_q, m // st.block_q, bk), -jnp.inf)
   return scores.reshape(b, kv_heads, m, bk)
+
+
+def accumulation_dtype(dtype):
+  """What scores, softmax and sums are computed in: fp32, or float64 for float64 inputs."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _acc(x):
+  return accumulation_dtype(x.dtype)
 
 
 def round_up(n, multiple):
@@ -176,13 +187,13 @@ def _forward(q, k, v, masks, st: _Static):
       rescale = jnp.exp(m - m_new)
       l = l * rescale + jnp.sum(probs, axis=-1)
       acc = acc * rescale[..., None] + jnp.einsum("bkms,bksd->bkmd", probs.astype(v.dtype), v_tile,
-                                                  preferred_element_type=jnp.float32)
+                                                  preferred_element_type=acc.dtype)
       return acc, m_new, l
 
     # The carries are made from the inputs (`*_like`), so they carry the inputs' sharding: under an Explicit
     # mesh a loop whose body returns batch-sharded values must start from batch-sharded ones.
-    init = (jnp.zeros_like(q_tile, jnp.float32), jnp.full_like(q_tile[..., 0], M_START, jnp.float32),
-            jnp.zeros_like(q_tile[..., 0], jnp.float32))
+    init = (jnp.zeros_like(q_tile, _acc(q)), jnp.full_like(q_tile[..., 0], M_START, _acc(q)),
+            jnp.zeros_like(q_tile[..., 0], _acc(q)))
     if st.causal:  # the key blocks after `stop` are all in the future: skipped
       stop = key_blocks_seen(i * st.block_q, st.block_q, st.block_k, nk, st.t, st.s)
       acc, m, l = lax.fori_loop(0, nk, _only_where(lambda j: j < stop, key_step), init)
@@ -205,7 +216,8 @@ def _backward(st: _Static, residuals, d_out):
   sp = k.shape[2]
   nq, nk = tp // st.block_q, sp // st.block_k
   rows = st.block_q * g
-  delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)  # [B, K, Tp, G]
+  acc = _acc(q)
+  delta = jnp.sum(out.astype(acc) * d_out.astype(acc), axis=-1)  # [B, K, Tp, G]
 
   def rows_of(x, i):  # block i of a [B, K, Tp, G, ...] array as [B, K, rows, ...]
     tile = lax.dynamic_slice_in_dim(x, i * st.block_q, st.block_q, axis=2)
@@ -220,24 +232,24 @@ def _backward(st: _Static, residuals, d_out):
       q_tile, do_tile = rows_of(q, i), rows_of(d_out, i)  # [B, K, rows, D]
       scores = _scores(q_tile, k_tile, _tile_keep(masks, i, j, st, sp), st)  # [B, K, rows, bk]
       probs = jnp.exp(scores - rows_of(lse, i)[..., None])
-      d_v = d_v + jnp.einsum("bkms,bkmd->bksd", probs.astype(d_out.dtype), do_tile, preferred_element_type=jnp.float32)
-      d_probs = jnp.einsum("bkmd,bksd->bkms", do_tile, v_tile, preferred_element_type=jnp.float32)
+      d_v = d_v + jnp.einsum("bkms,bkmd->bksd", probs.astype(d_out.dtype), do_tile, preferred_element_type=acc)
+      d_probs = jnp.einsum("bkmd,bksd->bkms", do_tile, v_tile, preferred_element_type=acc)
       d_scores = (probs * (d_probs - rows_of(delta, i)[..., None]) * st.scale).astype(q.dtype)
-      d_k = d_k + jnp.einsum("bkms,bkmd->bksd", d_scores, q_tile, preferred_element_type=jnp.float32)
-      d_q_tile = jnp.einsum("bkms,bksd->bkmd", d_scores, k_tile, preferred_element_type=jnp.float32)
+      d_k = d_k + jnp.einsum("bkms,bkmd->bksd", d_scores, q_tile, preferred_element_type=acc)
+      d_q_tile = jnp.einsum("bkms,bksd->bkmd", d_scores, k_tile, preferred_element_type=acc)
       d_q = lax.dynamic_update_slice_in_dim(
           d_q, lax.dynamic_slice_in_dim(d_q, i * st.block_q, st.block_q, axis=2)
           + d_q_tile.reshape(b, kv_heads, st.block_q, g, d), i * st.block_q, axis=2)
       return d_q, d_k, d_v
 
-    zeros = jnp.zeros_like(k_tile, jnp.float32)  # sharded as k (see _forward)
+    zeros = jnp.zeros_like(k_tile, acc)  # sharded as k (see _forward)
     if st.causal:  # the query blocks before `start` see none of these keys: skipped
       start = first_query_block(j * st.block_k, st.block_q, nq, st.t, st.s)
       query_step = _only_where(lambda i: i >= start, query_step)
     d_q, d_k, d_v = lax.fori_loop(0, nq, query_step, (d_q, zeros, zeros))
     return d_q, (d_k.astype(k.dtype), d_v.astype(v.dtype))
 
-  d_q, (d_k, d_v) = lax.scan(key_block, jnp.zeros_like(q, jnp.float32), jnp.arange(nk))  # d_k [nk, B, K, bk, D]
+  d_q, (d_k, d_v) = lax.scan(key_block, jnp.zeros_like(q, acc), jnp.arange(nk))  # d_k [nk, B, K, bk, D]
   d_k = jnp.moveaxis(d_k, 0, 2).reshape(k.shape)
   d_v = jnp.moveaxis(d_v, 0, 2).reshape(v.shape)
   return d_q.astype(q.dtype), d_k, d_v, None

@@ -15,7 +15,9 @@ Apache-2.0), with these changes for `aigc_jax.nn.attention`'s API:
     [B, 1, 1, S]) as two int32 id vectors per batch row, queries' and keys' (a hidden key
     gets an id no query has), compared tile by tile;
   * separate dK/dV and dQ kernels, so T and S may have different block counts;
-  * a query row that can see no key gives zeros (the `xla` path gives the mean of v there).
+  * a query row that can see no key gives zeros, as in every implementation;
+  * the gradient is first-order only: differentiating it again (a gradient penalty, a Hessian) is refused in
+    one sentence naming `chunked` and `xla`, rather than failing inside Pallas.
 On a Hopper GPU (sm90) the forward is FlashAttention-3's Mosaic GPU kernel
 (`aigc_jax.nn.flash_attention_hopper`) wherever that kernel can run the call; the
 backward is always the Triton kernels here, which read the log-sum-exp both forwards write.
@@ -272,10 +274,30 @@ def _id_specs(ids, index_map):
   return [pl.BlockSpec((None, x.shape[1]), index_map) for x in ids], list(ids)
 
 
+def _first_order_only(kernels):
+  """`kernels(st, ...)` as a `jax.custom_jvp` whose derivative is refused in one sentence: a second-order gradient
+  of `_flash` differentiates its forward and backward kernels themselves, which failed deep inside Pallas."""
+  kernels = jax.custom_jvp(kernels, nondiff_argnums=(0,))
+  kernels.defjvp(_refuse_second_order)
+  return kernels
+
+
+def _refuse_second_order(st, primals, tangents):
+  raise UserError("Attention implementation 'flash' has first-order gradients only (its kernels cannot be "
+                  "differentiated again); use implementation='chunked' or 'xla' for a gradient penalty, a Hessian "
+                  "or any other second-order gradient.")
+
+
 def _forward(q, k, v, ids, st: _Static):
+  out, lse = _forward_kernels(st, q, k, v, ids)
+  return out, (q, k, v, ids, out, lse)
+
+
+@_first_order_only
+def _forward_kernels(st: _Static, q, k, v, ids):
+  """(out [B, Tp, H, Dp], log-sum-exp [B, H, Tp] fp32)."""
   if st.hopper:
-    out, lse = hopper_lib.forward(q, k, v, causal=st.causal, scale=st.scale)
-    return out, (q, k, v, ids, out, lse)
+    return hopper_lib.forward(q, k, v, causal=st.causal, scale=st.scale)
   b, tp, h, dp = q.shape
   sp, g = k.shape[1], h // k.shape[2]
   bq = st.blocks.block_q
@@ -294,10 +316,15 @@ def _forward(q, k, v, ids, st: _Static):
       interpret=st.interpret,
       name="flash_attention_forward",
   )(q, k, v, *id_args)
-  return out, (q, k, v, ids, out, lse)
+  return out, lse
 
 
 def _backward(st: _Static, residuals, d_out):
+  return _backward_kernels(st, residuals, d_out)
+
+
+@_first_order_only
+def _backward_kernels(st: _Static, residuals, d_out):
   q, k, v, ids, out, lse = residuals
   b, tp, h, dp = q.shape
   sp, kv_heads = k.shape[1], k.shape[2]

@@ -18,14 +18,15 @@ HIDDEN = int(jnp.iinfo(jnp.int32).min)  # the id of a key no query may see; not 
 
 
 def segment_pair(segment_ids, b: int, t: int, s: int):
-  """(query ids [B, T], key ids [B, S]) as int32, or None; one sentence for anything else."""
+  """(query ids [B, T], key ids [B, S]) as int32, or None; one sentence for anything else. A tuple is a pair; any
+  other value (a list of rows too) is the ids of self-attention."""
   if segment_ids is None:
     return None
-  pair = tuple(segment_ids) if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+  pair = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
   pair = tuple(jnp.asarray(x) for x in pair)
   if (len(pair) != 2 or pair[0].shape != (b, t) or pair[1].shape != (b, s)
       or not all(jnp.issubdtype(x.dtype, jnp.integer) for x in pair)):
-    raise UserError(f"segment_ids must be integer [B, T] = {[b, t]} (self-attention) or a pair of query ids "
+    raise UserError(f"segment_ids must be integer [B, T] = {[b, t]} (self-attention) or a tuple of query ids "
                     f"{[b, t]} and key ids {[b, s]}; got {[(x.shape, x.dtype.name) for x in pair]}.")
   return tuple(x.astype(jnp.int32) for x in pair)
 
@@ -45,12 +46,19 @@ def mask_as_rank4(mask, b: int, h: int, t: int, s: int):
   """A boolean mask broadcastable to [B, H, T, S] as a rank-4 array; one sentence for one that is not.
 
   True keeps a key. A float mask is refused rather than cast: an additive bias (0 to keep, -inf to drop) would
-  cast to the opposite mask.
+  cast to the opposite mask. An integer mask is taken as 1 keeps, 0 drops (a tokenizer's attention_mask); where it
+  is concrete, other values (an integer bias, 0 and -10000) are refused for the same reason.
   """
   dtype = jnp.result_type(mask)
   if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)):
     raise UserError(f"Attention mask has dtype {dtype}; give a boolean mask (True keeps a key), not an additive "
                     f"bias: for a bias b, pass b == 0.")
+  if jnp.issubdtype(dtype, jnp.integer) and not isinstance(mask, jax.core.Tracer):
+    values = np.unique(np.asarray(mask))
+    if not set(values.tolist()) <= {0, 1}:
+      raise UserError(f"Attention mask holds the integers {values[:4].tolist()}{'...' if len(values) > 4 else ''}, "
+                      f"not only 0 and 1; give a boolean mask (True keeps a key), and for an additive bias b, pass "
+                      f"b == 0.")
   mask = jnp.asarray(mask, bool)
   shape = rank4_shape(mask.shape)
   if mask.ndim > 4 or any(n not in (1, full) for n, full in zip(shape, (b, h, t, s))):
