@@ -486,3 +486,62 @@ def test_an_unconditional_model_refuses_guidance_and_every_sampler_refuses_non_f
   conditional = make_task(config_lib.load_config(os.path.join(ROOT, "configs", "ddpm_mnist.py"), TINY_UNET))
   with pytest.raises(UserError, match="--guidance is nan; use a finite scale"):
     conditional.check_sample_request(2, guidance=float("nan"))
+
+
+def test_a_model_trained_without_label_dropout_refuses_guidance_and_sample_steps_0_is_refused():
+  """With cond_drop_prob 0 the null class's embedding gets no gradient: guidance (the config's default 2) mixed in
+  an untrained, random unconditional model, silently."""
+  path = os.path.join(ROOT, "configs", "ddpm_mnist.py")
+  with pytest.raises(UserError, match="sample.guidance is 2, but with diffusion.cond_drop_prob 0 the unconditional "
+                                      ".* never trained; set --config.diffusion.cond_drop_prob=0.1"):
+    make_task(config_lib.load_config(path, TINY_UNET + ["diffusion.cond_drop_prob=0.0"]))
+  task = make_task(config_lib.load_config(path, TINY_UNET + ["diffusion.cond_drop_prob=0.0", "sample.guidance=1.0"]))
+  params = task.init_params(jax.random.key(0))
+  for labels, guidance in ((np.array([3, 4]), 2.0), (None, None)):  # guided, or the unconditional model itself
+    with pytest.raises(UserError, match="trained with diffusion.cond_drop_prob 0, so its unconditional"):
+      task.sample(params, jax.random.key(1), 2, labels, guidance=guidance)
+  with pytest.raises(UserError, match="use --steps between 1 and 20"):  # steps=0 was the config's steps
+    task.sample(params, jax.random.key(1), 2, np.array([3, 4]), steps=0)
+
+
+def test_each_held_out_batch_draws_its_own_timesteps_and_noise():
+  """Every batch drew the same timesteps and noise from one fixed key: val_loss averaged over batch_size draws,
+  not eval_batches x batch_size."""
+  task = make_task(config_lib.load_config(os.path.join(ROOT, "configs", "ddpm_mnist.py"),
+                                          TINY_UNET + ["eval_batches=2", "batch_size=4"]))
+  seen = []
+  task.model = type("Record", (), {"apply": lambda self, p, x_t, t, labels, **kw: seen.append(t) or x_t})()
+  batches = task.eval_batches()["validation"]
+  assert [b["eval_index"].tolist() for b in batches] == [[0] * 4, [1] * 4]
+  for batch in batches:
+    task.loss(None, batch, None, False)
+  assert seen[0].tolist() != seen[1].tolist()
+  task.loss(None, batches[0], None, False)
+  assert seen[2].tolist() == seen[0].tolist()  # fixed: the same batch draws the same again
+
+
+def test_timesteps_samplers_settings_and_short_schedules_are_checked():
+  schedule = make_schedule("linear", 10)
+  x0, noise = jnp.ones((2, 3)), jnp.zeros((2, 3))
+  for t in (10, -1):  # the papers' 1-based t = T was clamped to T - 1, and -1 wrapped to it
+    with pytest.raises(UserError, match=rf"Timestep {t} is outside the schedule's 0..9; count steps from 0"):
+      schedules.q_sample(schedule, x0, jnp.array([0, t]), noise)
+  with pytest.raises(UserError, match="Timesteps must be integers"):
+    schedules.q_sample(schedule, x0, jnp.array([0.5, 1.0]), noise)
+  np.testing.assert_array_equal(schedules.q_sample(schedule, x0, 4, noise),  # a Python int was an AttributeError
+                                schedules.q_sample(schedule, x0, jnp.array([4, 4]), noise))
+  fn = exact_eps(schedule)
+  # A [B] guidance or eta broadcast against the last (channel) axis, silently when B equals it.
+  with pytest.raises(UserError, match=r"guidance must be one number .*not an array of shape \(2,\); for one value per "
+                                      r"sample, jax.vmap the sampler"):
+    ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=2, labels=np.array([0, 1]), num_classes=3,
+                guidance=jnp.array([1.0, 2.0]))
+  with pytest.raises(UserError, match=r"eta must be one number"):
+    ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=2, eta=jnp.array([0.0, 1.0]))
+  for interval in ((0.1, 0.5, 0.9), 0.5):  # too many values to unpack; 'float' object is not iterable
+    with pytest.raises(UserError, match="is not two noise levels; use guidance_interval=.LO, HI."):
+      ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=2, guidance_interval=interval)
+  with pytest.raises(UserError, match="Class labels were given with num_classes=0 .*pass its num_classes"):
+    ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=2, labels=np.array([0, 1]))
+  one = make_schedule("linear", 1)  # linspace's one point was the first beta, 0.1: x_T mostly signal
+  np.testing.assert_allclose([one.betas[0], one.alphas_cumprod[0]], [0.999, 0.001], rtol=1e-6)

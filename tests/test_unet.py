@@ -127,9 +127,23 @@ def test_config_errors():
 def test_an_image_of_another_size_is_one_sentence():
   model = UNet(TINY)
   s = TINY.image_size
-  with pytest.raises(UserError, match=rf"This UNet takes {s}x{s}x{TINY.channels} images, not {s}x5x{TINY.channels}; "
-                                      "resize the images or build it for their size"):
+  with pytest.raises(UserError, match=rf"This UNet takes a batch of {s}x{s}x{TINY.channels} images, \[B, H, W, C\], "
+                                      rf"not an array of shape \(1, {s}, 5, {TINY.channels}\); resize the images"):
     model.init(jax.random.key(0), jnp.zeros((1, s, 5, TINY.channels)), jnp.zeros((1,)), train=False)
+  with pytest.raises(UserError, match=r"not an array of shape \(8, 8, 2\); .* add the batch axis"):  # one image
+    model.init(jax.random.key(0), jnp.zeros((s, s, TINY.channels)), jnp.zeros(()), train=False)
+  x = jnp.zeros((2, s, s, TINY.channels))
+  for t in (jnp.zeros((3,)), jnp.zeros((2, 1))):  # were broadcasting errors from inside the model
+    with pytest.raises(UserError, match=r"one timestep for the batch or one per image \(2\), not timesteps of shape"):
+      model.init(jax.random.key(0), x, t, train=False)
+
+
+@pytest.mark.parametrize("field, value", [("num_heads", 0), ("norm_groups", 0), ("dropout", 1.5),
+                                          ("channel_mults", ()), ("base_features", 0)])
+def test_config_fields_out_of_range_are_one_sentence(field, value):
+  """num_heads or norm_groups 0 were ZeroDivisionErrors; dropout 1.5 and no levels at all built silently."""
+  with pytest.raises(UserError, match="UNetConfig needs at least one level .* fix those fields"):
+    dataclasses.replace(TINY, **{field: value})
 
 
 def test_resblock_without_embedding_and_blocks_shapes():

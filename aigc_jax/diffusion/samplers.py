@@ -45,7 +45,8 @@ def check_labels(labels, num_classes: int, batch_size: Optional[int] = None, *, 
   if labels is None:
     return
   if num_classes <= 0:
-    raise UserError("This model is unconditional (num_classes=0); sample without class labels.")
+    raise UserError("Class labels were given with num_classes=0 (an unconditional model); for a class-conditional "
+                    "model pass its num_classes, else sample without labels.")
   shape, dtype = jnp.shape(labels), jnp.result_type(labels)
   if len(shape) != 1 or (batch_size is not None and shape[0] != batch_size):
     raise UserError(f"Give one class label per sample ({batch_size} labels), not labels of shape {shape}.")
@@ -85,6 +86,7 @@ def guided_prediction(apply_fn: ApplyFn, x, t, labels, *, num_classes: int, guid
   The mix is affine (weights 1 - w and w), so mixing v predictions mixes the implied eps the same way.
   When guided, the conditional and unconditional predictions come from one call on the batch doubled.
   """
+  check_scalar(guidance, "guidance")
   if labels is None or _is(guidance, 1.0):
     return apply_fn(x, t, labels)
   null = jnp.full_like(labels, num_classes)
@@ -95,6 +97,13 @@ def guided_prediction(apply_fn: ApplyFn, x, t, labels, *, num_classes: int, guid
   return uncond + guidance * (cond - uncond)
 
 
+def check_scalar(value, name: str) -> None:
+  """One number, concrete or traced: a [B] array would broadcast against the images' last (channel) axis."""
+  if jnp.ndim(value) != 0:
+    raise UserError(f"{name} must be one number (a Python float or a scalar array, traced or not), not an array of "
+                    f"shape {jnp.shape(value)}; for one value per sample, jax.vmap the sampler over them.")
+
+
 def _is(value, number: float) -> bool:
   """Whether `value` is known at trace time to equal `number` (a traced value never is)."""
   return not isinstance(value, jax.core.Tracer) and value == number
@@ -102,7 +111,11 @@ def _is(value, number: float) -> bool:
 
 def check_guidance_interval(interval, setting: str = "guidance_interval=(LO, HI)") -> tuple[float, float]:
   """(lo, hi) as floats with 0 <= lo <= hi <= 1, or a one-sentence error telling to use `setting`."""
-  lo, hi = (float(v) for v in interval)
+  try:
+    lo, hi = (float(v) for v in interval)
+  except (TypeError, ValueError):
+    raise UserError(f"The guidance interval {interval!r} is not two noise levels; use {setting} with "
+                    f"0 <= LO <= HI <= 1.") from None
   if not 0.0 <= lo <= hi <= 1.0:
     raise UserError(f"The guidance interval ({lo:g}, {hi:g}) is not within the noise levels 0..1; "
                     f"use {setting} with 0 <= LO <= HI <= 1.")
@@ -127,6 +140,7 @@ def _sample(apply_fn, schedule, rng, shape, *, num_steps, labels, num_classes, g
   """The loop both samplers share: x_T ~ N(0, I), then num_steps updates x <- update(...) from t = T - 1 down to 0."""
   sched.check_prediction(prediction)
   lo, hi = check_guidance_interval(guidance_interval)
+  check_scalar(guidance, "guidance")
   check_labels(labels, num_classes, shape[0])
   num_steps = schedule.num_steps if num_steps is None else num_steps
   ts = jnp.asarray(sampling_timesteps(schedule.num_steps, num_steps))  # [S] ascending
@@ -194,6 +208,7 @@ def ddim_sample(apply_fn: ApplyFn, schedule: NoiseSchedule, rng, shape, *, num_s
   sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar'): eta=0 is deterministic given
   x_T, eta=1 is the ancestral sampler with the posterior variance. Other arguments as `ddpm_sample`.
   """
+  check_scalar(eta, "eta")
 
   def update(x, x0, eps, z, c: _Step, i):
     sigma2 = eta ** 2 * c.posterior_variance

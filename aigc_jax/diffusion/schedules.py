@@ -54,8 +54,11 @@ def schedule_from_betas(betas) -> NoiseSchedule:
 
 def linear_betas(num_steps: int) -> np.ndarray:
   """Ho et al.: beta from 1e-4 to 0.02 over 1000 steps; for other T both ends scale by 1000/T, as in
-  Nichol & Dhariwal, so the total noise stays the same (clipped at 0.999 for T < 21)."""
+  Nichol & Dhariwal, so the total noise stays the same (clipped at 0.999 for T < 21). With T = 1 the one step is
+  the last (0.999): linspace's single point would be the first, 0.1, leaving x_T mostly signal."""
   scale = 1000.0 / num_steps
+  if num_steps == 1:
+    return np.array([0.999])
   return np.minimum(np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64), 0.999)
 
 
@@ -78,7 +81,16 @@ def make_schedule(name: str, num_steps: int) -> NoiseSchedule:
 
 
 def _at(a, t, x):
-  """a[t] for t [B], shaped [B, 1, ..., 1] to broadcast against x [B, ...]."""
+  """a[t] for integer timesteps t (one for the batch, or [B]) in [0, T), shaped [B, 1, ..., 1] to broadcast against
+  x [B, ...]. Where t is concrete, a step outside [0, T) is refused: indexing would clamp it, or wrap -1 to T - 1,
+  silently (the papers count t from 1 to T; here it is 0 to T - 1)."""
+  t = jnp.asarray(t)
+  if not jnp.issubdtype(t.dtype, jnp.integer) or t.ndim > 1:
+    raise UserError(f"Timesteps must be integers, one for the batch or one per sample ([B]), not {t.dtype} of shape "
+                    f"{t.shape}.")
+  if not isinstance(t, jax.core.Tracer) and t.size and not 0 <= int(t.min()) <= int(t.max()) < a.shape[0]:
+    raise UserError(f"Timestep {int(t.min()) if int(t.min()) < 0 else int(t.max())} is outside the schedule's "
+                    f"0..{a.shape[0] - 1}; count steps from 0 (the papers' t = 1 is 0 here).")
   return a[t].reshape(t.shape + (1,) * (x.ndim - t.ndim)).astype(x.dtype)
 
 

@@ -31,6 +31,11 @@ class UNetConfig:
   attention: str = "auto"  # see aigc_jax.nn.attention
 
   def __post_init__(self):
+    if not (self.channel_mults and self.base_features >= 1 and self.num_heads >= 1 and self.norm_groups >= 1
+            and min(self.channel_mults) >= 1 and 0.0 <= self.dropout < 1.0):
+      raise UserError(f"UNetConfig needs at least one level (channel_mults {self.channel_mults}, each >= 1), "
+                      f"base_features, num_heads and norm_groups >= 1 (have {self.base_features}, {self.num_heads}, "
+                      f"{self.norm_groups}) and 0 <= dropout < 1 (have {self.dropout}); fix those fields.")
     levels = len(self.channel_mults)
     if self.image_size % 2 ** (levels - 1):
       raise UserError(f"image_size {self.image_size} does not halve cleanly {levels - 1} times for channel_mults "
@@ -71,9 +76,13 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, x, t, labels: Optional[jax.Array] = None, *, train: bool):
     c = self.config
-    if x.shape[1:] != (c.image_size, c.image_size, c.channels):
-      raise UserError(f"This UNet takes {c.image_size}x{c.image_size}x{c.channels} images, not "
-                      f"{'x'.join(map(str, x.shape[1:]))}; resize the images or build it for their size.")
+    if x.ndim != 4 or x.shape[1:] != (c.image_size, c.image_size, c.channels):
+      raise UserError(f"This UNet takes a batch of {c.image_size}x{c.image_size}x{c.channels} images, [B, H, W, C], "
+                      f"not an array of shape {x.shape}; resize the images, build it for their size, or add the "
+                      f"batch axis (x[None]) to one image.")
+    if jnp.ndim(t) > 1 or (jnp.ndim(t) == 1 and jnp.shape(t)[0] != x.shape[0]):
+      raise UserError(f"Give one timestep for the batch or one per image ({x.shape[0]}), not timesteps of shape "
+                      f"{jnp.shape(t)}.")
     kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
     emb_dim = 4 * c.base_features
     t = jnp.broadcast_to(t, x.shape[:1])  # one timestep for the batch, or one per image

@@ -48,14 +48,28 @@ class DiffusionTask(ImageTask):
       raise UserError(f"sample.steps is {config.sample.steps} and the model has {d.num_steps} diffusion steps; set "
                       f"--config.sample.steps between 1 and {d.num_steps}.")
     diffusion.check_guidance_interval(config.sample.guidance_interval, "--config.sample.guidance_interval=(LO, HI)")
+    if self.conditional and d.cond_drop_prob == 0 and config.sample.guidance != 1:
+      raise UserError(f"sample.guidance is {config.sample.guidance:g}, but with diffusion.cond_drop_prob 0 the "
+                      f"unconditional (null-class) model that guidance mixes in is never trained; set "
+                      f"--config.diffusion.cond_drop_prob=0.1 (say), or --config.sample.guidance=1.")
 
   def init_params(self, rng):
     x = jnp.zeros((1, *self.image_shape), jnp.float32)
     labels = jnp.zeros((1,), jnp.int32) if self.conditional else None
     return self.model.init(rng, x, jnp.zeros((1,), jnp.int32), labels, train=False)["params"]
 
+  def eval_batches(self) -> dict:
+    """The held-out batches, each with its index (`eval_index`, one per image): the loss draws each batch's
+    timesteps and noise from its own key, so eval_batches batches average over as many draws."""
+    return {split: [{**batch, "eval_index": np.full((len(batch["images"]),), i, np.int32)}
+                    for i, batch in enumerate(batches)]
+            for split, batches in super().eval_batches().items()}
+
   def loss(self, params, batch, rng, train: bool):
-    rng = jax.random.PRNGKey(EVAL_KEY) if rng is None else rng
+    if rng is None:  # evaluation: fixed draws, a batch's own (every batch drew the same timesteps and noise)
+      rng = jax.random.PRNGKey(EVAL_KEY)
+      if "eval_index" in batch:
+        rng = jax.random.fold_in(rng, batch["eval_index"][0])
     d = self.config.diffusion
 
     def apply_fn(p, x_t, t, labels, dropout_rng):
@@ -92,7 +106,8 @@ class DiffusionTask(ImageTask):
              guidance_interval=None):
     s = self.config.sample
     # eta is DDIM's: the config's default is not filled in for the DDPM sampler, which refuses one.
-    options = {"steps": steps or s.steps, "eta": (s.eta if eta is None else eta) if s.sampler == "ddim" else eta,
+    options = {"steps": s.steps if steps is None else steps,
+               "eta": (s.eta if eta is None else eta) if s.sampler == "ddim" else eta,
                "guidance": s.guidance if guidance is None else guidance,
                "guidance_interval": tuple(s.guidance_interval if guidance_interval is None else guidance_interval)}
     if not self.conditional:  # nothing to guide: what the caller asked for is checked, the config's values are moot
@@ -102,6 +117,9 @@ class DiffusionTask(ImageTask):
       options.update(guidance=1.0, guidance_interval=(0.0, 1.0))
     elif labels is None:
       options["guidance"] = 0.0  # no label asked for: the unconditional (null-class) model
+    if self.conditional and self.config.diffusion.cond_drop_prob == 0 and options["guidance"] != 1:
+      raise UserError("This model was trained with diffusion.cond_drop_prob 0, so its unconditional (null-class) "
+                      "model is untrained; sample with labels and --guidance 1.")
     labels = None if labels is None else jnp.asarray(labels, jnp.int32)
     return self._sampler(num_samples, **options)(params, rng, labels)
 

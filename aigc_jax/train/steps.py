@@ -28,7 +28,9 @@ def _split_microbatches(batch, num_micro: int):
 
 
 def ema_update(ema_params, params, step, decay: float):
-  """EMA with the usual warm-up, min(decay, (1 + step) / (10 + step)), so early averages track the weights."""
+  """EMA with the usual warm-up (TensorFlow's ExponentialMovingAverage with num_updates), min(decay, (1 + step) /
+  (10 + step)), so early averages track the weights. The rate reaches `decay` only at step 9 / (1 - decay) - 10
+  (8,990 for 0.999); a run shorter than that averages with the warm-up's rate."""
   rate = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
   return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema_params, params)
 
