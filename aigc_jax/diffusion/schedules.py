@@ -88,9 +88,11 @@ def _at(a, t, x):
   if not jnp.issubdtype(t.dtype, jnp.integer) or t.ndim > 1:
     raise UserError(f"Timesteps must be integers, one for the batch or one per sample ([B]), not {t.dtype} of shape "
                     f"{t.shape}.")
-  if not isinstance(t, jax.core.Tracer) and t.size and not 0 <= int(t.min()) <= int(t.max()) < a.shape[0]:
-    raise UserError(f"Timestep {int(t.min()) if int(t.min()) < 0 else int(t.max())} is outside the schedule's "
-                    f"0..{a.shape[0] - 1}; count steps from 0 (the papers' t = 1 is 0 here).")
+  if not isinstance(t, jax.core.Tracer) and t.size:
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= a.shape[0]:
+      raise UserError(f"Timestep {lo if lo < 0 else hi} is outside the schedule's 0..{a.shape[0] - 1}; count steps "
+                      f"from 0 (the papers' t = 1 is 0 here).")
   return a[t].reshape(t.shape + (1,) * (x.ndim - t.ndim)).astype(x.dtype)
 
 
