@@ -89,7 +89,8 @@ def _at(a, t, x):
     raise UserError(f"Timesteps must be integers, one for the batch or one per sample ([B]), not {t.dtype} of shape "
                     f"{t.shape}.")
   if not isinstance(t, jax.core.Tracer) and t.size:
-    lo, hi = int(t.min()), int(t.max())
+    steps = np.asarray(t)  # not jnp: under a caller's jax.jit, its min and max would be traced
+    lo, hi = int(steps.min()), int(steps.max())
     if lo < 0 or hi >= a.shape[0]:
       raise UserError(f"Timestep {lo if lo < 0 else hi} is outside the schedule's 0..{a.shape[0] - 1}; count steps "
                       f"from 0 (the papers' t = 1 is 0 here).")

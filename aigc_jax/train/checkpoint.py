@@ -98,9 +98,9 @@ def checksums(tree) -> dict[str, int]:
   array's 32-bit words (16- and 8-bit values widened, 64-bit ones split), each times an odd weight that grows with
   its position. Any flipped bit changes it (an odd weight keeps every bit of a word's change), as does a value moved
   to another place. It is a function of the global array, so the same on any number of devices or processes."""
-  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0]) if jax.tree.leaves(tree) else ((), ())
-  sums = jax.device_get(_word_sums(list(leaves)))
-  return {jax.tree_util.keystr(path): int(value) for path, value in zip(paths, sums)}
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  sums = jax.device_get(_word_sums([leaf for _, leaf in flat]))
+  return {jax.tree_util.keystr(path): int(value) for (path, _), value in zip(flat, sums)}
 
 
 @jax.jit
