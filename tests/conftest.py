@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny text corpus and a shrunk GPT config that trains in seconds."""
 
 import atexit
+import logging
 import os
 import shutil
 import tempfile
@@ -18,6 +19,15 @@ from aigc_jax import config as config_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_CONFIG = os.path.join(ROOT, "configs", "gpt_shakespeare_char_cpu.py")
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging():
+  """The CLI's logging.basicConfig binds a handler to the stderr pytest captured for that test; later tests
+  logged into the closed stream ('--- Logging error ---' tracebacks). Each test gets the root logger back."""
+  handlers, level = logging.root.handlers[:], logging.root.level
+  yield
+  logging.root.handlers[:], logging.root.level = handlers, level
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 20
