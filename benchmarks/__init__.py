@@ -238,7 +238,7 @@ class Report:
       earlier = self._load(lists)
       fields = ("device.backend", "device.kind", "device.count", "device.cpu", "device.cpu_affinity_cores",
                 "device.xla_flags", "versions", "code.tree", "peak_flops", *same)
-      differing = [f for f in fields if _field(earlier["meta"], f) != _field(self.meta, f)]
+      differing = [f for f in fields if not _same_field(f, _field(earlier["meta"], f), _field(self.meta, f))]
       if differing:
         raise UserError(f"{out_path} holds cells measured with a different {', '.join(differing)}; resume with the "
                         f"same settings, or run without --resume to start over.")
@@ -424,8 +424,16 @@ def _markdown_cell(value) -> str:
   return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _field(meta: dict, dotted: str):
+def _same_field(name: str, a, b) -> bool:
+  """Whether a resumed report's meta field matches: exactly, but for the peak within 1%, which on a virtual
+  machine without cpufreq counts /proc/cpuinfo's 'cpu MHz', a reading that may move from one read to the next."""
+  if name == "peak_flops" and isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > 0 and b > 0:
+    return abs(a - b) <= 0.01 * max(a, b)
+  return a == b
 
+
+def _field(meta: dict, dotted: str):
+  """meta's value at a dotted path (`device.kind`); None where it has none."""
   for part in dotted.split("."):
     meta = meta.get(part) if isinstance(meta, dict) else None
   return meta

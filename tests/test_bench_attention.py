@@ -285,3 +285,13 @@ def test_show_puts_reports_made_elsewhere_in_tensorboard_and_refuses_other_files
   with pytest.raises(UserError, match=r"Cannot write TensorBoard events to .*blocked/tensorboard/attention \(Not a "
                                       r"directory\); copy the report into a folder you can write to"):
     show.run(parse_args(show, [str(blocked / "attention.json")]))
+
+
+def test_a_resume_takes_a_peak_that_moved_by_under_one_percent(tmp_path):
+  """Without cpufreq a CPU's peak counts /proc/cpuinfo's 'cpu MHz', which some hosts report as it moves."""
+  out = tmp_path / "report.json"
+  meta = dict(device=dict(backend="cpu", kind="cpu", count=1), peak_flops=1.0e12)
+  out.write_text(json.dumps(dict(meta=meta, rows=[])))
+  benchmarks.Report(str(out), dict(meta, peak_flops=1.004e12), plot=None, cell=("seq_len",), resume=True)
+  with pytest.raises(UserError, match=r"holds cells measured with a different peak_flops; resume with"):
+    benchmarks.Report(str(out), dict(meta, peak_flops=1.05e12), plot=None, cell=("seq_len",), resume=True)

@@ -4,6 +4,7 @@ import logging
 import os
 import sys
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from aigc_jax.errors import UserError
 # flight; as they finish, or are collected at exit, each prints a page of traceback from a background thread. The
 # command line ends such a process at once after its one-sentence error (`aigc_jax.cli.console_main`).
 reads_abandoned = False
+ABANDONED_READS_WAIT_S = 10.0  # how long a failed restore waits for the threads it started before it raises
 
 
 class Checkpointer:
@@ -43,11 +45,13 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise UserError(f"No checkpoint in {self.directory}; train first with `aigc-jax train --workdir ...`.")
+    running = set(threading.enumerate())
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax raises many types for missing or damaged files.
       _quiet_abandoned_reads()
+      _join_threads_started_since(running)
       raise UserError(f"The checkpoint at step {step} in {self.directory} could not be read ({type(e).__name__}); "
                       f"{self.delete_advice(step)}.") from None
     meta = dict(restored.meta) if isinstance(restored.meta, dict) else restored.meta
@@ -115,6 +119,17 @@ def _word_sums(leaves: list) -> jax.Array:
     weights = 2 * jax.lax.iota(jnp.uint32, words.size) + 1  # odd; wraps past 2**31 words, staying odd
     return jnp.sum(words * weights, dtype=jnp.uint32)
   return jnp.stack([word_sum(x) for x in leaves]) if leaves else jnp.zeros((0,), jnp.uint32)
+
+
+def _join_threads_started_since(running: set) -> None:
+  """Waits, up to ABANDONED_READS_WAIT_S in all, for the threads that are not in `running` (those a failed restore
+  left finishing its abandoned reads): a program that goes on after the error (a test suite, a notebook) then runs
+  alone. CPython 3.11 raised "AST constructor recursion depth mismatch" in a pytest worker that parsed a module
+  while such a thread ran."""
+  deadline = time.monotonic() + ABANDONED_READS_WAIT_S
+  for thread in threading.enumerate():
+    if thread not in running and thread is not threading.current_thread():
+      thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _quiet_abandoned_reads() -> None:
