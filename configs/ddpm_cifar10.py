@@ -5,6 +5,8 @@
 
 Data: TFDS `cifar10` (prepared once with network, then read without TensorFlow). This is
 the one image config whose shape (32x32x3) the embedded offline digits cannot stand in for.
+Training images are mirrored left to right at random, and the DDPM sampler and the bound use
+the beta_t reverse variance ("fixedlarge"), both as Ho et al.'s CIFAR-10 run.
 Expected result and time: not measured here; it is an accelerator recipe (Ho et al. trained
 800k steps at batch 128 on a TPU v3-8, FID 3.17). `aigc-jax bench denoise` measures its UNet.
 """
@@ -25,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.source = "tfds:cifar10"  # 32x32 RGB, train/test splits
   config.data.image_size = 32  # height = width
   config.data.channels = 3  # RGB
+  config.data.random_flip = True  # training images mirrored left to right at random, as Ho et al.
   config.model.conditional = False  # Ho et al.'s model is unconditional
   config.model.base_features = 128  # UNet width at 32x32
   config.model.channel_mults = (1, 2, 2, 2)  # 32, 16, 8, 4
@@ -41,5 +44,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.steps = 100  # DDIM steps for the evaluation grids
   config.sample.num_samples = 64  # images per grid
   config.sample.guidance = 1.0  # unconditional: no guidance
+  config.sample.variance = "beta"  # Ho et al.'s CIFAR-10 reverse variance ("fixedlarge"), for ddpm and the bound
   config.eval.num_samples = 10_000  # samples `aigc-jax eval` would compare (needs an MNIST-like classifier)
   return config

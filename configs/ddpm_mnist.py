@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.source = "embedded:digits"  # or mnist_idx:DIR, tfds:mnist, tfds:fashion_mnist
   config.data.image_size = 28  # height = width the UNet is built for
   config.data.channels = 1  # image channels
+  config.data.random_flip = False  # mirror training images at random; not for digits, whose mirror images are no digits
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.num_steps = 1000  # training timesteps T
@@ -79,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.sampler = "ddim"  # ddim or ddpm (ancestral)
   config.sample.steps = 50  # sampler steps (<= diffusion.num_steps)
   config.sample.eta = 0.0  # DDIM noise: 0 deterministic, 1 as DDPM
+  # Reverse-process variance of the ddpm sampler and of the held-out bits/dim bound: posterior (beta~_t, Ho et al.'s
+  # "fixedsmall") or beta (beta_t, "fixedlarge"); DDIM's noise is set by eta instead.
+  config.sample.variance = "posterior"
   config.sample.guidance = 2.0  # classifier-free guidance scale: 0 unconditional, 1 conditional, > 1 guided
   config.sample.guidance_interval = (0.5, 1.0)  # guide only where lo <= t / (T - 1) <= hi: the noisier half, where
   # the class is settled; the later steps run conditional (see the docstring for the settings measured)

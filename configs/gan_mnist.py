@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.source = "embedded:digits"  # or mnist_idx:DIR, tfds:mnist, tfds:fashion_mnist
   config.data.image_size = 28  # height = width the networks are built for (a multiple of 4)
   config.data.channels = 1  # image channels
+  config.data.random_flip = False  # mirror training images at random; not for digits, whose mirror images are no digits
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "gan"  # registry name

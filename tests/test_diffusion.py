@@ -20,6 +20,14 @@ def rbg_key(seed):
   return jax.random.key(seed, impl="rbg")  # threefry takes XLA:CPU tens of seconds to compile; rbg a few
 
 
+def shrink_by_half(x, t, labels):
+  return 0.5 * x
+
+
+# A denoiser in place of a task's UNet, for what the task does around its model: nothing to build or compile.
+STAND_IN = type("ShrinkByHalf", (), {"apply": lambda self, params, x, t, labels, **kw: shrink_by_half(x, t, labels)})()
+
+
 # --- Schedules and the forward process ---------------------------------------------------------
 
 
@@ -459,24 +467,12 @@ def test_unet_end_to_end_loss_gradient_and_jitted_guided_sampling():
   assert np.all(np.abs(guided) <= 1) and not np.allclose(guided, uncond)  # x0 clipped to [-1, 1]
 
 
-def test_the_ddpm_sampler_samples_and_refuses_only_an_explicit_eta():
-  """The config's DDIM eta (0.0 by default) is not handed to the DDPM sampler, which takes none."""
-  config = config_lib.load_config(os.path.join(ROOT, "configs", "ddpm_mnist.py"),
-                                  TINY_UNET + ["sample.sampler=ddpm"])
-  task = make_task(config)
-  params = task.init_params(jax.random.key(0))
-  images = task.sample(params, jax.random.key(1), 2, steps=3)
-  assert images.shape == (2, 28, 28, 1) and np.all(np.isfinite(images))
-  with pytest.raises(UserError, match="--eta is DDIM's noise scale: use a value >= 0 with sample.sampler ddim"):
-    task.sample(params, jax.random.key(1), 2, steps=3, eta=0.5)
-
-
 def test_an_unconditional_model_refuses_guidance_and_every_sampler_refuses_non_finite_settings():
   config = config_lib.load_config(os.path.join(ROOT, "configs", "ddpm_mnist.py"),
                                   TINY_UNET + ["model.conditional=False"])
   task = make_task(config)
-  params = task.init_params(jax.random.key(0))
-  images = task.sample(params, jax.random.key(1), 2, steps=2)  # the config's guidance 2.0 is moot, not an error
+  task.model = STAND_IN
+  images = task.sample(None, jax.random.key(1), 2, steps=2)  # the config's guidance 2.0 is moot, not an error
   assert images.shape == (2, 28, 28, 1) and np.all(np.isfinite(images))
   for options in ({"guidance": 2.0}, {"guidance_interval": (0.5, 1.0)}):
     with pytest.raises(UserError, match="not class-conditional, so there is nothing to guide; leave out --guidance"):
@@ -502,6 +498,38 @@ def test_a_model_trained_without_label_dropout_refuses_guidance_and_sample_steps
       task.sample(params, jax.random.key(1), 2, labels, guidance=guidance)
   with pytest.raises(UserError, match="use --steps between 1 and 20"):  # steps=0 was the config's steps
     task.sample(params, jax.random.key(1), 2, np.array([3, 4]), steps=0)
+
+
+def test_the_configured_reverse_variance_drives_the_ddpm_sampler_and_the_bound():
+  """sample.variance (Ho et al.'s fixedsmall/fixedlarge) was a library argument the config could not set."""
+  path = os.path.join(ROOT, "configs", "ddpm_mnist.py")
+  with pytest.raises(UserError, match=r"Unknown sample.variance 'large'; use posterior \(beta~_t, Ho et al.'s "
+                                      r"fixedsmall\) or beta \(beta_t, their fixedlarge\)\."):
+    make_task(config_lib.load_config(path, TINY_UNET + ["sample.variance=large"]))
+  want, tasks = {}, {}
+  for variance in ("posterior", "beta"):
+    tasks[variance] = make_task(config_lib.load_config(path, TINY_UNET + [
+        "diffusion.num_steps=10", "sample.sampler=ddpm", f"sample.variance={variance}", "eval.bound_images=2",
+        "eval.bound_stride=5"]))
+    tasks[variance].model = STAND_IN
+    want[variance] = ddpm_sample(shrink_by_half, tasks[variance].schedule, rbg_key(1), (2, 28, 28, 1), num_steps=10,
+                                 labels=jnp.array([3, 4]), num_classes=10, guidance=1.0, variance=variance)
+  assert not np.allclose(want["posterior"], want["beta"])
+  bounds = {}
+  for variance, task in tasks.items():
+    got = task.sample(None, rbg_key(1), 2, np.array([3, 4]), steps=10, guidance=1.0)
+    np.testing.assert_allclose(got, want[variance], rtol=1e-5, atol=1e-5)
+    bounds[variance] = task.heldout_metrics(None)
+    images, labels = task.dataset.images("test")[:2], jnp.asarray(task.dataset.labels("test")[:2])
+    direct = bits_per_dim_bound(shrink_by_half, task.schedule, images, labels, jax.random.PRNGKey(0), variance=variance,
+                                stride=5)["total"]
+    assert bounds[variance]["bound_variance"] == variance
+    np.testing.assert_allclose(bounds[variance]["bits_per_dim"], float(np.mean(direct)), rtol=1e-5)
+  assert bounds["posterior"]["bits_per_dim"] != bounds["beta"]["bits_per_dim"]
+  # The config's DDIM eta (0.0 by default) was not handed to the DDPM sampler, which takes none; an explicit one is
+  # refused.
+  with pytest.raises(UserError, match="--eta is DDIM's noise scale: use a value >= 0 with sample.sampler ddim"):
+    tasks["beta"].sample(None, rbg_key(1), 2, np.array([3, 4]), steps=3, eta=0.5)
 
 
 def test_each_held_out_batch_draws_its_own_timesteps_and_noise():

@@ -111,6 +111,26 @@ def tiny_data() -> ImageData:
   return ImageData("tiny", {"train": (images[:8], labels[:8]), "test": (images[8:], labels[8:])}, num_classes=3)
 
 
+def test_random_flips_mirror_about_half_the_training_images_and_no_held_out_ones():
+  images = np.arange(8 * 2 * 3, dtype=np.uint8).reshape(8, 2, 3, 1) * 5  # no image is its own mirror image
+  labels = np.arange(8, dtype=np.int32)  # one class an image: the labels say which images a batch picked
+  data = ImageData("ramps", {"train": (images, labels), "test": (images, labels)}, num_classes=8)
+  plain, flipping = ImageDataset(data, (2, 3), 1), ImageDataset(data, (2, 3), 1, random_flip=True)
+  mirrored = 0
+  for step in range(20):
+    a, b = plain.batch("train", step, 10, seed=3), flipping.batch("train", step, 10, seed=3)
+    np.testing.assert_array_equal(a["labels"], b["labels"])  # the same images picked, in the same order
+    same = np.all(a["images"] == b["images"], axis=(1, 2, 3))
+    np.testing.assert_array_equal(b["images"][~same], a["images"][~same][:, :, ::-1])  # the others left to right
+    mirrored += int((~same).sum())
+    np.testing.assert_array_equal(b["images"], flipping.batch("train", step, 10, seed=3)["images"])  # resumable
+  assert 70 <= mirrored <= 130  # of 200, each with probability 1/2 (P(outside) < 1e-4)
+  np.testing.assert_array_equal(flipping.eval_batches("test", 3, 10, seed=3)[2]["images"],
+                                plain.eval_batches("test", 3, 10, seed=3)[2]["images"])
+  with pytest.raises(UserError, match=r"data.random_flip is 1; set it to True or False\."):
+    ImageDataset(data, (2, 3), 1, random_flip=1)
+
+
 def test_wrong_image_shape_for_the_config_says_which_keys_to_set():
   with pytest.raises(UserError, match=r"tiny has 4x4 images with 1 channel\(s\) but the config expects 28x28 "
                                       r"with 3; set data.image_size=4 and data.channels=1"):

@@ -13,7 +13,9 @@ Sources (the `data.source` config key); every one gives a `train` and a held-out
 
 Batches are images sampled with replacement by a NumPy generator seeded with
 `(seed, stream, split, step)`, so batch `step` is a pure function of the step and a restored
-checkpoint continues on the same data.
+checkpoint continues on the same data. With `data.random_flip` each training image is mirrored
+left to right with probability 1/2 (Ho et al.'s CIFAR-10 augmentation), drawn from the same
+generator after the images are picked: the same batches as without it, half of them mirrored.
 """
 
 import dataclasses
@@ -203,23 +205,31 @@ def _materialise(source, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class ImageDataset:
-  """ImageData checked against the config's image shape, served as resumable batches in [-1, 1]."""
+  """ImageData checked against the config's image shape, served as resumable batches in [-1, 1].
+
+  random_flip mirrors training images (stream 0) left to right with probability 1/2; held-out
+  batches are never augmented.
+  """
 
   SPLITS = ("train", "test")
 
-  def __init__(self, data: ImageData, image_size: int | tuple[int, int], channels: int):
+  def __init__(self, data: ImageData, image_size: int | tuple[int, int], channels: int, random_flip: bool = False):
     height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if data.image_shape != (height, width, channels):
       h, w, c = data.image_shape
       raise UserError(
           f"{data.name} has {h}x{w} images with {c} channel(s) but the config expects {height}x{width} with "
           f"{channels}; set data.image_size={h if h == w else (h, w)} and data.channels={c}.")
+    if not isinstance(random_flip, bool):
+      raise UserError(f"data.random_flip is {random_flip!r}; set it to True or False.")
     self.data = data
     self.num_classes = data.num_classes
+    self.random_flip = random_flip
 
   @classmethod
   def from_config(cls, data_config) -> "ImageDataset":
-    return cls(load_images(data_config.source), data_config.image_size, data_config.channels)
+    return cls(load_images(data_config.source), data_config.image_size, data_config.channels,
+               data_config.random_flip)
 
   def fingerprint(self) -> str:
     """Of the images and labels of every split."""
@@ -235,12 +245,17 @@ class ImageDataset:
   def batch(self, split: str, step: int, batch_size: int, seed: int, stream: int = 0) -> dict[str, np.ndarray]:
     """Batch number `step` of `split`: `images` float32 [B, H, W, C] in [-1, 1] and `labels` int32 [B].
 
-    `stream` 0 is training, 1 the fixed evaluation batches, so they never coincide.
+    `stream` 0 is training (mirrored at random with random_flip), 1 the fixed evaluation batches,
+    so they never coincide.
     """
     images, labels = self.data.splits[split]
     rng = np.random.default_rng([seed, stream, self.SPLITS.index(split), step])
     index = rng.integers(0, len(images), size=batch_size)
-    return {"images": to_float(images[index]), "labels": labels[index]}
+    picked = images[index]
+    if self.random_flip and stream == 0:
+      mirror = rng.random(batch_size) < 0.5
+      picked = np.where(mirror[:, None, None, None], picked[:, :, ::-1], picked)
+    return {"images": to_float(picked), "labels": labels[index]}
 
   def eval_batches(self, split: str, num_batches: int, batch_size: int, seed: int) -> list[dict[str, np.ndarray]]:
     """The same `num_batches` batches every call (stream 1), for comparable evaluation losses."""

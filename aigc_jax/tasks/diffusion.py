@@ -31,7 +31,8 @@ def unet_config(model_config, image_size: int, channels: int, num_classes: int) 
 class DiffusionTask(ImageTask):
   loss_label = "noise-prediction MSE"
   sample_options = ("steps", "eta", "guidance", "guidance_interval")
-  later_keys = {"sample.guidance_interval": (0.0, 1.0)}  # guidance at every step, as before the key
+  # Keys added after runs were trained, with the values that reproduce what the code did before them.
+  later_keys = {**ImageTask.later_keys, "sample.guidance_interval": (0.0, 1.0), "sample.variance": "posterior"}
 
   def __init__(self, config, workdir: str | None = None):
     super().__init__(config, workdir)
@@ -48,6 +49,9 @@ class DiffusionTask(ImageTask):
       raise UserError(f"sample.steps is {config.sample.steps} and the model has {d.num_steps} diffusion steps; set "
                       f"--config.sample.steps between 1 and {d.num_steps}.")
     diffusion.check_guidance_interval(config.sample.guidance_interval, "--config.sample.guidance_interval=(LO, HI)")
+    if config.sample.variance not in diffusion_losses.VARIANCES:
+      raise UserError(f"Unknown sample.variance {config.sample.variance!r}; use posterior (beta~_t, Ho et al.'s "
+                      f"fixedsmall) or beta (beta_t, their fixedlarge).")
     if self.conditional and d.cond_drop_prob == 0 and config.sample.guidance != 1:
       raise UserError(f"sample.guidance is {config.sample.guidance:g}, but with diffusion.cond_drop_prob 0 the "
                       f"unconditional (null-class) model that guidance mixes in is never trained; set "
@@ -134,17 +138,20 @@ class DiffusionTask(ImageTask):
                 prediction=d.prediction)
       if s.sampler == "ddim":
         return diffusion.ddim_sample(self._apply_fn(params), self.schedule, rng, shape, num_steps=steps, eta=eta, **kw)
-      return diffusion.ddpm_sample(self._apply_fn(params), self.schedule, rng, shape, num_steps=steps, **kw)
+      return diffusion.ddpm_sample(self._apply_fn(params), self.schedule, rng, shape, num_steps=steps,
+                                   variance=s.variance, **kw)
 
     return jax.jit(run)
 
   def heldout_metrics(self, params) -> dict:
-    """The variational bound in bits/dim on held-out images (strided over timesteps: an unbiased estimate)."""
-    e, d = self.config.eval, self.config.diffusion
+    """The variational bound in bits/dim on held-out images (strided over timesteps: an unbiased estimate), of the
+    reverse process with the variance the DDPM sampler uses (sample.variance)."""
+    e, d, s = self.config.eval, self.config.diffusion, self.config.sample
     images = self.dataset.images("test")[:e.bound_images]
     labels = jnp.asarray(self.dataset.labels("test")[:e.bound_images]) if self.conditional else None
     bound = jax.jit(lambda p, x, y, rng: diffusion_losses.bits_per_dim_bound(
-        self._apply_fn(p), self.schedule, x, y, rng, prediction=d.prediction, stride=e.bound_stride)["total"])
+        self._apply_fn(p), self.schedule, x, y, rng, prediction=d.prediction, variance=s.variance,
+        stride=e.bound_stride)["total"])
     totals = []
     for i in range(0, len(images), 100):  # each chunk runs the model num_steps / bound_stride times: minutes on a CPU
       totals.append(np.asarray(bound(params, images[i:i + 100], None if labels is None else labels[i:i + 100],
@@ -152,4 +159,4 @@ class DiffusionTask(ImageTask):
       logging.info("variational bound: %d / %d held-out images (every %d-th timestep)", i + len(totals[-1]),
                    len(images), e.bound_stride)
     return {"bits_per_dim": float(np.mean(np.concatenate(totals))),
-            "bound_images": len(images), "bound_stride": e.bound_stride}
+            "bound_images": len(images), "bound_stride": e.bound_stride, "bound_variance": s.variance}

@@ -14,6 +14,7 @@ class ImageTask(Task):
   units = "images"
   conditional = False  # True: `sample` takes labels
   sample_options = ()  # names of the extra `sample` options the family takes (e.g. "steps")
+  later_keys = {"data.random_flip": False}  # runs trained before the key were not augmented
 
   def __init__(self, config, workdir: str | None = None):
     super().__init__(config)
