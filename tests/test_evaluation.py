@@ -170,11 +170,19 @@ def test_image_metrics_compare_equal_sized_sets(cache):
   classifier = get_classifier(data, hparams=TINY, log=lambda _: None)
   real = to_float(data.splits["test"][0])  # [12, 8, 8, 1]: for 5 samples, halves A = real[0:10:2], B = real[1:10:2]
   samples = real[0:10:2][::-1]  # A in another order
-  metrics = image_metrics(classifier, real, samples, classifier.predict(samples))
+  labels = data.splits["test"][1][0:10:2][::-1]  # the samples' true labels
+  metrics = image_metrics(classifier, real, samples, labels)
   assert metrics["frechet_num_images"] == 5 and metrics["frechet_distance"] == pytest.approx(0.0, abs=1e-6)
   features = classifier.features(real)
   assert metrics["frechet_distance_real"] == pytest.approx(frechet_distance(features[1:10:2], features[0:10:2]))
-  assert metrics["label_accuracy"] == 1.0 and metrics["classifier_accuracy"] == classifier.accuracy
+  # The share of samples classified as their label (this test passed the classifier's own predictions: 1 always).
+  predicted = classifier.predict(samples)
+  assert metrics["label_accuracy"] == pytest.approx(np.mean(predicted == labels))
+  assert image_metrics(classifier, real, samples, predicted)["label_accuracy"] == 1.0
+  assert image_metrics(classifier, real, samples, (predicted + 1) % 3)["label_accuracy"] == 0.0
+  mixed = np.where(np.arange(5) < 2, predicted, (predicted + 1) % 3)  # right on the first two of five
+  assert image_metrics(classifier, real, samples, mixed)["label_accuracy"] == pytest.approx(0.4)
+  assert metrics["classifier_accuracy"] == classifier.accuracy
   assert "label_accuracy" not in image_metrics(classifier, real, -real)
   with pytest.raises(UserError, match=r"Samples of shape \(4, 4, 1\) cannot be compared"):
     image_metrics(classifier, real, np.zeros((5, 4, 4, 1)))

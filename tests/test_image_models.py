@@ -81,6 +81,14 @@ def test_gradient_penalty_is_zero_for_a_unit_slope_critic():
                              rtol=1e-5)
   with pytest.raises(UserError, match=r"one \[B, \.\.\.\] shape; got \(4, 2\) and \(4, 3\)"):
     gan_lib.gradient_penalty(lambda x: x[:, 0], real, jnp.ones((4, 3)), jax.random.PRNGKey(0))
+  # Where the gradient is taken: linear critics have the same gradient everywhere (the penalty at x_hat = real
+  # passed the checks above). sum(x^2) has gradient 2 x_hat, at x_hat = eps real + (1 - eps) fake, eps per example.
+  real, fake, key = jnp.arange(24.0).reshape(4, 3, 2) / 10, -jnp.ones((4, 3, 2)), jax.random.PRNGKey(3)
+  eps = np.asarray(jax.random.uniform(key, (4, 1, 1)))
+  x_hat = eps * np.asarray(real) + (1 - eps) * np.asarray(fake)
+  want = 10.0 * (2 * np.linalg.norm(x_hat.reshape(4, -1), axis=1) - 1) ** 2
+  np.testing.assert_allclose(gan_lib.gradient_penalty(lambda x: jnp.sum(x ** 2, axis=(1, 2)), real, fake, key), want,
+                             rtol=1e-5)
 
 
 def test_gan_shapes_that_do_not_fit_are_one_sentence(monkeypatch):
@@ -91,6 +99,16 @@ def test_gan_shapes_that_do_not_fit_are_one_sentence(monkeypatch):
   with pytest.raises(UserError, match=r"GroupNorm splits conv_features \(12\) into 8 groups; use a multiple of 8"):
     gan_lib.GANConfig(conv_features=12)
   assert gan_lib.GANConfig(architecture="mlp", image_size=30).image_size == 30  # the MLP GAN takes any size
+  # One image or latent without its batch axis: the MLP discriminator gave one "logit" a row, the DCGAN's 7.
+  for architecture in ("mlp", "dcgan"):
+    config = gan_lib.GANConfig(architecture=architecture, latent_dim=4, conv_features=8, mlp_features=(8,))
+    generator, discriminator = gan_lib.build_gan(config)
+    with pytest.raises(UserError, match=r"The discriminator takes images of shape \[batch, 28, 28, 1\], not "
+                                        r"\(28, 28, 1\); add the batch axis"):
+      discriminator.init(jax.random.key(0), jnp.zeros((28, 28, 1)))
+    with pytest.raises(UserError, match=r"The generator takes latents of shape \[batch, 4\], not \(4,\); add the "
+                                        r"batch axis"):
+      generator.init(jax.random.key(0), jnp.zeros((4,)))
   from aigc_jax.models.vae import VAEConfig
   with pytest.raises(UserError, match="The VAE halves image_size 3 times .one per entry of features. and it is 12; "
                                       "use an image_size that is a multiple of 8, or fewer features."):
@@ -113,6 +131,8 @@ def test_gan_losses_match_their_definitions():
   np.testing.assert_allclose(gan_lib.generator_loss("non_saturating", d_fake), -np.log(jax.nn.sigmoid(-1.0)),
                              rtol=1e-6)
   np.testing.assert_allclose(gan_lib.discriminator_loss("wgan_gp", d_real, d_fake, 0.5), -1.0 - 2.0 + 0.5)
+  np.testing.assert_allclose(gan_lib.discriminator_loss("non_saturating", d_real, d_fake, 0.5),  # was dropped
+                             gan_lib.discriminator_loss("non_saturating", d_real, d_fake) + 0.5, rtol=1e-6)
   np.testing.assert_allclose(gan_lib.generator_loss("wgan_gp", d_fake), 1.0)
   for loss in (lambda: gan_lib.discriminator_loss("hinge", d_real, d_fake), lambda: gan_lib.generator_loss("hinge",
                                                                                                           d_fake)):
@@ -313,6 +333,9 @@ def test_vae_reconstructs_pixels_in_the_units_its_encoder_was_trained_on():
     model.apply(params, 2 * binary - 1, rng)
   with pytest.raises(UserError, match=r"Pixels run from 0 to 3; this VAE takes pixels in \[-1, 1\] to reconstruct"):
     model.apply(params, 3 * binary, method=VAE.reconstruct)
+  with pytest.raises(UserError, match=r"Pixels take values between the 2 levels from 0 to 1; this VAE takes "
+                                      r"binarized pixels"):  # grey pixels: a number, but no log-probability
+    model.apply(params, 0.5 * binary, rng)
   assert jax.jit(lambda x: model.apply(params, x, rng))(binary)["nelbo"].shape == (2,)  # traced: shape checked only
 
 
@@ -335,3 +358,6 @@ def test_gaussian_vae_scores_8_bit_pixels_with_probabilities():
   want = num_edges * math.log(edge) + (16 - num_edges) * math.log(inner)
   np.testing.assert_allclose(ll, [want], rtol=1e-5)
   assert 0 < float(bits_per_dim(-ll[0], config)) == pytest.approx(-want / (16 * math.log(2)), rel=1e-5)
+  with pytest.raises(UserError, match=r"Pixels take values between the 256 levels from -1 to 1; this VAE takes 8-bit "
+                                      r"pixels mapped to \[-1, 1\] \(k / 127.5 - 1\)"):  # 8-bit data scaled to [0, 1]
+    model.apply({"params": params}, jnp.asarray(levels / 255), jax.random.key(1))

@@ -39,12 +39,26 @@ class GANConfig:
                       f"multiple of 8.")
 
 
+def check_latents(z, config: GANConfig) -> None:
+  if jnp.ndim(z) != 2 or jnp.shape(z)[1] != config.latent_dim:
+    raise UserError(f"The generator takes latents of shape [batch, {config.latent_dim}], not {jnp.shape(z)}; add "
+                    f"the batch axis (z[None]) or draw latent_dim values an example.")
+
+
+def check_images(x, config: GANConfig) -> None:
+  want = (config.image_size, config.image_size, config.channels)
+  if jnp.ndim(x) != 4 or tuple(jnp.shape(x)[1:]) != want:
+    raise UserError(f"The discriminator takes images of shape [batch, {', '.join(map(str, want))}], not "
+                    f"{jnp.shape(x)}; add the batch axis (x[None]) or build it for the images' size.")
+
+
 class MLPGenerator(nn.Module):
   config: GANConfig
 
   @nn.compact
   def __call__(self, z):  # [B, Z] -> [B, H, W, C]
     c = self.config
+    check_latents(z, c)
     x = z
     for f in c.mlp_features:
       x = nn.leaky_relu(nn.Dense(f, dtype=c.dtype)(x), 0.2)
@@ -58,6 +72,7 @@ class MLPDiscriminator(nn.Module):
   @nn.compact
   def __call__(self, x):  # [B, H, W, C] -> [B]
     c = self.config
+    check_images(x, c)
     x = x.reshape(x.shape[0], -1)
     for f in reversed(c.mlp_features):
       x = nn.leaky_relu(nn.Dense(f, dtype=c.dtype)(x), 0.2)
@@ -80,6 +95,7 @@ class DCGenerator(nn.Module):
   @nn.compact
   def __call__(self, z):  # [B, Z] -> [B, H, W, C]
     c = self.config
+    check_latents(z, c)
     s, f = c.image_size // 4, c.conv_features
     x = nn.Dense(s * s * 2 * f, use_bias=False, dtype=c.dtype)(z).reshape(-1, s, s, 2 * f)
     x = nn.relu(nn.GroupNorm(num_groups=8, dtype=c.dtype)(x))
@@ -96,6 +112,7 @@ class DCDiscriminator(nn.Module):
   @nn.compact
   def __call__(self, x):  # [B, H, W, C] -> [B]
     c = self.config
+    check_images(x, c)
     x = nn.leaky_relu(nn.Conv(c.conv_features, (4, 4), strides=2, dtype=c.dtype)(x), 0.2)
     x = nn.leaky_relu(nn.Conv(2 * c.conv_features, (4, 4), strides=2, dtype=c.dtype)(x), 0.2)
     return nn.Dense(1, dtype=c.dtype)(x.reshape(x.shape[0], -1))[:, 0].astype(jnp.float32)
@@ -113,10 +130,11 @@ def check_loss(kind: str) -> None:
 
 
 def discriminator_loss(kind: str, d_real, d_fake, penalty=0.0):
-  """Per-example discriminator (critic) loss, [B]. d_* are logits (non-saturating) or critic values."""
+  """Per-example discriminator (critic) loss, [B]. d_* are logits (non-saturating) or critic values; `penalty`
+  (a gradient penalty, R1, ...) is added with either loss."""
   check_loss(kind)
   if kind == "non_saturating":
-    return jax.nn.softplus(-d_real) + jax.nn.softplus(d_fake)  # -log D(x) - log(1 - D(G(z)))
+    return jax.nn.softplus(-d_real) + jax.nn.softplus(d_fake) + penalty  # -log D(x) - log(1 - D(G(z)))
   return d_fake - d_real + penalty
 
 

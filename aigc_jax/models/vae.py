@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn.likelihood import discretized_gaussian_log_likelihood
@@ -72,10 +73,13 @@ class Decoder(nn.Module):
     return Conv(c.channels, (3, 3), dtype=c.dtype)(upsample_nearest(x)).astype(jnp.float32)
 
 
-def check_images(x, config: VAEConfig, low: float, high: float, units: str) -> None:
+def check_images(x, config: VAEConfig, low: float, high: float, units: str, levels: int | None = None) -> None:
   """One sentence for images the VAE cannot score: another shape (a channel count that broadcast silently, and
   counted bits per dim over the wrong number of dimensions) or, where the values are concrete, pixels outside
-  its likelihood's range (the Bernoulli log-likelihood of a pixel of -1 is positive: no probability)."""
+  its likelihood's range (the Bernoulli log-likelihood of a pixel of -1 is positive: no probability) or, with
+  `levels`, off the grid of that many evenly spaced values from low to high that the likelihood is a probability
+  of (a grey 0.5 under the Bernoulli, or 8-bit data scaled to [0, 1] under the discretized Gaussian, gave numbers
+  that are no log-probabilities)."""
   c = config
   if jnp.ndim(x) != 4 or jnp.shape(x)[1:] != (c.image_size, c.image_size, c.channels):
     raise UserError(f"This VAE takes [batch, {c.image_size}, {c.image_size}, {c.channels}] images, not shape "
@@ -85,6 +89,11 @@ def check_images(x, config: VAEConfig, low: float, high: float, units: str) -> N
   lowest, highest = float(jnp.min(x)), float(jnp.max(x))
   if not low <= lowest <= highest <= high:  # NaN fails too
     raise UserError(f"Pixels run from {lowest:g} to {highest:g}; this VAE takes {units}.")
+  if levels is not None:
+    steps = (np.asarray(x, np.float64) - low) * ((levels - 1) / (high - low))
+    if np.max(np.abs(steps - np.rint(steps)), initial=0.0) > 1e-3:
+      raise UserError(f"Pixels take values between the {levels} levels from {low:g} to {high:g}; this VAE takes "
+                      f"{units}.")
 
 
 class VAE(nn.Module):
@@ -99,10 +108,11 @@ class VAE(nn.Module):
 
   def __call__(self, x, rng):  # x [B, H, W, C]: {0, 1} for bernoulli, the 256 levels of [-1, 1] for gaussian
     if self.config.likelihood == "bernoulli":
-      check_images(x, self.config, 0.0, 1.0, "binarized pixels in {0, 1} for its Bernoulli likelihood (reconstruct "
-                   "takes [-1, 1])")
+      check_images(x, self.config, 0.0, 1.0, "binarized pixels in {0, 1} for its Bernoulli likelihood (draw each "
+                   "pixel as 1 with its intensity as probability; reconstruct takes [-1, 1])", levels=2)
     else:
-      check_images(x, self.config, -1.0, 1.0, "pixels in [-1, 1] for its discretized Gaussian likelihood")
+      check_images(x, self.config, -1.0, 1.0, "8-bit pixels mapped to [-1, 1] (k / 127.5 - 1) for its discretized "
+                   "Gaussian likelihood", levels=256)
     mean, log_var = self.encoder(x)
     z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(rng, mean.shape)
     recon = -self.log_likelihood(x, self.decoder(z))  # [B]
