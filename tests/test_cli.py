@@ -60,6 +60,8 @@ def test_train_resume_and_sample(model, tmp_path, text_file, capsys):
     (["--config.model.name=mamba"], "aigc-jax: Unknown model.name 'mamba'"),
     (["--config.model.attention=flashy"], "aigc-jax: Unknown attention implementation 'flashy'"),
     (["--config.model.position_encoding=alibi"], "aigc-jax: Unknown position_encoding 'alibi'; use one of learned"),
+    (["--config.sample.prompt=QZX"], "aigc-jax: sample.prompt has characters outside the vocabulary of "
+                                     "text_file:"),  # was found at the first evaluation, steps into the run
     (["--steps=5"], "aigc-jax: unknown argument '--steps=5'"),
     (["--config.eval_batches", "2"], "aigc-jax: unknown argument '2'; write the override as "
                                      "--config.eval_batches=VALUE, with '='."),

@@ -184,6 +184,38 @@ def test_non_finite_loss_before_any_checkpoint_says_so(tiny_config, tmp_path):
     loop.train_and_evaluate(tiny_config, str(tmp_path / "run"), show_progress=False)
 
 
+def test_the_checkpoint_due_with_an_evaluation_is_saved_before_it(tiny_config, tmp_path, monkeypatch):
+  """An evaluation that failed (or a host lost during it) lost the checkpoint due at the same step."""
+  from aigc_jax.tasks.language_model import LanguageModelTask
+
+  def failing(self, params, step, writer):
+    raise RuntimeError("the evaluation failed")
+
+  monkeypatch.setattr(LanguageModelTask, "on_eval", failing)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(RuntimeError, match="the evaluation failed"):
+    loop.train_and_evaluate(tiny_config, workdir, show_progress=False)  # checkpoint and evaluation both at step 3
+  assert Checkpointer(workdir).latest_step() == 3
+
+
+def test_keys_added_since_a_run_was_saved_resume_with_the_values_it_trained_with(tmp_path):
+  """A run saved before data.random_flip existed was not augmented; ddpm_cifar10.py's True turned flips on
+  halfway through, silently (keys the saved config lacks were skipped)."""
+  from aigc_jax.tasks.diffusion import DiffusionTask
+  path = os.path.join(ROOT, "configs", "ddpm_cifar10.py")
+  saved = json.loads(config_lib.to_json(config_lib.load_config(path)))
+  del saved["data"]["random_flip"], saved["sample"]["variance"]
+  with open(tmp_path / loop.CONFIG_FILE, "w") as f:
+    json.dump(saved, f)
+  checkpointer = Checkpointer(str(tmp_path))
+  with pytest.raises(UserError, match=r"written with a different config \(data.random_flip changed since the "
+                                      r"run's config.json\); resume with the run's own settings"):
+    loop._check_changes(checkpointer, config_lib.load_config(path), str(tmp_path), DiffusionTask.later_keys)
+  # The run's own setting resumes; sample.variance may change after training, as every sample.* key.
+  loop._check_changes(checkpointer, config_lib.load_config(path, ["data.random_flip=False"]), str(tmp_path),
+                      DiffusionTask.later_keys)
+
+
 def flip_sites(folder):
   """(file, byte offset) pairs to flip a bit at: the middle and a third of each file, largest files first."""
   for path in sorted((os.path.join(folder, name) for name in os.listdir(folder)), key=os.path.getsize, reverse=True):

@@ -9,6 +9,7 @@ import optax
 
 from aigc_jax import decoding
 from aigc_jax.data.text import CharDataset, CharVocab
+from aigc_jax.errors import UserError
 from aigc_jax.models import build_language_model
 from aigc_jax.tasks.base import Task
 
@@ -26,6 +27,10 @@ class LanguageModelTask(Task):
     self._dataset = None
     if self.vocab is None:  # a new run: the corpus makes the vocabulary
       self.vocab = self.dataset.vocab
+    unknown = sorted(set(config.sample.prompt) - set(self.vocab.chars))
+    if unknown:  # checked here, not at the first evaluation, after the run's first steps
+      raise UserError(f"sample.prompt has characters outside the vocabulary of {config.data.source} "
+                      f"({''.join(unknown)!r}); set --config.sample.prompt to text made of its characters.")
     self.model = build_language_model(config.model, vocab_size=self.vocab.size, max_len=config.data.seq_len)
     self.units_per_batch = config.batch_size * config.data.seq_len
 

@@ -227,10 +227,14 @@ def _resume(checkpointer, abstract_state, config, workdir: str, data_fingerprint
   return state
 
 
-def _check_changes(checkpointer, config, workdir: str) -> None:
-  """Refuses to resume with settings outside RESUMABLE_CHANGES changed since the run's config.json; logs the rest."""
-  # Keys the run's config.json lacks (added to the configs since it was written) are left to the restore to judge.
-  changed = _changed_keys(os.path.join(workdir, CONFIG_FILE), config, missing=False)
+def _check_changes(checkpointer, config, workdir: str, later_keys: dict) -> None:
+  """Refuses to resume with settings outside RESUMABLE_CHANGES changed since the run's config.json; logs the rest.
+
+  Keys added to the configs since the run's config.json was written count with the values that reproduce what
+  the code did before them (the task's `later_keys`: a run saved before data.random_flip was not augmented, and
+  ddpm_cifar10.py's True would have turned flips on halfway, silently); other keys it lacks are left to the
+  restore to judge."""
+  changed = _changed_keys(os.path.join(workdir, CONFIG_FILE), config, missing=False, later_keys=later_keys)
   refused = [key for key in changed if not key.startswith(RESUMABLE_CHANGES)]
   if refused:
     raise _config_changed(checkpointer, refused)
@@ -244,13 +248,13 @@ def _config_changed(checkpointer, keys: list[str]) -> UserError:
                    f"settings, or train in a new --workdir.")
 
 
-def _changed_keys(saved_path: str, config, missing: bool = True) -> list[str]:
-  """Dotted keys whose values differ between the JSON config at saved_path (if readable) and `config`; with
-  `missing`, also those only one of them has."""
+def _changed_keys(saved_path: str, config, missing: bool = True, later_keys: dict | None = None) -> list[str]:
+  """Dotted keys whose values differ between the JSON config at saved_path (if readable), with the `later_keys`
+  it lacks filled in, and `config`; with `missing`, also those only one of them has."""
   try:
     with open(saved_path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
+      saved = json.loads(config_lib.to_json(config_lib.fill_missing(config_lib.from_json(f.read()), later_keys or {})))
+  except (OSError, ValueError, TypeError, AttributeError):  # unreadable, or JSON that is no config
     return []
 
   def flat(tree, prefix=""):
@@ -291,7 +295,8 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
     mesh = parallel.data_mesh()
     steps = compile_steps(task, config, mesh)
     if resuming:
-      _check_changes(checkpointer, config, workdir)  # before the data is read: a changed data.source is named
+      _check_changes(checkpointer, config, workdir, task.later_keys)  # before the data is read: a changed
+      # data.source is named
       fingerprint = task.data_fingerprint()
       state = _resume(checkpointer, steps.abstract, config, workdir, fingerprint)
     else:
@@ -371,15 +376,17 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
           writer.write_scalars(done, summary)  # "loss": the running training loss; evaluations log train_/val_loss
           last_logged = summary
           pending, window_start, window_first = [], now, done
+        # Saved before the evaluation due at the same step: an evaluation that fails, or a host lost during it,
+        # loses nothing (and the save's writing, in the background, overlaps it).
+        if saving:
+          checkpointer.save(done, state, {"data": data_record(done)})
+          last_saved = done
+          window_start = time.perf_counter()  # saving is not training throughput (its device-to-host copy blocks)
         if evaluating:
           last_eval = evaluate(state.eval_params, done)
           if last_eval and primary:  # GANs have no evaluation metrics, only samples
             progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-          window_start = time.perf_counter()  # evaluation time is not training throughput
-        if saving:
-          checkpointer.save(done, state, {"data": data_record(done)})
-          last_saved = done
-          window_start = time.perf_counter()  # nor is saving (its device-to-host copy blocks)
+          window_start = time.perf_counter()  # nor is evaluation time
         progress.update(1)
         if stop is not None:
           raise Stopped(done, stop)
