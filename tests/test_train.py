@@ -214,6 +214,10 @@ def test_keys_added_since_a_run_was_saved_resume_with_the_values_it_trained_with
   # The run's own setting resumes; sample.variance may change after training, as every sample.* key.
   loop._check_changes(checkpointer, config_lib.load_config(path, ["data.random_flip=False"]), str(tmp_path),
                       DiffusionTask.later_keys)
+  # Nor does a failed restore's explanation name a key the run lacks but had in effect (it listed every such key).
+  saved_path, own = str(tmp_path / loop.CONFIG_FILE), config_lib.load_config(path, ["data.random_flip=False"])
+  assert "data.random_flip" in loop._changed_keys(saved_path, own)
+  assert loop._changed_keys(saved_path, own, later_keys=DiffusionTask.later_keys) == ["sample.variance"]
 
 
 def flip_sites(folder):

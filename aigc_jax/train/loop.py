@@ -196,7 +196,7 @@ def jit_init(init: Callable, platform: str, **jit_kwargs) -> Callable:
   return jax.jit(init, compiler_options=options, **jit_kwargs)
 
 
-def _resume(checkpointer, abstract_state, config, workdir: str, data_fingerprint: str | None):
+def _resume(checkpointer, abstract_state, config, workdir: str, data_fingerprint: str | None, later_keys: dict):
   """The latest checkpoint's state; one sentence when it cannot be read, naming the config keys changed since the
   run's config.json when there are any (a changed model or optimizer no longer fits the saved arrays)."""
   try:
@@ -205,7 +205,7 @@ def _resume(checkpointer, abstract_state, config, workdir: str, data_fingerprint
     # Settings that shape the saved state (the optimizer's, say grad_clip's chain) can make it unreadable; how long
     # the run is and what it logs cannot, and the rest were refused before (_check_changes). Damaged files are
     # damage whatever changed: a learning rate changed along with them is not the cause.
-    changed = [key for key in _changed_keys(os.path.join(workdir, CONFIG_FILE), config)
+    changed = [key for key in _changed_keys(os.path.join(workdir, CONFIG_FILE), config, later_keys=later_keys)
                if key.startswith("optim.") or not key.startswith(RESUMABLE_CHANGES)]
     if changed and checkpointer.layout_differs(checkpointer.latest_step(), abstract_state):
       raise _config_changed(checkpointer, changed) from None
@@ -298,7 +298,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
       _check_changes(checkpointer, config, workdir, task.later_keys)  # before the data is read: a changed
       # data.source is named
       fingerprint = task.data_fingerprint()
-      state = _resume(checkpointer, steps.abstract, config, workdir, fingerprint)
+      state = _resume(checkpointer, steps.abstract, config, workdir, fingerprint, task.later_keys)
     else:
       fingerprint = task.data_fingerprint()
       state = steps.init(jax.random.PRNGKey(config.seed))
