@@ -29,6 +29,17 @@ def sample_many(task, params, num_samples: int, labels, rng, **options):
   return np.concatenate(chunks)
 
 
+def sampling_record(task, options: dict) -> dict:
+  """The sampling settings a result was measured with: `options` given, the run's `sample.*` for the rest."""
+  used = {name: options.get(name, task.config.sample[name]) for name in task.sample_options}
+  if "sampler" in task.config.sample:  # diffusion: ddim or ddpm, which --config.sample.sampler may have changed
+    used = {"sampler": task.config.sample.sampler, **used}
+    if used["sampler"] == "ddpm":  # its noise is set by sample.variance, and eta (DDIM's) plays no part
+      del used["eta"]
+      used["variance"] = task.config.sample.variance
+  return used
+
+
 def evaluate_workdir(workdir: str, *, num_samples: int | None = None, seed: int = 0, overrides=(), **options) -> dict:
   """Writes and returns `DIR/eval.json`: Fréchet distances, label and classifier accuracy, the family's bound.
 
@@ -52,10 +63,8 @@ def evaluate_workdir(workdir: str, *, num_samples: int | None = None, seed: int 
   if not np.all(np.isfinite(samples)):
     raise UserError(f"The model at step {step} samples non-finite pixels (NaN or inf), which no metric can score; "
                     f"retrain it, with a lower optim.learning_rate if its loss grew.")
-  used = {name: options.get(name, task.config.sample[name]) for name in task.sample_options}
-  if "sampler" in task.config.sample:  # diffusion: ddim or ddpm, which --config.sample.sampler may have changed
-    used = {"sampler": task.config.sample.sampler, **used}
-  results = {"step": step, "num_samples": num_samples, **used, "sampling_seconds": round(sampling_seconds, 1),
+  results = {"step": step, "num_samples": num_samples, **sampling_record(task, options),
+             "sampling_seconds": round(sampling_seconds, 1),
              **image_metrics(classifier, task.dataset.images("test"), samples, labels)}
   results.update(task.heldout_metrics(params))
   grid = plots.image_grid(plots.to_uint8(samples[:100]), columns=10)

@@ -111,8 +111,8 @@ def test_values_at_the_edges_of_the_ranges_load():
     ("vae_mnist", "model.likelihood=normal", "Unknown model.likelihood 'normal'; use one of bernoulli, gaussian."),
     ("ddpm_mnist", "sample.steps=2000", "sample.steps is 2000 and the model has 1000 diffusion steps; set "
                                         "--config.sample.steps between 1 and 1000."),
-    ("ddpm_mnist", "sample.guidance_interval=(0.5, 2.0)", "The guidance interval (0.5, 2) is not within the noise "
-                                                          "levels 0..1; use --config.sample.guidance_interval=(LO, "
+    ("ddpm_mnist", "sample.guidance_interval=(0.5, 2.0)", "The guidance interval (0.5, 2) is not within the timestep "
+                                                          "fractions 0..1; use --config.sample.guidance_interval=(LO, "
                                                           "HI) with 0 <= LO <= HI <= 1."),
 ])
 def test_settings_a_model_cannot_take_are_refused_before_training(name, override, message):

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from aigc_jax import config as config_lib
-from aigc_jax.diffusion import samplers, schedules
+from aigc_jax.diffusion import losses, samplers, schedules
 from aigc_jax.diffusion import bits_per_dim_bound, check_labels, ddim_sample, ddpm_sample, diffusion_loss, make_schedule
 from aigc_jax.errors import UserError
+from aigc_jax.evaluate import sampling_record
 from aigc_jax.models.unet import UNet, UNetConfig
 from aigc_jax.nn import likelihood
 from aigc_jax.tasks import make_task
@@ -109,6 +110,16 @@ def test_diffusion_loss_targets_and_label_dropout():
   # With x0 = 0, v = sqrt(abar_t) eps: E|v|^2 = mean over t of abar_t.
   total, _ = diffusion_loss(zero, None, schedule, x0, None, rbg_key(1), prediction="v")
   assert abs(total / b - float(np.mean(schedule.alphas_cumprod))) < 5 / math.sqrt(2 * b)
+  # A predictor that knows x0 has no loss only if the target is the noise that made x_t, at the t it was given.
+  x0 = grid_images((64, 2, 2), 3)
+  for prediction in ("epsilon", "v"):
+    def oracle(params, x, t, y, rng, prediction=prediction):
+      eps = schedules.eps_from_x0(schedule, x, t, jnp.asarray(x0))
+      if prediction == "epsilon":
+        return eps
+      return schedules.v_target(schedule, jnp.asarray(x0), eps, t)
+    total, _ = diffusion_loss(oracle, None, schedule, x0, None, rbg_key(2), prediction=prediction)
+    assert float(total) / 64 < 1e-10, prediction
 
   seen = []
 
@@ -402,6 +413,36 @@ def test_bits_per_dim_with_an_oracle_is_prior_plus_decoder():
   np.testing.assert_allclose(out["total"], out["prior"] + out["decoder"] + out["diffusion"], rtol=1e-6)
 
 
+@pytest.mark.parametrize("variance", ["posterior", "beta"])
+def test_bits_per_dim_kl_terms_of_a_predictor_off_by_a_constant_are_their_closed_form(variance):
+  """x0 predicted 0.05 too high everywhere (never clipped): each KL term is that of two Gaussians whose means differ
+  by coef1_t * 0.05, the posterior's variance against the model's."""
+  schedule = make_schedule("cosine", 20)
+  x0 = np.clip(grid_images((2, 3, 3, 1), 4), -0.9, 0.9)
+  off = lambda x, t, y: schedules.eps_from_x0(schedule, x, t, jnp.asarray(x0) + 0.05)
+  got = bits_per_dim_bound(off, schedule, x0, None, rbg_key(0), variance=variance)["diffusion"]
+  post = np.asarray(schedule.posterior_variance, np.float64)[1:]
+  coef1 = np.asarray(schedule.posterior_mean_coef1, np.float64)[1:]
+  model = post if variance == "posterior" else np.asarray(schedule.betas, np.float64)[1:]
+  kl = 0.5 * (-1 + np.log(model / post) + post / model + (coef1 * 0.05) ** 2 / model)
+  np.testing.assert_allclose(got, np.full(2, kl.sum() / np.log(2)), rtol=1e-4)
+
+
+def test_a_one_step_process_has_a_bound_and_guides_its_one_step():
+  """T = 1: the beta variance has no beta~_1 to take at t = 0 (it indexed past the end), and the guidance interval's
+  t / (T - 1) was 0 / 0, so no interval ever guided."""
+  one = make_schedule("linear", 1)
+  np.testing.assert_allclose(losses.model_log_variance(one, "beta"), np.log(one.betas), rtol=1e-6)
+  out = bits_per_dim_bound(lambda x, t, y: jnp.zeros_like(x), one, grid_images((2, 2, 2, 1), 0), None, rbg_key(0),
+                           variance="beta")
+  assert np.all(np.isfinite(out["total"])) and np.all(out["diffusion"] == 0)  # no KL term with one step
+  fn = lambda x, t, y: x * (1.0 + y[:, None])  # the null class (2) predicts differently from the labels
+  kw = dict(num_steps=1, labels=np.array([0, 1]), num_classes=2, guidance=3.0)
+  interval = ddim_sample(fn, one, rbg_key(0), (2, 2), guidance_interval=(0.0, 0.5), **kw)
+  np.testing.assert_array_equal(interval, ddim_sample(fn, one, rbg_key(0), (2, 2), **kw))  # t = 0 is guided
+  assert not np.allclose(interval, ddim_sample(fn, one, rbg_key(0), (2, 2), **{**kw, "guidance": 1.0}))
+
+
 def test_bits_per_dim_on_a_tiny_unet_and_the_strided_estimate():
   config = UNetConfig(image_size=8, channels=1, base_features=8, channel_mults=(1, 2), num_res_blocks=1,
                       attention_resolutions=(4,), num_heads=1, dropout=0.0, norm_groups=4)
@@ -488,6 +529,24 @@ def test_an_unconditional_model_refuses_guidance_and_every_sampler_refuses_non_f
   conditional = make_task(config_lib.load_config(os.path.join(ROOT, "configs", "ddpm_mnist.py"), TINY_UNET))
   with pytest.raises(UserError, match="--guidance is nan; use a finite scale"):
     conditional.check_sample_request(2, guidance=float("nan"))
+  # And the samplers themselves, which people call from their own code: NaN would make every pixel NaN.
+  kw = dict(num_steps=2, labels=np.array([0, 1]), num_classes=2)
+  for sampler, options, message in [(ddim_sample, {"guidance": float("nan")}, "guidance is nan; use a finite number."),
+                                    (ddpm_sample, {"guidance": float("inf")}, "guidance is inf; use a finite number."),
+                                    (ddim_sample, {"eta": float("nan")}, "eta is nan; use a finite number of at "),
+                                    (ddim_sample, {"eta": -0.5}, "eta is -0.5; use a finite number of at least 0.")]:
+    with pytest.raises(UserError, match=message):
+      sampler(shrink_by_half, make_schedule("linear", 4), rbg_key(0), (2, 2), **kw, **options)
+
+
+def test_eval_records_the_sampling_settings_each_sampler_uses():
+  path = os.path.join(ROOT, "configs", "ddpm_mnist.py")
+  ddim = make_task(config_lib.load_config(path, TINY_UNET))
+  assert sampling_record(ddim, {"steps": 3}) == {"sampler": "ddim", "steps": 3, "eta": 0.0, "guidance": 2.0,
+                                                 "guidance_interval": (0.5, 1.0)}
+  ddpm = make_task(config_lib.load_config(path, TINY_UNET + ["sample.sampler=ddpm", "sample.variance=beta"]))
+  assert sampling_record(ddpm, {"guidance": 1.0}) == {"sampler": "ddpm", "steps": 5, "guidance": 1.0,
+                                                      "guidance_interval": (0.5, 1.0), "variance": "beta"}
 
 
 def test_a_model_trained_without_label_dropout_refuses_guidance_and_sample_steps_0_is_refused():
@@ -573,7 +632,7 @@ def test_timesteps_samplers_settings_and_short_schedules_are_checked():
   with pytest.raises(UserError, match=r"eta must be one number"):
     ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=2, eta=jnp.array([0.0, 1.0]))
   for interval in ((0.1, 0.5, 0.9), 0.5):  # too many values to unpack; 'float' object is not iterable
-    with pytest.raises(UserError, match="is not two noise levels; use guidance_interval=.LO, HI."):
+    with pytest.raises(UserError, match="is not two timestep fractions; use guidance_interval=.LO, HI."):
       ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=2, guidance_interval=interval)
   with pytest.raises(UserError, match="Class labels were given with num_classes=0 .*pass its num_classes"):
     ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=2, labels=np.array([0, 1]))

@@ -67,6 +67,8 @@ def model_log_variance(schedule: NoiseSchedule, variance: str):
   check_variance(variance)
   if variance == "posterior":
     return schedule.posterior_log_variance_clipped
+  if schedule.num_steps == 1:  # no beta~_1 to stand in at the first step: the one step's beta, as `posterior` does
+    return jnp.log(schedule.betas)
   return jnp.log(jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]]))
 
 

@@ -6,10 +6,12 @@ of `num_steps` <= T of the training timesteps (evenly spaced from T - 1, down to
 the process respaced to it as in Nichol & Dhariwal 2021: abar' is abar on the subsequence and
 beta'_i = 1 - abar'_i / abar'_{i-1}. With num_steps = T this is exactly Ho et al.'s sampler.
 
-Guidance can be limited to an interval of noise levels (Kynkäänniemi et al. 2024, "Applying
-guidance in a limited interval improves sample and distribution quality"): `guidance_interval`
-(lo, hi) guides only the steps whose timestep t has lo <= t / (T - 1) <= hi, and uses the plain
-conditional prediction elsewhere; (0, 1), the default, guides every step.
+Guidance can be limited to an interval (after Kynkäänniemi et al. 2024, "Applying guidance in a
+limited interval improves sample and distribution quality"): `guidance_interval` (lo, hi) guides
+only the steps whose timestep t has lo <= t / (T - 1) <= hi, and uses the plain conditional
+prediction elsewhere; (0, 1), the default, guides every step. The interval is in timesteps, not
+in the paper's noise level sigma = sqrt((1 - abar) / abar), so one interval covers different sigmas
+under different schedules: t / (T - 1) = 0.5 is sigma 3.4 under the linear schedule of T = 1000.
 
 The samplers trace under `jax.jit` (close over the parameters in the jitted function); the
 label check then cannot see traced labels, so call `check_labels` on the host first. `guidance`
@@ -23,6 +25,7 @@ guidance 1 and eta 0 skip the doubled batch and the noise draws:
                        guidance=3.0)
 """
 
+import math
 import operator
 from typing import Optional
 
@@ -97,11 +100,18 @@ def guided_prediction(apply_fn: ApplyFn, x, t, labels, *, num_classes: int, guid
   return uncond + guidance * (cond - uncond)
 
 
-def check_scalar(value, name: str) -> None:
-  """One number, concrete or traced: a [B] array would broadcast against the images' last (channel) axis."""
+def check_scalar(value, name: str, minimum: float | None = None) -> None:
+  """One number, concrete or traced: a [B] array would broadcast against the images' last (channel) axis. A concrete
+  one must be finite (NaN would turn every sample into NaN) and at least `minimum` where one is given."""
   if jnp.ndim(value) != 0:
     raise UserError(f"{name} must be one number (a Python float or a scalar array, traced or not), not an array of "
                     f"shape {jnp.shape(value)}; for one value per sample, jax.vmap the sampler over them.")
+  if isinstance(value, jax.core.Tracer):
+    return
+  number = float(value)
+  if not math.isfinite(number) or (minimum is not None and number < minimum):
+    bound = "a finite number" if minimum is None else f"a finite number of at least {minimum:g}"
+    raise UserError(f"{name} is {number}; use {bound}.")
 
 
 def _is(value, number: float) -> bool:
@@ -114,10 +124,10 @@ def check_guidance_interval(interval, setting: str = "guidance_interval=(LO, HI)
   try:
     lo, hi = (float(v) for v in interval)
   except (TypeError, ValueError):
-    raise UserError(f"The guidance interval {interval!r} is not two noise levels; use {setting} with "
+    raise UserError(f"The guidance interval {interval!r} is not two timestep fractions; use {setting} with "
                     f"0 <= LO <= HI <= 1.") from None
   if not 0.0 <= lo <= hi <= 1.0:
-    raise UserError(f"The guidance interval ({lo:g}, {hi:g}) is not within the noise levels 0..1; "
+    raise UserError(f"The guidance interval ({lo:g}, {hi:g}) is not within the timestep fractions 0..1; "
                     f"use {setting} with 0 <= LO <= HI <= 1.")
   return lo, hi
 
@@ -164,7 +174,7 @@ def _sample(apply_fn, schedule, rng, shape, *, num_steps, labels, num_classes, g
     if labels is None or _is(guidance, 1.0) or (lo, hi) == (0.0, 1.0):
       pred = guided()
     else:  # outside the interval, the conditional prediction (guidance 1) at the cost of one call
-      level = ts[i] / (schedule.num_steps - 1)
+      level = ts[i] / max(schedule.num_steps - 1, 1)  # T = 1: its one step, t = 0, is level 0
       pred = jax.lax.cond((level >= lo) & (level <= hi), guided, lambda: apply_fn(x, t, labels))
     pred = pred.astype(jnp.float32)
     x0, eps = sched.to_x0_and_eps(schedule, x, t, pred, prediction, clip_x0=clip_x0)
@@ -208,7 +218,7 @@ def ddim_sample(apply_fn: ApplyFn, schedule: NoiseSchedule, rng, shape, *, num_s
   sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar'): eta=0 is deterministic given
   x_T, eta=1 is the ancestral sampler with the posterior variance. Other arguments as `ddpm_sample`.
   """
-  check_scalar(eta, "eta")
+  check_scalar(eta, "eta", minimum=0.0)
 
   def update(x, x0, eps, z, c: _Step, i):
     sigma2 = eta ** 2 * c.posterior_variance

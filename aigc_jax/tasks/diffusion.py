@@ -38,6 +38,8 @@ class DiffusionTask(ImageTask):
     super().__init__(config, workdir)
     h, _, c = self.image_shape
     m, d = config.model, config.diffusion
+    if d.prediction == "v":
+      self.loss_label = "v-prediction MSE"
     self.conditional = m.conditional
     self.ema_decay = config.ema_decay
     self.unet_config = unet_config(m, h, c, self.num_classes)
