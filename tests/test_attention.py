@@ -84,6 +84,9 @@ def on_a_gpu(monkeypatch):
 
   def cudnn(q, k, v, *, mask, is_causal, implementation):
     assert implementation == "cudnn"
+    # jax's cuDNN call takes the mask as a bias and checks its layout (check_layout in jax/_src/cudnn): a padding
+    # mask [B, 1, 1, S] raised "Bias must have same seq length as QKV" there.
+    assert mask is None or mask.shape[2:] == (q.shape[1], k.shape[1]), mask.shape
     calls.append(dict(mask=None if mask is None else mask.shape, is_causal=is_causal))
     return xla(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
 
@@ -111,7 +114,7 @@ def test_cudnn_gives_zeros_where_the_mask_and_causality_leave_no_key(on_a_gpu):
   got = dot_product_attention(q, k, v, causal=True, mask=mask, implementation="cudnn")
   np.testing.assert_array_equal(np.asarray(got[:, :2], np.float32), 0)
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2)
-  assert on_a_gpu == [dict(mask=(1, 1, 1, 4), is_causal=True)]
+  assert on_a_gpu == [dict(mask=(1, 1, 4, 4), is_causal=True)]
 
 
 def test_cudnn_with_a_bias_needs_even_lengths_and_auto_goes_around_it(on_a_gpu):

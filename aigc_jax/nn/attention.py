@@ -193,12 +193,14 @@ def _cudnn_attention(q, k, v, *, causal, mask):
   if causal and t != s:
     keep = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None, None]  # [1, 1, T, S]
     mask, causal = (keep if mask is None else jnp.logical_and(mask, keep)), False
+  if mask is not None:  # cuDNN takes it as a bias of all T x S (a [B, 1, 1, S] key padding mask is refused)
+    mask = jnp.broadcast_to(mask, (*jnp.shape(mask)[:2], t, s))
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
   if mask is None:
     return out  # (causal with T == S: every query sees itself)
   # A query row that sees no key gives zeros, as in the other implementations (not a softmax over masked keys):
   # with causal still set (T == S) cuDNN applies it, and a row the mask leaves only future keys is empty too.
-  visible = jnp.broadcast_to(mask, (*jnp.shape(mask)[:2], t, s))
+  visible = mask
   if causal:
     visible = jnp.logical_and(visible, jnp.tri(t, s, dtype=bool))
   seen = jnp.any(visible, axis=-1)  # [B|1, H|1, T]
