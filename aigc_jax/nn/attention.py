@@ -53,7 +53,7 @@ IMPLEMENTATIONS = ("xla", "cudnn", "chunked", "flash", "auto")
 BATCH_AXIS = "data"  # the mesh axis that splits the batch (aigc_jax.train.parallel's data mesh)
 # Off GPU, `auto` switches from `xla` to `chunked` at T * S >= 1024 * 1024 (a 4 MiB fp32 score
 # matrix per batch-head): on the 2-core EPYC chunked was faster from length 1024 up, forward and
-# backward, causal or not, and even at 512 it was close (benchmarks/results/attention_cpu_quick.json).
+# backward, causal or not (1.33x-2.06x), and slower at 512 (0.57x-0.93x; benchmarks/results/attention_cpu_quick.json).
 CHUNKED_MIN_SCORES = 1024 * 1024
 
 
