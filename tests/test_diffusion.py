@@ -351,7 +351,8 @@ def test_user_errors():
     jax.jit(lambda y: ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=5, labels=y, num_classes=10))(
         jnp.array([0.5, 1.0]))
   check_labels(np.array([0, 9]), 10, batch_size=2)
-  with pytest.raises(UserError, match="posterior, beta"):
+  with pytest.raises(UserError, match=r"Unknown reverse-process variance 'large'; use posterior \(beta~_t, Ho et "
+                                      r"al.'s fixedsmall\) or beta \(beta_t, their fixedlarge\)\."):
     ddpm_sample(fn, schedule, rbg_key(0), (2, 2), variance="large")
   np.testing.assert_array_equal(ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=jnp.int32(5)),
                                 ddim_sample(fn, schedule, rbg_key(0), (2, 2), num_steps=5))  # a concrete jax int

@@ -57,9 +57,11 @@ def diffusion_loss(apply_fn: TrainApplyFn, params, schedule: NoiseSchedule, x0, 
 VARIANCES = ("posterior", "beta")
 
 
-def check_variance(variance: str):
+def check_variance(variance: str, setting: str = "reverse-process variance"):
+  """One sentence, naming `setting` (the config key where it came from one), for a variance not in VARIANCES."""
   if variance not in VARIANCES:
-    raise UserError(f"Unknown reverse-process variance {variance!r}; use one of {', '.join(VARIANCES)}.")
+    raise UserError(f"Unknown {setting} {variance!r}; use posterior (beta~_t, Ho et al.'s fixedsmall) or beta "
+                    f"(beta_t, their fixedlarge).")
 
 
 def model_log_variance(schedule: NoiseSchedule, variance: str):

@@ -51,9 +51,7 @@ class DiffusionTask(ImageTask):
       raise UserError(f"sample.steps is {config.sample.steps} and the model has {d.num_steps} diffusion steps; set "
                       f"--config.sample.steps between 1 and {d.num_steps}.")
     diffusion.check_guidance_interval(config.sample.guidance_interval, "--config.sample.guidance_interval=(LO, HI)")
-    if config.sample.variance not in diffusion_losses.VARIANCES:
-      raise UserError(f"Unknown sample.variance {config.sample.variance!r}; use posterior (beta~_t, Ho et al.'s "
-                      f"fixedsmall) or beta (beta_t, their fixedlarge).")
+    diffusion_losses.check_variance(config.sample.variance, "sample.variance")
     if self.conditional and d.cond_drop_prob == 0 and config.sample.guidance != 1:
       raise UserError(f"sample.guidance is {config.sample.guidance:g}, but with diffusion.cond_drop_prob 0 the "
                       f"unconditional (null-class) model that guidance mixes in is never trained; set "

@@ -295,8 +295,8 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
     mesh = parallel.data_mesh()
     steps = compile_steps(task, config, mesh)
     if resuming:
-      _check_changes(checkpointer, config, workdir, task.later_keys)  # before the data is read: a changed
-      # data.source is named
+      # Before the data is read: a changed data.source is named.
+      _check_changes(checkpointer, config, workdir, task.later_keys)
       fingerprint = task.data_fingerprint()
       state = _resume(checkpointer, steps.abstract, config, workdir, fingerprint, task.later_keys)
     else:
