@@ -22,6 +22,8 @@ from aigc_jax.nn.attention import CHUNKED_MIN_SCORES, dot_product_attention, res
 from aigc_jax.nn.chunked_attention import chunked_attention
 from aigc_jax.nn.flash_attention import BlockSizes, flash_attention
 
+import mosaic_gpu_interpret  # tests/, on sys.path under pytest
+
 TINY_FLASH = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 IMPLS = {
     "chunked": lambda q, k, v, **kw: chunked_attention(q, k, v, block_q=16, block_k=16, **kw),
@@ -414,6 +416,50 @@ def test_flash_hopper_forward_contract_meets_the_triton_backward(monkeypatch, ca
   got = out_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=causal, hopper=True), q, k, v, w)
   assert calls == [{"causal": causal, "scale": 64 ** -0.5}]
   assert_near_xla_in_fp32(got, q, k, v, w, 3e-2, causal=causal)
+
+
+needs_mosaic_gpu_interpreter = pytest.mark.skipif(
+    not mosaic_gpu_interpret.available(),
+    reason="Mosaic GPU's interpreter came with jax 0.11; .ci/run runs this file on it too, under Python 3.12")
+
+
+@needs_mosaic_gpu_interpreter
+@pytest.mark.parametrize("b, t, s, h, kv_heads, d, causal", [
+    (2, 256, 512, 4, 2, 64, False),  # grouped heads; two query tiles; K/V blocks of 256 filling both stages
+    (1, 384, 384, 2, 1, 128, True),  # three query tiles: skipped, masked and unmasked K/V blocks, the epilogue
+    (1, 128, 256, 1, 1, 256, False),  # head_dim 256: K/V blocks of 64, so slots are refilled while in use
+])
+def test_flash_hopper_forward_kernel_runs_right_in_the_mosaic_gpu_interpreter(monkeypatch, b, t, s, h, kv_heads, d,
+                                                                               causal):
+  """FlashAttention-3's kernel itself (warpgroups as threads, TMA and barriers simulated) against `reference`."""
+  mosaic_gpu_interpret.install(monkeypatch)
+  q, k, v, _ = qkv(b=b, t=t, s=s, h=h, kv_heads=kv_heads, d=d, dtype=jnp.bfloat16)
+  run = functools.partial(flash_attention_hopper.forward, causal=causal, scale=d ** -0.5)
+  with mosaic_gpu_interpret.interpreting():
+    out, lse = jax.jit(run)(q, k, v)
+  want_out, want_lse = flash_attention_hopper.reference(q, k, v, causal=causal, scale=d ** -0.5)
+  assert out.dtype == jnp.bfloat16 and lse.shape == (b, h, t)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=0, atol=1e-4)
+  # Both round to bf16 (a step of 2 ** -7 near 1); the kernel also multiplies P @ V with P in bf16.
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32), rtol=0, atol=2 ** -6)
+
+
+@needs_mosaic_gpu_interpreter
+def test_flash_with_the_interpreted_hopper_forward_matches_xla_with_the_triton_backward(monkeypatch):
+  """The whole Hopper `flash` on a CPU: the Mosaic GPU forward interpreted, its log-sum-exp read by the Triton
+  dK/dV and dQ kernels (Pallas interpret mode); padded length, grouped heads, causal."""
+  mosaic_gpu_interpret.install(monkeypatch)
+  kernel, calls = flash_attention_hopper.forward, []
+
+  def interpreted(*args, **kwargs):  # only this kernel: the interpreter's mode would take the Triton ones too
+    calls.append(kwargs)
+    with mosaic_gpu_interpret.interpreting():
+      return kernel(*args, **kwargs)
+  monkeypatch.setattr(flash_attention_hopper, "forward", interpreted)
+  q, k, v, w = qkv(b=1, t=200, s=200, h=2, kv_heads=1, dtype=jnp.bfloat16)
+  got = out_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=True, hopper=True), q, k, v, w)
+  assert calls == [{"causal": True, "scale": 64 ** -0.5}]
+  assert_near_xla_in_fp32(got, q, k, v, w, 3e-2, causal=True)
 
 
 DATA_PARALLEL_SCRIPT = r"""

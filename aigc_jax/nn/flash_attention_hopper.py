@@ -17,10 +17,12 @@ K/V blocks through TMA. Changes to it:
   * the K/V block is the longest that fits shared memory for the head dim.
 The Triton forward keeps what this kernel lacks: masks and segment ids, causal attention
 with fewer queries than keys, float32, head dims that are not multiples of 64, key padding.
-Mosaic GPU's interpreter (jax 0.10.2) cannot run this kernel: it lacks rules for some of
-its primitives, and with those patched in, the warp-specialised barriers deadlock. So off a
-Hopper GPU it is checked by cross-lowering for CUDA (`jax.export`), and `reference`, its
-output and log-sum-exp in plain JAX, stands in for it to check the code around it.
+Off a Hopper GPU the kernel runs in jax 0.11's Mosaic GPU interpreter (warpgroups as threads,
+shared memory, TMA and barriers simulated), where the tests check its output and log-sum-exp
+against `reference`, their statement in plain JAX; `tests/mosaic_gpu_interpret.py` fills the
+three gaps the interpreter has for this kernel (run_state accumulators, wgmma with A in
+registers, a barrier's unobserved last phases). jax 0.10.2 has no such interpreter: there it
+is cross-lowered for CUDA (`jax.export`) and `reference` stands in for it.
 Not yet run on a Hopper GPU by this project.
 """
 
@@ -320,8 +322,8 @@ def forward(q, k, v, *, causal: bool, scale: float):
 
 
 def reference(q, k, v, *, causal: bool, scale: float):
-  """What `forward` computes, in plain JAX: the contract the Triton backward reads. Tests run it in the
-  kernel's place (nothing off a Hopper GPU runs the kernel), so they check everything around it."""
+  """What `forward` computes, in plain JAX: the contract the Triton backward reads. Tests check the interpreted
+  kernel against it, and run it in the kernel's place where jax has no Mosaic GPU interpreter (0.10.2)."""
   b, t, h, d = q.shape
   kv_heads = k.shape[2]
   q = q.astype(jnp.float32).reshape(b, t, kv_heads, h // kv_heads, d)
