@@ -35,9 +35,9 @@ Each row also records `memory_bytes`, XLA's memory analysis of the compiled cell
 The JSON is rewritten after every cell (`meta.complete` is false until the last): a run
 stopped partway keeps its cells, and `--resume` runs only the cells still missing.
 
-On a Hopper GPU `flash`'s forward is FlashAttention-3's Mosaic GPU kernel; the grid also
-times `flash_triton` there, `flash` with its Triton forward, so both forwards are measured
-side by side (their backward is the same Triton kernels).
+On a Hopper GPU `flash` is Mosaic GPU kernels (FlashAttention-3's forward, and up to head_dim
+128 a warp-specialised backward); the grid also times `flash_triton` there, `flash` with its
+Triton kernels, so both families are measured side by side.
 """
 
 import argparse

@@ -362,19 +362,23 @@ def test_flash_tpu_kernels_lower_through_mosaic_for_a_tpu():
       assert f'kernel_name = "splash_mha_{kernel}"' in module
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_flash_hopper_forward_lowers_with_the_triton_backward_for_an_h100(causal):
-  """The Mosaic GPU kernel for bf16, grouped heads and a padded length; its gradient is the two Triton kernels."""
+@pytest.mark.parametrize("causal, head_dim", [(False, 128), (True, 128), (True, 256)])
+def test_flash_hopper_kernels_lower_for_an_h100(causal, head_dim):
+  """The Mosaic GPU kernels for bf16, grouped heads and a padded length: the forward, and the dQ and dK/dV kernels
+  after it up to head_dim 128; above, the two Triton backward kernels."""
   t = 300 if causal else 200  # causal: queries and keys padded alike to 384; else the keys must need no padding
-  q = jax.ShapeDtypeStruct((2, t, 4, 128), jnp.bfloat16)
-  k = jax.ShapeDtypeStruct((2, 300 if causal else 384, 2, 128), jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((2, t, 4, head_dim), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 300 if causal else 384, 2, head_dim), jnp.bfloat16)
   fwd = lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=False, hopper=True)
   grad = jax.grad(lambda *args: fwd(*args).astype(jnp.float32).sum(), argnums=(0, 1, 2))
   module = _gpu_module(fwd, q, k, k)
   assert module.count("@mosaic_gpu_v2(") == 1 and "@__gpu$xla.gpu.triton(" not in module
   module = _gpu_module(grad, q, k, k)
-  assert module.count("@mosaic_gpu_v2(") == 1 and module.count("@__gpu$xla.gpu.triton(") == 2
-  assert 'name = "flash_attention_dkv"' in module and 'name = "flash_attention_dq"' in module
+  if head_dim <= flash_attention_hopper.BWD_MAX_HEAD_DIM:
+    assert module.count("@mosaic_gpu_v2(") == 3 and "@__gpu$xla.gpu.triton(" not in module
+  else:
+    assert module.count("@mosaic_gpu_v2(") == 1 and module.count("@__gpu$xla.gpu.triton(") == 2
+    assert 'name = "flash_attention_dkv"' in module and 'name = "flash_attention_dq"' in module
 
 
 def test_flash_takes_the_hopper_forward_only_where_it_can_run(monkeypatch):
@@ -404,14 +408,15 @@ def test_flash_takes_the_hopper_forward_only_where_it_can_run(monkeypatch):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_flash_hopper_forward_contract_meets_the_triton_backward(monkeypatch, causal):
-  """The kernel runs only on a Hopper GPU, so here `flash_attention_hopper.reference` (its output and base-2
-  log-sum-exp, in plain JAX) stands in for it: this checks the padding, the scale and that the Triton dK/dV and
-  dQ kernels read its log-sum-exp right, against xla, values and gradients."""
+  """`flash_attention_hopper.reference` (the kernel's output and base-2 log-sum-exp, in plain JAX) in the kernel's
+  place, for jax 0.10.2, which cannot interpret it: the padding, the scale and that the Triton dK/dV and dQ kernels
+  (the backward above head_dim 128) read its log-sum-exp right, against xla, values and gradients."""
   calls = []
   def stand_in(*args, **kwargs):
     calls.append(kwargs)
     return flash_attention_hopper.reference(*args, **kwargs)
   monkeypatch.setattr(flash_attention_hopper, "forward", stand_in)
+  monkeypatch.setattr(flash_attention_hopper, "backward_unsupported_reason", lambda *shapes: "the Triton one's turn")
   q, k, v, w = qkv(b=1, t=200, s=200 if causal else 256, h=2, kv_heads=1, dtype=jnp.bfloat16)
   got = out_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=causal, hopper=True), q, k, v, w)
   assert calls == [{"causal": causal, "scale": 64 ** -0.5}]
@@ -425,7 +430,7 @@ needs_mosaic_gpu_interpreter = pytest.mark.skipif(
 
 @needs_mosaic_gpu_interpreter
 @pytest.mark.parametrize("b, t, s, h, kv_heads, d, causal", [
-    (2, 256, 512, 4, 2, 64, False),  # grouped heads; two query tiles; K/V blocks of 256 filling both stages
+    (1, 256, 512, 2, 1, 64, False),  # grouped heads; two query tiles; K/V blocks of 256 filling both stages
     (1, 384, 384, 2, 1, 128, True),  # three query tiles: skipped, masked and unmasked K/V blocks, the epilogue
     (1, 128, 256, 1, 1, 256, False),  # head_dim 256: K/V blocks of 64, so slots are refilled while in use
 ])
@@ -445,20 +450,52 @@ def test_flash_hopper_forward_kernel_runs_right_in_the_mosaic_gpu_interpreter(mo
 
 
 @needs_mosaic_gpu_interpreter
-def test_flash_with_the_interpreted_hopper_forward_matches_xla_with_the_triton_backward(monkeypatch):
-  """The whole Hopper `flash` on a CPU: the Mosaic GPU forward interpreted, its log-sum-exp read by the Triton
-  dK/dV and dQ kernels (Pallas interpret mode); padded length, grouped heads, causal."""
+@pytest.mark.parametrize("b, t, h, kv_heads, d, causal", [
+    (1, 128, 1, 1, 64, False),  # one program per kernel, both stages of streamed blocks
+    (1, 256, 2, 1, 64, False),  # grouped heads summed; two programs per kernel; four streamed blocks
+])
+def test_flash_hopper_backward_kernels_run_right_in_the_mosaic_gpu_interpreter(monkeypatch, b, t, h, kv_heads, d,
+                                                                                causal):
+  """The dQ and dK/dV kernels against JAX's gradient of `reference` in fp32, fed `reference`'s out and lse (causal
+  runs in the next test, through `flash_attention`)."""
   mosaic_gpu_interpret.install(monkeypatch)
-  kernel, calls = flash_attention_hopper.forward, []
+  q, k, v, w = qkv(b=b, t=t, s=t, h=h, kv_heads=kv_heads, d=d, dtype=jnp.bfloat16)
+  d_out = jnp.asarray(w, jnp.bfloat16)
+  attend = functools.partial(flash_attention_hopper.reference, causal=causal, scale=d ** -0.5)
+  out, lse = attend(q, k, v)
+  with mosaic_gpu_interpret.interpreting():
+    got = jax.jit(functools.partial(flash_attention_hopper.backward, causal=causal, scale=d ** -0.5))(
+        q, k, v, out, lse, d_out)
+  f32 = lambda x: x.astype(jnp.float32)
+  want = jax.vjp(lambda q, k, v: attend(q, k, v)[0], f32(q), f32(k), f32(v))[1](f32(d_out))
+  for name, a, x, b_ in zip(("dq", "dk", "dv"), got, (q, k, v), want):
+    assert a.dtype == jnp.bfloat16 and a.shape == x.shape, name
+    # bf16 inputs, P and dS rounded to bf16 for the wgmma: about 0.5% of the largest entry measured
+    assert np.abs(np.asarray(a, np.float32) - np.asarray(b_)).max() <= 1e-2 * np.abs(np.asarray(b_)).max(), name
 
-  def interpreted(*args, **kwargs):  # only this kernel: the interpreter's mode would take the Triton ones too
-    calls.append(kwargs)
-    with mosaic_gpu_interpret.interpreting():
-      return kernel(*args, **kwargs)
-  monkeypatch.setattr(flash_attention_hopper, "forward", interpreted)
+
+@needs_mosaic_gpu_interpreter
+@pytest.mark.parametrize("backward", ["hopper", "triton"])
+def test_flash_with_the_interpreted_hopper_kernels_matches_xla(monkeypatch, backward):
+  """The whole Hopper `flash` on a CPU: the Mosaic GPU forward interpreted, then its backward kernels interpreted
+  too or (as above head_dim 128) the Triton dK/dV and dQ kernels reading its log-sum-exp in Pallas interpret mode;
+  a padded length, grouped heads, causal."""
+  mosaic_gpu_interpret.install(monkeypatch)
+  calls = []
+
+  def interpreted(kernel):  # only these kernels: the interpreter's mode would take the Triton ones too
+    def run(*args, **kwargs):
+      calls.append(kernel.__name__)
+      with mosaic_gpu_interpret.interpreting():
+        return kernel(*args, **kwargs)
+    return run
+  monkeypatch.setattr(flash_attention_hopper, "forward", interpreted(flash_attention_hopper.forward))
+  monkeypatch.setattr(flash_attention_hopper, "backward", interpreted(flash_attention_hopper.backward))
+  if backward == "triton":
+    monkeypatch.setattr(flash_attention_hopper, "backward_unsupported_reason", lambda *shapes: "the Triton turn")
   q, k, v, w = qkv(b=1, t=200, s=200, h=2, kv_heads=1, dtype=jnp.bfloat16)
   got = out_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=True, hopper=True), q, k, v, w)
-  assert calls == [{"causal": True, "scale": 64 ** -0.5}]
+  assert calls == (["forward", "backward"] if backward == "hopper" else ["forward"])
   assert_near_xla_in_fp32(got, q, k, v, w, 3e-2, causal=True)
 
 
@@ -514,22 +551,22 @@ for platform, lib, call in (("cuda", flash_attention, "@__gpu$xla.gpu.triton("),
   with jax.set_mesh(mesh), jax.sharding.use_abstract_mesh(h100 if platform == "cuda" else mesh.abstract_mesh):
     module = export.export(jax.jit(grad), platforms=(platform,), disabled_checks=allow_triton)(q, k, v).mlir_module()
   assert module.count("sdy.manual_computation") == 2 and module.count(call) == 3, platform  # fwd; bwd: dq, dkv
-# And on 8 Hopper GPUs (bf16, no mask): the Mosaic GPU forward per shard, the Triton dK/dV and dQ after it.
+# And on 8 Hopper GPUs (bf16, no mask): the Mosaic GPU forward per shard, and its dQ and dK/dV kernels after it.
 attend = functools.partial(flash_attention.flash_attention, causal=True, interpret=False, hopper=True)
 grad = jax.grad(lambda *a: jnp.sum(_per_batch_shard(attend, *a, None, None).astype(jnp.float32)), argnums=(0, 1, 2))
 bf16 = [jax.ShapeDtypeStruct((8, 128, h, 64), jnp.bfloat16, sharding=rows) for h in (4, 2, 2)]
 with jax.set_mesh(mesh), jax.sharding.use_abstract_mesh(h100):
   module = export.export(jax.jit(grad), platforms=("cuda",), disabled_checks=allow_triton + [
       export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*bf16).mlir_module()
-assert module.count("sdy.manual_computation") == 2 and module.count("@mosaic_gpu_v2(") == 1
-assert module.count("@__gpu$xla.gpu.triton(") == 2
+assert module.count("sdy.manual_computation") == 2 and module.count("@mosaic_gpu_v2(") == 3
+assert module.count("@__gpu$xla.gpu.triton(") == 0
 print("per-shard flash == xla")
 """ % H100
 
 
 def test_flash_runs_per_batch_shard_under_a_data_parallel_mesh():
   """8 simulated devices: the kernels run inside shard_map on each device's row; values and gradients equal xla's,
-  and both kernel families cross-lower that way for a GPU and a TPU mesh, the Hopper forward too."""
+  and both kernel families cross-lower that way for a GPU and a TPU mesh, the Hopper kernels too."""
   import subprocess
   import sys
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}

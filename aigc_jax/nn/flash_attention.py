@@ -19,8 +19,9 @@ Apache-2.0), with these changes for `aigc_jax.nn.attention`'s API:
   * the gradient is first-order only: differentiating it again (a gradient penalty, a Hessian) is refused in
     one sentence naming `chunked` and `xla`, rather than failing inside Pallas.
 On a Hopper GPU (sm90) the forward is FlashAttention-3's Mosaic GPU kernel
-(`aigc_jax.nn.flash_attention_hopper`) wherever that kernel can run the call; the
-backward is always the Triton kernels here, which read the log-sum-exp both forwards write.
+(`aigc_jax.nn.flash_attention_hopper`) wherever that kernel can run the call, and so is the
+backward after it for head dims up to 128; above, the backward is the Triton kernels here,
+which read the log-sum-exp both forwards write.
 """
 
 import dataclasses
@@ -326,6 +327,8 @@ def _backward(st: _Static, residuals, d_out):
 @_first_order_only
 def _backward_kernels(st: _Static, residuals, d_out):
   q, k, v, ids, out, lse = residuals
+  if st.hopper and hopper_lib.backward_unsupported_reason(q.shape, k.shape) is None:
+    return (*hopper_lib.backward(q, k, v, out, lse, d_out, causal=st.causal, scale=st.scale), None)
   b, tp, h, dp = q.shape
   sp, kv_heads = k.shape[1], k.shape[2]
   g = h // kv_heads

@@ -1,4 +1,4 @@
-"""FlashAttention-3's forward for Hopper GPUs (sm90): JAX's Mosaic GPU kernel, as `flash`'s forward there.
+"""Mosaic GPU kernels for Hopper GPUs (sm90): FlashAttention-3's forward and a warp-specialised backward.
 
 Elsewhere on a GPU `flash` runs Triton kernels (`aigc_jax.nn.flash_attention`). Pallas's
 Triton lowering gives them neither Hopper's asynchronous warpgroup MMA (wgmma) nor its
@@ -12,18 +12,20 @@ K/V blocks through TMA. Changes to it:
   * the softmax scale is applied inside, folded into the base-2 exponent's constant
     (upstream leaves it to the caller);
   * it always returns the base-2 log-sum-exp [B, H, T] of the scaled scores: exactly the
-    residual the Triton dK/dV and dQ kernels of `aigc_jax.nn.flash_attention` read, so the
-    backward stays theirs (upstream's backward has no causal variant);
+    residual both backwards read, this module's (`backward`, head_dim <= 128) and the Triton
+    dK/dV and dQ kernels of `aigc_jax.nn.flash_attention` (above);
   * the K/V block is the longest that fits shared memory for the head dim.
 The Triton forward keeps what this kernel lacks: masks and segment ids, causal attention
 with fewer queries than keys, float32, head dims that are not multiples of 64, key padding.
-Off a Hopper GPU the kernel runs in jax 0.11's Mosaic GPU interpreter (warpgroups as threads,
-shared memory, TMA and barriers simulated), where the tests check its output and log-sum-exp
-against `reference`, their statement in plain JAX; `tests/mosaic_gpu_interpret.py` fills the
-three gaps the interpreter has for this kernel (run_state accumulators, wgmma with A in
-registers, a barrier's unobserved last phases). jax 0.10.2 has no such interpreter: there it
-is cross-lowered for CUDA (`jax.export`) and `reference` stands in for it.
-Not yet run on a Hopper GPU by this project.
+`backward` (below) is FlashAttention-2's backward in the same style: a dQ and a dK/dV kernel.
+Off a Hopper GPU the kernels run in jax 0.11's Mosaic GPU interpreter (warpgroups as threads,
+shared memory, TMA and barriers simulated), where the tests check the forward's output and
+log-sum-exp against `reference`, their statement in plain JAX, the backward against JAX's
+gradient of it, and both through `flash_attention` against `xla`; `tests/mosaic_gpu_interpret.py`
+fills the three gaps the interpreter has for them (run_state accumulators, wgmma with A in
+registers, a barrier's unobserved last phases). jax 0.10.2 has no such interpreter: there they
+are cross-lowered for CUDA (`jax.export`) and `reference` stands in for the forward.
+Not yet run on a Hopper GPU by this project: their speed is unmeasured.
 """
 
 import functools
@@ -334,3 +336,273 @@ def reference(q, k, v, *, causal: bool, scale: float):
   probs = jnp.exp2(scores - lse[..., None])
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32)).reshape(b, t, h, d)
   return out.astype(v.dtype), lse.reshape(b, h, t)
+
+
+BWD_BLOCK = 64  # the backward's rows per consumer warpgroup, and the rows of each block it streams
+BWD_MAX_HEAD_DIM = 128  # above, the backward's tiles and two stages of streamed blocks outgrow shared memory
+
+
+def backward_unsupported_reason(q_shape, k_shape) -> str | None:
+  """Why `backward` cannot follow `forward` for these padded shapes, or None if it can."""
+  tp, dp, sp = q_shape[1], q_shape[3], k_shape[1]
+  if dp > BWD_MAX_HEAD_DIM:
+    return f"the Hopper backward takes head_dim <= {BWD_MAX_HEAD_DIM} (got {dp})"
+  if tp % (2 * BWD_BLOCK) or sp % (2 * BWD_BLOCK):
+    return f"the Hopper backward takes lengths padded to a multiple of {2 * BWD_BLOCK} (got {tp} and {sp})"
+  return None
+
+
+def backward(q, k, v, out, lse, d_out, *, causal: bool, scale: float):
+  """FlashAttention-2's backward (Dao 2023, Algorithm 2) for Hopper, as two warp-specialised Mosaic GPU kernels.
+
+  Takes `forward`'s padded inputs, its output and base-2 log-sum-exp, and d_out; returns dq [B, Tp, H, D] and
+  dk, dv [B, Sp, K, D] in the inputs' dtype. The dQ kernel gives each of two consumer warpgroups 64 queries and
+  streams K/V blocks to them from a producer warpgroup through TMA (as `forward` does); the dK/dV kernel gives
+  each consumer 64 keys and streams blocks of Q, dO, log-sum-exp and delta = rowsum(out * dO). Every matmul is a
+  wgmma, the softmax's P and dS staying in registers as its A operand. Causal programs stream only the blocks on
+  or below the diagonal and mask the ones that cross it. With grouped heads, dK and dV are written per query
+  head and summed over each group in fp32. Adapted from the backward in jax's `attention_mgpu.py` (jax 0.11.2,
+  Copyright 2024 The JAX Authors, Apache-2.0), which has no causal variant, no softmax scale and float16 buffers.
+  """
+  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))  # [B, H, Tp]
+  dq = _dq(q, k, v, d_out, lse, delta, causal=causal, scale=scale)
+  dk, dv = _dkv(q, k, v, d_out, lse, delta, causal=causal, scale=scale)
+  b, sp, kv_heads, d = k.shape
+  g = q.shape[2] // kv_heads
+  if g > 1:
+    dk, dv = (x.reshape(b, sp, kv_heads, g, d).astype(jnp.float32).sum(3).astype(k.dtype) for x in (dk, dv))
+  return dq, dk, dv
+
+
+def _bwd_smem(rows, head_dim, dtype, copies=None):
+  """Shared memory for `copies` (None: one) tiles of [rows, head_dim], in wgmma's tiled, swizzled layout."""
+  shape = (rows, head_dim) if copies is None else (copies, rows, head_dim)
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def _causal_keep(shape, row_base, col_base, *, rows_are_queries: bool):
+  """[rows, cols] bool in the wgmma layout: a query at or after the key."""
+  rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + row_base
+  cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + col_base
+  return rows >= cols if rows_are_queries else rows <= cols
+
+
+def _dq(q, k, v, d_out, lse, delta, *, causal, scale):
+  b, tp, h, d = q.shape
+  sp, g = k.shape[1], h // k.shape[2]
+  dtype, block = q.dtype, BWD_BLOCK
+  stages = min(STAGES, sp // block)
+  to_base2 = scale * math.log2(math.e)
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, buffers, loaded, k_ready, v_ready, consumed):
+    batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem = buffers
+    program_base = lax.axis_index("q_seq") * (2 * block)
+    if causal:  # the key blocks up to the program's last query; the ones from its first query on cross it
+      stop = jnp.minimum(lax.div(program_base, jnp.int32(block)) + 2, sp // block)
+      masked_from = jnp.minimum(lax.div(program_base, jnp.int32(block)), stop)
+    else:
+      stop = masked_from = jnp.int32(sp // block)
+
+    @pl.when(wg < 2)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+      q_base = program_base + wg * block
+      rows = (batch, pl.ds(q_base, block), head)
+      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, loaded.at[0, wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, loaded.at[1, wg])
+      plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, pl.ds(q_base, block)], lse_smem2.at[wg], loaded.at[2, wg])
+      plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, pl.ds(q_base, block)], delta_smem2.at[wg], loaded.at[3, wg])
+      for i in range(4):
+        plgpu.barrier_wait(loaded.at[i, wg])
+      row_lse = plgpu.load(lse_smem2.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+      row_delta = plgpu.load(delta_smem2.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+
+      def step(j, dq_acc, masked=False):
+        slot = lax.rem(j, jnp.int32(stages))
+        plgpu.barrier_wait(k_ready.at[slot])
+
+        def scores(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          return acc_ref[...]
+        s = pl.run_scoped(scores, plgpu.ACC((block, block), jnp.float32)) * to_base2
+        if masked:
+          s = jnp.where(_causal_keep(s.shape, q_base, j * block, rows_are_queries=True), s, -jnp.inf)
+        p = jnp.exp2(s - lax.broadcast_in_dim(row_lse, s.shape, [0]))
+        plgpu.barrier_wait(v_ready.at[slot])
+
+        def d_probs(acc_ref):
+          plgpu.wgmma(acc_ref, do_smem, v_smem.at[slot].transpose((1, 0)))
+          return acc_ref[...]
+        dp = pl.run_scoped(d_probs, plgpu.ACC((block, block), jnp.float32))
+        ds = (p * (dp - lax.broadcast_in_dim(row_delta, dp.shape, [0]))).astype(dtype)
+
+        def accumulate(acc_ref):
+          plgpu.wgmma(acc_ref, ds, k_smem.at[slot])
+        dq_acc = pl.run_state(accumulate)(plgpu.ACC.init(dq_acc))
+        plgpu.barrier_arrive(consumed.at[slot])
+        return dq_acc
+
+      dq_acc = plgpu.layout_cast(jnp.zeros((block, d), jnp.float32), plgpu.Layout.WGMMA)
+      dq_acc = lax.fori_loop(0, masked_from, step, dq_acc)
+      if causal:
+        dq_acc = lax.fori_loop(masked_from, stop, functools.partial(step, masked=True), dq_acc)
+      q_smem[...] = (dq_acc * scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      kv_head = lax.div(head, jnp.int32(g))
+
+      def fetch(j, slot):
+        blk = (batch, pl.ds(j * block, block), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[blk], k_smem.at[slot], k_ready.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[blk], v_smem.at[slot], v_ready.at[slot])
+
+      for i in range(stages):
+        pl.when(i < stop)(functools.partial(fetch, i, i))
+
+      @pl.loop(stages, stop)
+      def _refill(j):
+        slot = lax.rem(j, jnp.int32(stages))
+        plgpu.barrier_wait(consumed.at[slot])
+        fetch(j, slot)
+
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      scratch_types=[
+          (_bwd_smem(block, d, dtype, 2), _bwd_smem(block, d, dtype, 2), plgpu.SMEM((2, block), jnp.float32),
+           plgpu.SMEM((2, block), jnp.float32), _bwd_smem(block, d, dtype, stages),
+           _bwd_smem(block, d, dtype, stages)),
+          plgpu.Barrier(num_barriers=(4, 2)),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      ],
+      grid=(h, tp // (2 * block), b),
+      grid_names=("heads", "q_seq", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k, v, d_out, lse, delta)
+
+
+def _dkv(q, k, v, d_out, lse, delta, *, causal, scale):
+  b, tp, h, d = q.shape
+  sp, g = k.shape[1], h // k.shape[2]
+  dtype, block = q.dtype, BWD_BLOCK
+  nq = tp // block
+  stages = min(STAGES, nq)
+  to_base2 = scale * math.log2(math.e)
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, buffers, own, ready, consumed):
+    batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem = buffers
+    program_base = lax.axis_index("kv_seq") * (2 * block)
+    if causal:  # the query blocks from the program's first key on; the ones before its last key cross it
+      start = lax.div(program_base, jnp.int32(block))
+      unmasked_from = jnp.minimum(start + 2, nq)
+    else:
+      start = unmasked_from = jnp.int32(0)
+
+    @pl.when(wg < 2)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+      kv_base = program_base + wg * block
+      kv_head = lax.div(head, jnp.int32(g))
+      plgpu.copy_gmem_to_smem(k_ref.at[batch, pl.ds(kv_base, block), kv_head], k_smem, own.at[0, wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[batch, pl.ds(kv_base, block), kv_head], v_smem, own.at[1, wg])
+      plgpu.barrier_wait(own.at[0, wg])
+      plgpu.barrier_wait(own.at[1, wg])
+
+      def step(i, carry, masked=False):
+        dk_acc, dv_acc = carry
+        slot = lax.rem(i - start, jnp.int32(stages))
+        plgpu.barrier_wait(ready.at[0, slot])
+
+        def scores_t(acc_ref):  # S^T: [keys, queries]
+          plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
+          return acc_ref[...]
+        st = pl.run_scoped(scores_t, plgpu.ACC((block, block), jnp.float32)) * to_base2
+        if masked:
+          st = jnp.where(_causal_keep(st.shape, kv_base, i * block, rows_are_queries=False), st, -jnp.inf)
+        plgpu.barrier_wait(ready.at[2, slot])
+        col_lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+        pt = jnp.exp2(st - lax.broadcast_in_dim(col_lse, st.shape, [1]))
+        plgpu.barrier_wait(ready.at[1, slot])
+
+        def values_and_d_probs(refs):  # one wgmma group: dV += P^T dO and dP^T = V dO^T
+          dv_ref, dpt_ref = refs
+          plgpu.wgmma(dv_ref, pt.astype(dtype), do_smem.at[slot])
+          plgpu.wgmma(dpt_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
+        zeros = plgpu.layout_cast(jnp.zeros((block, block), jnp.float32), plgpu.Layout.WGMMA)
+        dv_acc, dpt = pl.run_state(values_and_d_probs)((plgpu.ACC.init(dv_acc), plgpu.ACC.init(zeros)))
+        plgpu.barrier_wait(ready.at[3, slot])
+        col_delta = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+        dst = (pt * (dpt - lax.broadcast_in_dim(col_delta, dpt.shape, [1]))).astype(dtype)
+
+        def accumulate(acc_ref):
+          plgpu.wgmma(acc_ref, dst, q_smem.at[slot])
+        dk_acc = pl.run_state(accumulate)(plgpu.ACC.init(dk_acc))
+        plgpu.barrier_arrive(consumed.at[slot])
+        return dk_acc, dv_acc
+
+      zeros = plgpu.layout_cast(jnp.zeros((block, d), jnp.float32), plgpu.Layout.WGMMA)
+      carry = (zeros, zeros)
+      if causal:
+        carry = lax.fori_loop(start, unmasked_from, functools.partial(step, masked=True), carry)
+      dk_acc, dv_acc = lax.fori_loop(unmasked_from, nq, step, carry)
+      k_smem[...] = (dk_acc * scale).astype(dtype)
+      v_smem[...] = dv_acc.astype(dtype)
+      plgpu.commit_smem()
+      rows = (batch, pl.ds(kv_base, block), head)
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows])
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def fetch(i, slot):
+        rows = (batch, pl.ds(i * block, block), head)
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], ready.at[0, slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], ready.at[1, slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, pl.ds(i * block, block)], lse_smem.at[slot],
+                                ready.at[2, slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, pl.ds(i * block, block)], delta_smem.at[slot],
+                                ready.at[3, slot])
+
+      for n in range(stages):
+        pl.when(start + n < nq)(functools.partial(fetch, start + n, n))
+
+      @pl.loop(start + stages, nq)
+      def _refill(i):
+        slot = lax.rem(i - start, jnp.int32(stages))
+        plgpu.barrier_wait(consumed.at[slot])
+        fetch(i, slot)
+
+  per_query_head = jax.ShapeDtypeStruct((b, sp, h, d), dtype)
+  return plgpu.kernel(
+      kernel,
+      out_type=[per_query_head, per_query_head],
+      scratch_types=[
+          (_bwd_smem(block, d, dtype, 2), _bwd_smem(block, d, dtype, 2), _bwd_smem(block, d, dtype, stages),
+           _bwd_smem(block, d, dtype, stages), plgpu.SMEM((stages, block), jnp.float32),
+           plgpu.SMEM((stages, block), jnp.float32)),
+          plgpu.Barrier(num_barriers=(2, 2)),
+          plgpu.Barrier(num_barriers=(4, stages)),
+          plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      ],
+      grid=(h, sp // (2 * block), b),
+      grid_names=("heads", "kv_seq", "batch"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k, v, d_out, lse, delta)
