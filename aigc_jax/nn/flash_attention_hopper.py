@@ -29,6 +29,7 @@ Not yet run on a Hopper GPU by this project: their speed is unmeasured.
 """
 
 import functools
+import inspect
 import math
 
 import jax
@@ -360,17 +361,14 @@ def backward(q, k, v, out, lse, d_out, *, causal: bool, scale: float):
   streams K/V blocks to them from a producer warpgroup through TMA (as `forward` does); the dK/dV kernel gives
   each consumer 64 keys and streams blocks of Q, dO, log-sum-exp and delta = rowsum(out * dO). Every matmul is a
   wgmma, the softmax's P and dS staying in registers as its A operand. Causal programs stream only the blocks on
-  or below the diagonal and mask the ones that cross it. With grouped heads, dK and dV are written per query
-  head and summed over each group in fp32. Adapted from the backward in jax's `attention_mgpu.py` (jax 0.11.2,
+  or below the diagonal and mask the ones that cross it. With grouped heads, a dK/dV program streams the blocks of
+  every query head of its kv head's group, so dK and dV are summed over the group in fp32 registers and written
+  once. Adapted from the backward in jax's `attention_mgpu.py` (jax 0.11.2,
   Copyright 2024 The JAX Authors, Apache-2.0), which has no causal variant, no softmax scale and float16 buffers.
   """
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))  # [B, H, Tp]
   dq = _dq(q, k, v, d_out, lse, delta, causal=causal, scale=scale)
   dk, dv = _dkv(q, k, v, d_out, lse, delta, causal=causal, scale=scale)
-  b, sp, kv_heads, d = k.shape
-  g = q.shape[2] // kv_heads
-  if g > 1:
-    dk, dv = (x.reshape(b, sp, kv_heads, g, d).astype(jnp.float32).sum(3).astype(k.dtype) for x in (dk, dv))
   return dq, dk, dv
 
 
@@ -378,6 +376,15 @@ def _bwd_smem(rows, head_dim, dtype, copies=None):
   """Shared memory for `copies` (None: one) tiles of [rows, head_dim], in wgmma's tiled, swizzled layout."""
   shape = (rows, head_dim) if copies is None else (copies, rows, head_dim)
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+# jax 0.10.2's plgpu.load takes the index apart from the ref; jax 0.11 deprecates that.
+_LOAD_TAKES_INDEX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+
+
+def _load(ref, layout):
+  """All of `ref` into registers, in `layout`."""
+  return plgpu.load(ref, (), layout=layout) if _LOAD_TAKES_INDEX else plgpu.load(ref, layout=layout)
 
 
 def _causal_keep(shape, row_base, col_base, *, rows_are_queries: bool):
@@ -416,26 +423,24 @@ def _dq(q, k, v, d_out, lse, delta, *, causal, scale):
       plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, pl.ds(q_base, block)], delta_smem2.at[wg], loaded.at[3, wg])
       for i in range(4):
         plgpu.barrier_wait(loaded.at[i, wg])
-      row_lse = plgpu.load(lse_smem2.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
-      row_delta = plgpu.load(delta_smem2.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+      row_lse = _load(lse_smem2.at[wg], plgpu.Layout.WGMMA.reduce(1))
+      row_delta = _load(delta_smem2.at[wg], plgpu.Layout.WGMMA.reduce(1))
 
       def step(j, dq_acc, masked=False):
         slot = lax.rem(j, jnp.int32(stages))
         plgpu.barrier_wait(k_ready.at[slot])
+        plgpu.barrier_wait(v_ready.at[slot])
 
-        def scores(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-          return acc_ref[...]
-        s = pl.run_scoped(scores, plgpu.ACC((block, block), jnp.float32)) * to_base2
+        def scores_and_d_probs(refs):  # one wgmma group: S = Q K^T and dP = dO V^T
+          s_ref, dp_ref = refs
+          plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].transpose((1, 0)))
+        zeros = plgpu.layout_cast(jnp.zeros((block, block), jnp.float32), plgpu.Layout.WGMMA)
+        s, dp = pl.run_state(scores_and_d_probs)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+        s = s * to_base2
         if masked:
           s = jnp.where(_causal_keep(s.shape, q_base, j * block, rows_are_queries=True), s, -jnp.inf)
         p = jnp.exp2(s - lax.broadcast_in_dim(row_lse, s.shape, [0]))
-        plgpu.barrier_wait(v_ready.at[slot])
-
-        def d_probs(acc_ref):
-          plgpu.wgmma(acc_ref, do_smem, v_smem.at[slot].transpose((1, 0)))
-          return acc_ref[...]
-        dp = pl.run_scoped(d_probs, plgpu.ACC((block, block), jnp.float32))
         ds = (p * (dp - lax.broadcast_in_dim(row_delta, dp.shape, [0]))).astype(dtype)
 
         def accumulate(acc_ref):
@@ -494,36 +499,37 @@ def _dq(q, k, v, d_out, lse, delta, *, causal, scale):
 
 def _dkv(q, k, v, d_out, lse, delta, *, causal, scale):
   b, tp, h, d = q.shape
-  sp, g = k.shape[1], h // k.shape[2]
+  sp, kv_heads = k.shape[1], k.shape[2]
+  g = h // kv_heads
   dtype, block = q.dtype, BWD_BLOCK
   nq = tp // block
   stages = min(STAGES, nq)
   to_base2 = scale * math.log2(math.e)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, buffers, own, ready, consumed):
-    batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    batch, kv_head, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
     k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem = buffers
     program_base = lax.axis_index("kv_seq") * (2 * block)
     if causal:  # the query blocks from the program's first key on; the ones before its last key cross it
-      start = lax.div(program_base, jnp.int32(block))
+      start = jnp.minimum(lax.div(program_base, jnp.int32(block)), nq)
       unmasked_from = jnp.minimum(start + 2, nq)
     else:
       start = unmasked_from = jnp.int32(0)
+    blocks = nq - start  # streamed per query head of the group; step n is head n // blocks, block start + n % blocks
 
     @pl.when(wg < 2)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
       k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
       kv_base = program_base + wg * block
-      kv_head = lax.div(head, jnp.int32(g))
       plgpu.copy_gmem_to_smem(k_ref.at[batch, pl.ds(kv_base, block), kv_head], k_smem, own.at[0, wg])
       plgpu.copy_gmem_to_smem(v_ref.at[batch, pl.ds(kv_base, block), kv_head], v_smem, own.at[1, wg])
       plgpu.barrier_wait(own.at[0, wg])
       plgpu.barrier_wait(own.at[1, wg])
 
-      def step(i, carry, masked=False):
+      def step(i, carry, first_step, masked=False):
         dk_acc, dv_acc = carry
-        slot = lax.rem(i - start, jnp.int32(stages))
+        slot = lax.rem(first_step + i - start, jnp.int32(stages))
         plgpu.barrier_wait(ready.at[0, slot])
 
         def scores_t(acc_ref):  # S^T: [keys, queries]
@@ -533,7 +539,7 @@ def _dkv(q, k, v, d_out, lse, delta, *, causal, scale):
         if masked:
           st = jnp.where(_causal_keep(st.shape, kv_base, i * block, rows_are_queries=False), st, -jnp.inf)
         plgpu.barrier_wait(ready.at[2, slot])
-        col_lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+        col_lse = _load(lse_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
         pt = jnp.exp2(st - lax.broadcast_in_dim(col_lse, st.shape, [1]))
         plgpu.barrier_wait(ready.at[1, slot])
 
@@ -544,7 +550,7 @@ def _dkv(q, k, v, d_out, lse, delta, *, causal, scale):
         zeros = plgpu.layout_cast(jnp.zeros((block, block), jnp.float32), plgpu.Layout.WGMMA)
         dv_acc, dpt = pl.run_state(values_and_d_probs)((plgpu.ACC.init(dv_acc), plgpu.ACC.init(zeros)))
         plgpu.barrier_wait(ready.at[3, slot])
-        col_delta = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+        col_delta = _load(delta_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
         dst = (pt * (dpt - lax.broadcast_in_dim(col_delta, dpt.shape, [1]))).astype(dtype)
 
         def accumulate(acc_ref):
@@ -553,15 +559,19 @@ def _dkv(q, k, v, d_out, lse, delta, *, causal, scale):
         plgpu.barrier_arrive(consumed.at[slot])
         return dk_acc, dv_acc
 
+      def head_steps(j, carry):  # every query block of the group's j-th query head, summed into dK and dV in fp32
+        first_step = j * blocks
+        if causal:
+          carry = lax.fori_loop(start, unmasked_from, functools.partial(step, first_step=first_step, masked=True),
+                                carry)
+        return lax.fori_loop(unmasked_from, nq, functools.partial(step, first_step=first_step), carry)
+
       zeros = plgpu.layout_cast(jnp.zeros((block, d), jnp.float32), plgpu.Layout.WGMMA)
-      carry = (zeros, zeros)
-      if causal:
-        carry = lax.fori_loop(start, unmasked_from, functools.partial(step, masked=True), carry)
-      dk_acc, dv_acc = lax.fori_loop(unmasked_from, nq, step, carry)
+      dk_acc, dv_acc = lax.fori_loop(0, g, head_steps, (zeros, zeros))
       k_smem[...] = (dk_acc * scale).astype(dtype)
       v_smem[...] = dv_acc.astype(dtype)
       plgpu.commit_smem()
-      rows = (batch, pl.ds(kv_base, block), head)
+      rows = (batch, pl.ds(kv_base, block), kv_head)
       plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows])
       plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows])
       plgpu.wait_smem_to_gmem(0)
@@ -570,7 +580,9 @@ def _dkv(q, k, v, d_out, lse, delta, *, causal, scale):
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
 
-      def fetch(i, slot):
+      def fetch(n, slot):
+        head = kv_head * g + lax.div(n, blocks)
+        i = start + lax.rem(n, blocks)
         rows = (batch, pl.ds(i * block, block), head)
         plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], ready.at[0, slot])
         plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], ready.at[1, slot])
@@ -580,18 +592,17 @@ def _dkv(q, k, v, d_out, lse, delta, *, causal, scale):
                                 ready.at[3, slot])
 
       for n in range(stages):
-        pl.when(start + n < nq)(functools.partial(fetch, start + n, n))
+        pl.when(n < g * blocks)(functools.partial(fetch, jnp.int32(n), n))
 
-      @pl.loop(start + stages, nq)
-      def _refill(i):
-        slot = lax.rem(i - start, jnp.int32(stages))
+      @pl.loop(stages, g * blocks)
+      def _refill(n):
+        slot = lax.rem(n, jnp.int32(stages))
         plgpu.barrier_wait(consumed.at[slot])
-        fetch(i, slot)
+        fetch(n, slot)
 
-  per_query_head = jax.ShapeDtypeStruct((b, sp, h, d), dtype)
   return plgpu.kernel(
       kernel,
-      out_type=[per_query_head, per_query_head],
+      out_type=[jax.ShapeDtypeStruct(k.shape, dtype)] * 2,
       scratch_types=[
           (_bwd_smem(block, d, dtype, 2), _bwd_smem(block, d, dtype, 2), _bwd_smem(block, d, dtype, stages),
            _bwd_smem(block, d, dtype, stages), plgpu.SMEM((stages, block), jnp.float32),
@@ -600,8 +611,8 @@ def _dkv(q, k, v, d_out, lse, delta, *, causal, scale):
           plgpu.Barrier(num_barriers=(4, stages)),
           plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       ],
-      grid=(h, sp // (2 * block), b),
-      grid_names=("heads", "kv_seq", "batch"),
+      grid=(kv_heads, sp // (2 * block), b),
+      grid_names=("kv_heads", "kv_seq", "batch"),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
