@@ -498,6 +498,19 @@ def test_flash_with_the_interpreted_hopper_kernels_matches_xla(monkeypatch, back
   assert_near_xla_in_fp32(got, q, k, v, w, 3e-2, causal=True)
 
 
+@pytest.mark.skipif(not flash_attention_hopper.on_hopper(),
+                    reason="runs the Mosaic GPU kernels compiled: needs a Hopper GPU (the interpreter tests above "
+                           "check them anywhere)")
+@pytest.mark.parametrize("causal, head_dim", [(False, 64), (True, 128)])
+def test_flash_hopper_kernels_compiled_on_a_hopper_gpu_match_xla(causal, head_dim):
+  """On an H100/H200: `flash` picks the Mosaic GPU forward and backward itself, and they match xla's."""
+  q, k, v, w = qkv(b=2, t=512, s=512, h=4, kv_heads=2, d=head_dim, dtype=jnp.bfloat16)
+  fn = lambda q, k, v: flash_attention(q, k, v, causal=causal)
+  grad = jax.grad(lambda *args: fn(*args).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+  assert jax.jit(grad).lower(q, k, v).as_text().count("mosaic_gpu") >= 3  # the forward, dQ and dK/dV kernels
+  assert_near_xla_in_fp32(out_and_grads(fn, q, k, v, w), q, k, v, w, 3e-2, causal=causal)
+
+
 DATA_PARALLEL_SCRIPT = r"""
 import functools
 import jax, jax.numpy as jnp, numpy as np
