@@ -312,16 +312,15 @@ def forward(q, k, v, *, causal: bool, scale: float):
   # The log-sum-exp keeps the sequence minor-most, so each warpgroup's rows are one 1-D TMA copy.
   out_shape = [q, jax.ShapeDtypeStruct((batch_size, num_q_heads, q_seq_len), jnp.float32)]
 
-  out, lse = plgpu.kernel(
-      entry,
-      out_type=out_shape,
-      grid=(num_q_heads, num_q_tiles, batch_size),
-      grid_names=("heads", "q_seq", "batch"),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v)
+  out, lse = _warp_specialized(entry, out_type=out_shape, grid=(num_q_heads, num_q_tiles, batch_size),
+                               grid_names=("heads", "q_seq", "batch"))(q, k, v)
   return out, lse
+
+
+def _warp_specialized(kernel, **kwargs):
+  """`plgpu.kernel` with this module's three warpgroups per program ("wg" 0 and 1 compute, 2 feeds them)."""
+  return plgpu.kernel(kernel, num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+                      **kwargs)
 
 
 def reference(q, k, v, *, causal: bool, scale: float):
@@ -477,7 +476,7 @@ def _dq(q, k, v, d_out, lse, delta, *, causal, scale):
         plgpu.barrier_wait(consumed.at[slot])
         fetch(j, slot)
 
-  return plgpu.kernel(
+  return _warp_specialized(
       kernel,
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),
       scratch_types=[
@@ -491,9 +490,6 @@ def _dq(q, k, v, d_out, lse, delta, *, causal, scale):
       ],
       grid=(h, tp // (2 * block), b),
       grid_names=("heads", "q_seq", "batch"),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q, k, v, d_out, lse, delta)
 
 
@@ -600,7 +596,7 @@ def _dkv(q, k, v, d_out, lse, delta, *, causal, scale):
         plgpu.barrier_wait(consumed.at[slot])
         fetch(n, slot)
 
-  return plgpu.kernel(
+  return _warp_specialized(
       kernel,
       out_type=[jax.ShapeDtypeStruct(k.shape, dtype)] * 2,
       scratch_types=[
@@ -613,7 +609,4 @@ def _dkv(q, k, v, d_out, lse, delta, *, causal, scale):
       ],
       grid=(kv_heads, sp // (2 * block), b),
       grid_names=("kv_heads", "kv_seq", "batch"),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q, k, v, d_out, lse, delta)
