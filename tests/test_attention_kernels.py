@@ -381,7 +381,7 @@ def test_flash_hopper_kernels_lower_for_an_h100(causal, head_dim):
     assert 'name = "flash_attention_dkv"' in module and 'name = "flash_attention_dq"' in module
 
 
-def test_flash_takes_the_hopper_forward_only_where_it_can_run(monkeypatch):
+def test_flash_takes_the_hopper_kernels_only_where_they_can_run(monkeypatch):
   # K/V blocks: the longest that divides the keys and, two stages of K and V deep, fits 227 KiB of shared memory.
   assert [flash_attention_hopper.kv_block(d, 512) for d in (64, 128, 256)] == [256, 128, 64]
   assert flash_attention_hopper.kv_block(64, 384) == 128 and flash_attention_hopper.kv_block(512, 512) is None
@@ -393,33 +393,41 @@ def test_flash_takes_the_hopper_forward_only_where_it_can_run(monkeypatch):
   assert uses_hopper(forward(), q, k, k)
   assert uses_hopper(forward(causal=False), bf16(1, 100, 2, 64), k, k)
   mask = jax.ShapeDtypeStruct((1, 1, 1, 256), jnp.bool_)
-  assert not uses_hopper(lambda q, k, v, m: forward(mask=m)(q, k, v), q, k, k, mask)  # masks: Triton
+  assert uses_hopper(lambda q, k, v, m: forward(mask=m)(q, k, v), q, k, k, mask)  # masks and segments: as ids
+  assert uses_hopper(forward(causal=False), q, bf16(1, 200, 1, 64), bf16(1, 200, 1, 64))  # padded keys: as ids
   assert not uses_hopper(forward(), bf16(1, 128, 2, 64), k, k)  # causal over a cache: Triton
-  assert not uses_hopper(forward(causal=False), q, bf16(1, 200, 1, 64), bf16(1, 200, 1, 64))  # padded keys
   f32 = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.float32)
   assert not uses_hopper(forward(), f32, f32, f32)
   assert uses_hopper(forward(), bf16(1, 256, 2, 80), bf16(1, 256, 1, 80), bf16(1, 256, 1, 80))  # D zero-padded
   assert not uses_hopper(forward(), bf16(1, 256, 2, 32), bf16(1, 256, 1, 32), bf16(1, 256, 1, 32))
-  with pytest.raises(UserError, match="Hopper flash forward cannot run this call: it has no masks.*hopper=None"):
-    _gpu_module(lambda q, k, v, m: forward(mask=m, hopper=True)(q, k, v), q, k, k, mask)
+  with pytest.raises(UserError, match="Hopper flash forward cannot run this call: causal needs as many queries as "
+                                      "keys.*hopper=None"):
+    _gpu_module(forward(hopper=True), bf16(1, 128, 2, 64), k, k)
   monkeypatch.setattr(flash_attention_hopper, "on_hopper", lambda: False)  # e.g. an A100
   assert not uses_hopper(forward(), q, k, k)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_flash_hopper_forward_contract_meets_the_triton_backward(monkeypatch, causal):
+@pytest.mark.parametrize("causal, padded_keys", [(False, False), (True, False), (False, True)])
+def test_flash_hopper_forward_contract_meets_the_triton_backward(monkeypatch, causal, padded_keys):
   """`flash_attention_hopper.reference` (the kernel's output and base-2 log-sum-exp, in plain JAX) in the kernel's
-  place, for jax 0.10.2, which cannot interpret it: the padding, the scale and that the Triton dK/dV and dQ kernels
-  (the backward above head_dim 128) read its log-sum-exp right, against xla, values and gradients."""
-  calls = []
-  def stand_in(*args, **kwargs):
-    calls.append(kwargs)
-    return flash_attention_hopper.reference(*args, **kwargs)
+  place, for jax 0.10.2, which cannot interpret it: the padding (padded keys hidden by ids), the scale and that the
+  Triton dK/dV and dQ kernels (the backward above head_dim 128) read its log-sum-exp right, against xla, values and
+  gradients."""
+  calls, ids_seen = [], []
+  def stand_in(*args, ids, **kwargs):
+    calls.append(dict(kwargs, ids=ids is not None))
+    if ids is not None:  # traced here: their values come back through a callback
+      jax.debug.callback(lambda *x: ids_seen.append([np.asarray(a) for a in x]), *ids)
+    return flash_attention_hopper.reference(*args, ids=ids, **kwargs)
   monkeypatch.setattr(flash_attention_hopper, "forward", stand_in)
   monkeypatch.setattr(flash_attention_hopper, "backward_unsupported_reason", lambda *shapes: "the Triton one's turn")
-  q, k, v, w = qkv(b=1, t=200, s=200 if causal else 256, h=2, kv_heads=1, dtype=jnp.bfloat16)
+  q, k, v, w = qkv(b=1, t=200, s=200 if causal or padded_keys else 256, h=2, kv_heads=1, dtype=jnp.bfloat16)
   got = out_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=causal, hopper=True), q, k, v, w)
-  assert calls == [{"causal": causal, "scale": 64 ** -0.5}]
+  assert calls == [{"causal": causal, "scale": 64 ** -0.5, "ids": padded_keys}]
+  if padded_keys:  # the 56 keys padded to 256 get the id no query has
+    (q_ids, kv_ids), = ids_seen
+    np.testing.assert_array_equal(q_ids, np.zeros((1, 256)))
+    np.testing.assert_array_equal(kv_ids[0], np.where(np.arange(256) < 200, 0, segments.HIDDEN))
   assert_near_xla_in_fp32(got, q, k, v, w, 3e-2, causal=causal)
 
 
@@ -474,11 +482,13 @@ def test_flash_hopper_backward_kernels_run_right_in_the_mosaic_gpu_interpreter(m
 
 
 @needs_mosaic_gpu_interpreter
-@pytest.mark.parametrize("backward", ["hopper", "triton"])
-def test_flash_with_the_interpreted_hopper_kernels_matches_xla(monkeypatch, backward):
+@pytest.mark.parametrize("backward, causal, with_ids", [("hopper", True, False), ("triton", True, False),
+                                                        ("hopper", False, True)])
+def test_flash_with_the_interpreted_hopper_kernels_matches_xla(monkeypatch, backward, causal, with_ids):
   """The whole Hopper `flash` on a CPU: the Mosaic GPU forward interpreted, then its backward kernels interpreted
   too or (as above head_dim 128) the Triton dK/dV and dQ kernels reading its log-sum-exp in Pallas interpret mode;
-  a padded length, grouped heads, causal."""
+  a padded length, grouped heads; causal, or packed segments with a key padding mask (as ids, with the padded
+  keys and rows that see no key)."""
   mosaic_gpu_interpret.install(monkeypatch)
   calls = []
 
@@ -493,9 +503,13 @@ def test_flash_with_the_interpreted_hopper_kernels_matches_xla(monkeypatch, back
   if backward == "triton":
     monkeypatch.setattr(flash_attention_hopper, "backward_unsupported_reason", lambda *shapes: "the Triton turn")
   q, k, v, w = qkv(b=1, t=200, s=200, h=2, kv_heads=1, dtype=jnp.bfloat16)
-  got = out_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=True, hopper=True), q, k, v, w)
+  ids = {}
+  if with_ids:  # segments of 50, 100 and 50 tokens; the last 60 keys masked: the last segment's rows see none
+    segment_ids = jnp.asarray(np.repeat([0, 1, 2], [50, 100, 50])[None], jnp.int32)
+    ids = dict(segment_ids=segment_ids, mask=(jnp.arange(200) < 140)[None, None, None])
+  got = out_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=causal, hopper=True, **ids), q, k, v, w)
   assert calls == (["forward", "backward"] if backward == "hopper" else ["forward"])
-  assert_near_xla_in_fp32(got, q, k, v, w, 3e-2, causal=True)
+  assert_near_xla_in_fp32(got, q, k, v, w, 3e-2, causal=causal, **ids)
 
 
 @pytest.mark.skipif(not flash_attention_hopper.on_hopper(),

@@ -19,9 +19,11 @@ Apache-2.0), with these changes for `aigc_jax.nn.attention`'s API:
   * the gradient is first-order only: differentiating it again (a gradient penalty, a Hessian) is refused in
     one sentence naming `chunked` and `xla`, rather than failing inside Pallas.
 On a Hopper GPU (sm90) the forward is FlashAttention-3's Mosaic GPU kernel
-(`aigc_jax.nn.flash_attention_hopper`) wherever that kernel can run the call, and so is the
-backward after it for head dims up to 128; above, the backward is the Triton kernels here,
-which read the log-sum-exp both forwards write.
+(`aigc_jax.nn.flash_attention_hopper`) wherever that kernel can run the call (bf16/fp16, head
+dims a multiple of 64, causal only with as many queries as keys; masks, segment ids and
+padded keys it takes as the same ids), and so is the backward after it for head dims up to
+128; above, the backward is the Triton kernels here, which read the log-sum-exp both
+forwards write.
 """
 
 import dataclasses
@@ -121,13 +123,14 @@ def flash_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=Non
   v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, dp - d)))
   ids = segments_lib.with_key_padding(segments_lib.segment_pair(segment_ids, b, t, s), mask, b, t, s)
   ids = None if ids is None else segments_lib.padded(ids, tp, sp)  # [B, Tp], [B, Sp]
-  why_not = hopper_lib.unsupported_reason(q.shape, k.shape, q.dtype, causal=causal, t=t, s=s,
-                                         has_ids=ids is not None)
+  why_not = hopper_lib.unsupported_reason(q.shape, k.shape, q.dtype, causal=causal, t=t, s=s)
   if hopper is None:
     hopper = why_not is None and not interpret and hopper_lib.on_hopper()
   elif hopper and why_not:
     raise UserError(f"The Hopper flash forward cannot run this call: {why_not}; leave hopper=None to let "
                     f"flash use its Triton forward.")
+  if hopper and ids is None and not causal and sp > s:  # the Hopper kernels hide padded keys by their ids only
+    ids = segments_lib.padded((jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)), tp, sp)
   st = _Static(causal, ids is not None, t, s, d ** -0.5, blocks, interpret, hopper)
   return _flash(q, k, v, ids, st)[:, :t, :, :d]
 
@@ -298,7 +301,7 @@ def _forward(q, k, v, ids, st: _Static):
 def _forward_kernels(st: _Static, q, k, v, ids):
   """(out [B, Tp, H, Dp], log-sum-exp [B, H, Tp] fp32)."""
   if st.hopper:
-    return hopper_lib.forward(q, k, v, causal=st.causal, scale=st.scale)
+    return hopper_lib.forward(q, k, v, causal=st.causal, scale=st.scale, ids=ids)
   b, tp, h, dp = q.shape
   sp, g = k.shape[1], h // k.shape[2]
   bq = st.blocks.block_q
@@ -328,7 +331,7 @@ def _backward(st: _Static, residuals, d_out):
 def _backward_kernels(st: _Static, residuals, d_out):
   q, k, v, ids, out, lse = residuals
   if st.hopper and hopper_lib.backward_unsupported_reason(q.shape, k.shape) is None:
-    return (*hopper_lib.backward(q, k, v, out, lse, d_out, causal=st.causal, scale=st.scale), None)
+    return (*hopper_lib.backward(q, k, v, out, lse, d_out, causal=st.causal, scale=st.scale, ids=ids), None)
   b, tp, h, dp = q.shape
   sp, kv_heads = k.shape[1], k.shape[2]
   g = h // kv_heads

@@ -14,9 +14,12 @@ K/V blocks through TMA. Changes to it:
   * it always returns the base-2 log-sum-exp [B, H, T] of the scaled scores: exactly the
     residual both backwards read, this module's (`backward`, head_dim <= 128) and the Triton
     dK/dV and dQ kernels of `aigc_jax.nn.flash_attention` (above);
-  * the K/V block is the longest that fits shared memory for the head dim.
-The Triton forward keeps what this kernel lacks: masks and segment ids, causal attention
-with fewer queries than keys, float32, head dims that are not multiples of 64, key padding.
+  * the K/V block is the longest that fits shared memory for the head dim;
+  * segment ids, which also carry key padding masks and padded keys (`aigc_jax.nn.segments`):
+    the producer streams each K block's key ids beside it, and a query row that sees no key
+    gives zeros and an lse of +inf (its running max starts finite, as in `chunked`).
+The Triton forward keeps what this kernel lacks: causal attention with fewer queries than
+keys, float32, head dims that are not multiples of 64.
 `backward` (below) is FlashAttention-2's backward in the same style: a dQ and a dK/dV kernel.
 Off a Hopper GPU the kernels run in jax 0.11's Mosaic GPU interpreter (warpgroups as threads,
 shared memory, TMA and barriers simulated), where the tests check the forward's output and
@@ -38,6 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from aigc_jax.nn import chunked_attention as chunked_lib
+
 BLOCK_Q = 64  # queries per consumer warpgroup; a program (CTA) takes 2 * BLOCK_Q
 STAGES = 2  # K/V blocks in flight
 SMEM_BYTES = 227 * 1024  # shared memory one H100 CTA may use
@@ -53,22 +58,19 @@ def kv_block(head_dim: int, kv_len: int) -> int | None:
   return None
 
 
-def unsupported_reason(q_shape, k_shape, dtype, *, causal: bool, t: int, s: int, has_ids: bool) -> str | None:
+def unsupported_reason(q_shape, k_shape, dtype, *, causal: bool, t: int, s: int) -> str | None:
   """Why this kernel cannot run `flash`'s padded call (a sentence fragment), or None if it can.
 
-  q_shape and k_shape are the padded [B, Tp, H, Dp] and [B, Sp, K, Dp]; t and s the true lengths.
+  q_shape and k_shape are the padded [B, Tp, H, Dp] and [B, Sp, K, Dp]; t and s the true lengths. Masks, segment
+  ids and padded keys it takes as ids (`forward`'s `ids`).
   """
   tp, dp, sp = q_shape[1], q_shape[3], k_shape[1]
   if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return f"it takes bfloat16 and float16 (got {jnp.dtype(dtype).name})"
   if dp % 64:
     return f"its head_dim must be a multiple of 64 (got {dp})"
-  if has_ids:
-    return "it has no masks or segment ids"
   if causal and t != s:
     return f"causal needs as many queries as keys (got {t} and {s})"
-  if not causal and sp != s:
-    return f"it cannot hide padded keys (key length {s}, padded to {sp})"
   if tp % (2 * BLOCK_Q):
     return f"the query length must be padded to a multiple of {2 * BLOCK_Q} (got {tp})"
   if kv_block(dp, sp) is None:
@@ -101,9 +103,12 @@ def _ptxas_miscompiles_causal() -> bool:
   return 12080 <= cuda_versions.cuda_runtime_get_version() < 12091
 
 
-def forward(q, k, v, *, causal: bool, scale: float):
+def forward(q, k, v, *, causal: bool, scale: float, ids=None):
   """q [B, Tp, H, D], k/v [B, Sp, K, D] (bf16/fp16, D a multiple of 64, Tp of 128) -> out [B, Tp, H, D] and
-  lse [B, H, Tp] fp32, log2 of sum(2^(scale * log2(e) * q.k)) per query."""
+  lse [B, H, Tp] fp32, log2 of sum(2^(scale * log2(e) * q.k)) per query.
+
+  `ids`: None or (query ids [B, Tp], key ids [B, Sp]) int32 (`aigc_jax.nn.segments`): a query sees only keys of
+  its id. A query that sees no key gets zeros and an lse of +inf (so the backward's probabilities are 0)."""
   batch_size, q_seq_len, num_q_heads, head_dim = q.shape
   _, kv_seq_len, num_kv_heads, _ = k.shape
   dtype = q.dtype
@@ -112,13 +117,15 @@ def forward(q, k, v, *, causal: bool, scale: float):
   max_concurrent_steps = min(STAGES, kv_seq_len // block_kv)
   to_base2 = scale * math.log2(math.e)
 
-  def kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped):
+  has_ids = ids is not None
+
+  def kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, out_ref, lse_ref, scoped):
     batch = lax.axis_index("batch")
     q_head = lax.axis_index("heads")
     smem_buffers, buffer_barriers, consumed_barriers, schedule_barrier = scoped
     wg_idx = lax.axis_index("wg")
-    qo_smem2, k_smem, v_smem, lse_smem2 = smem_buffers
-    k_barriers, v_barriers, q_barriers = buffer_barriers
+    qo_smem2, k_smem, v_smem, lse_smem2, q_ids_smem2, kv_ids_smem = smem_buffers
+    k_barriers, v_barriers, q_barriers, ids_barriers = buffer_barriers
     k_consumed_barriers, v_consumed_barriers = consumed_barriers
     def perform_schedule_barrier():
       plgpu.barrier_arrive(schedule_barrier)
@@ -148,9 +155,14 @@ def forward(q, k, v, *, causal: bool, scale: float):
           q_barriers.at[wg_idx],
       )
       plgpu.barrier_wait(q_barriers.at[wg_idx])
+      if has_ids:
+        plgpu.copy_gmem_to_smem(q_ids_ref.at[batch, pl.ds(q_seq_base, block_q)], q_ids_smem2.at[wg_idx],
+                                ids_barriers.at[0, wg_idx])
+        plgpu.barrier_wait(ids_barriers.at[0, wg_idx])
+        q_ids = _load(q_ids_smem2.at[wg_idx], plgpu.Layout.WGMMA.reduce(1))
 
-      m_i = plgpu.layout_cast(
-          jnp.full((block_q,), -jnp.inf, dtype=jnp.float32),
+      m_i = plgpu.layout_cast(  # with ids, finite: a row whose keys a block hides entirely gets 2^(-inf - m) = 0
+          jnp.full((block_q,), chunked_lib.M_START if has_ids else -jnp.inf, dtype=jnp.float32),
           plgpu.Layout.WGMMA.reduce(1),
       )
       l_i = plgpu.layout_cast(
@@ -177,13 +189,14 @@ def forward(q, k, v, *, causal: bool, scale: float):
           perform_schedule_barrier()
           return acc_ref[...]
         qk = pl.run_scoped(compute_qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+        if has_ids:  # read with its K block, released with it
+          plgpu.barrier_wait(ids_barriers.at[1, slot])
+          kv_ids = _load(kv_ids_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+          qk = jnp.where(_same_ids(q_ids, kv_ids, qk.shape), qk, -jnp.inf)
         plgpu.barrier_arrive(k_consumed_barriers.at[slot])
 
         if causal:
-          q_ids = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA)
-          kv_ids = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
-          mask = (q_ids + q_seq_base) >= (kv_ids + kv_step * block_kv)
-          qk = jnp.where(mask, qk, -jnp.inf)
+          qk = jnp.where(_causal_keep(qk.shape, q_seq_base, kv_step * block_kv, rows_are_queries=True), qk, -jnp.inf)
 
         # Softmax
         # We keep m scaled by scale * log2e to use FMA instructions when computing p.
@@ -245,10 +258,14 @@ def forward(q, k, v, *, causal: bool, scale: float):
         lax.fori_loop(kv_steps, block_max_kv_steps, epilogue_kv_loop, None)
       pl.when(wg_idx == 0)(perform_schedule_barrier)
 
+      lse = m_i + jnp.log(l_i) * (1 / math.log(2))
+      if has_ids:  # a row that saw no key: zeros, and p = 2^(s - inf) = 0 in the backward
+        seen = l_i > 0
+        l_i, lse = jnp.where(seen, l_i, 1.0), jnp.where(seen, lse, jnp.inf)
       # TODO(apaszke): Invert and multiply to avoid expensive divisions.
       acc /= lax.broadcast_in_dim(l_i, (block_q, head_dim), [0])
       qo_smem[...] = acc.astype(dtype)
-      lse_smem[...] = m_i + jnp.log(l_i) * (1 / math.log(2))
+      lse_smem[...] = lse
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(
           qo_smem, out_ref.at[batch, pl.ds(q_seq_base, block_q), q_head],
@@ -262,9 +279,15 @@ def forward(q, k, v, *, causal: bool, scale: float):
     def _memory_wg():
       plgpu.set_max_registers(40, action="decrease")
       kv_head = lax.div(q_head, jnp.array(q_heads_per_kv_head, q_head.dtype))
+      def fetch_ids(step, slot):
+        if has_ids:
+          plgpu.copy_gmem_to_smem(kv_ids_ref.at[batch, pl.ds(step * block_kv, block_kv)], kv_ids_smem.at[slot],
+                                  ids_barriers.at[1, slot])
+
       for i in range(max_concurrent_steps):
         s = (batch, pl.ds(i * block_kv, block_kv), kv_head)
         plgpu.copy_gmem_to_smem(k_ref.at[s], k_smem.at[i], k_barriers.at[i])
+        fetch_ids(i, i)
         plgpu.copy_gmem_to_smem(v_ref.at[s], v_smem.at[i], v_barriers.at[i])
 
       @pl.loop(0, block_max_kv_steps - max_concurrent_steps)
@@ -274,10 +297,12 @@ def forward(q, k, v, *, causal: bool, scale: float):
         s = (batch, pl.ds(tma_step * block_kv, block_kv), kv_head)
         plgpu.barrier_wait(k_consumed_barriers.at[tma_slot])
         plgpu.copy_gmem_to_smem(k_ref.at[s], k_smem.at[tma_slot], k_barriers.at[tma_slot])
+        fetch_ids(tma_step, tma_slot)
         plgpu.barrier_wait(v_consumed_barriers.at[tma_slot])
         plgpu.copy_gmem_to_smem(v_ref.at[s], v_smem.at[tma_slot], v_barriers.at[tma_slot])
 
-  def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
+  def entry(q_ref, k_ref, v_ref, *refs):
+    q_ids_ref, kv_ids_ref, out_ref, lse_ref = refs if has_ids else (None, None, *refs)
     compute_wgs = 2
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
@@ -294,14 +319,18 @@ def forward(q, k, v, *, causal: bool, scale: float):
         transforms=(tiling, swizzle),
     )
     lse_scratch = plgpu.SMEM((compute_wgs, block_q), jnp.float32)
-    scratch = [qo_scratch, k_scratch, v_scratch, lse_scratch]
+    ids_scratch = ((plgpu.SMEM((compute_wgs, block_q), jnp.int32), plgpu.SMEM((max_concurrent_steps, block_kv),
+                                                                              jnp.int32)) if has_ids else (None, None))
+    scratch = [qo_scratch, k_scratch, v_scratch, lse_scratch, *ids_scratch]
     pl.run_scoped(
-        lambda *args: kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, args),
+        lambda *args: kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, out_ref, lse_ref, args),
         scratch,
         (
             plgpu.Barrier(num_barriers=max_concurrent_steps),
             plgpu.Barrier(num_barriers=max_concurrent_steps),
             plgpu.Barrier(num_barriers=compute_wgs),
+            # the query ids of each consumer, the key ids of each K/V slot
+            plgpu.Barrier(num_barriers=(2, max(compute_wgs, max_concurrent_steps))) if has_ids else None,
         ),
         (plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=max_concurrent_steps),) * 2,
         plgpu.Barrier(num_arrivals=compute_wgs),
@@ -313,7 +342,7 @@ def forward(q, k, v, *, causal: bool, scale: float):
   out_shape = [q, jax.ShapeDtypeStruct((batch_size, num_q_heads, q_seq_len), jnp.float32)]
 
   out, lse = _warp_specialized(entry, out_type=out_shape, grid=(num_q_heads, num_q_tiles, batch_size),
-                               grid_names=("heads", "q_seq", "batch"))(q, k, v)
+                               grid_names=("heads", "q_seq", "batch"))(q, k, v, *(ids or ()))
   return out, lse
 
 
@@ -323,16 +352,20 @@ def _warp_specialized(kernel, **kwargs):
                       **kwargs)
 
 
-def reference(q, k, v, *, causal: bool, scale: float):
-  """What `forward` computes, in plain JAX: the contract the Triton backward reads. Tests check the interpreted
-  kernel against it, and run it in the kernel's place where jax has no Mosaic GPU interpreter (0.10.2)."""
+def reference(q, k, v, *, causal: bool, scale: float, ids=None):
+  """What `forward` computes, in plain JAX: the contract the backwards read. Tests check the interpreted kernel
+  against it, and run it in the kernel's place where jax has no Mosaic GPU interpreter (0.10.2)."""
   b, t, h, d = q.shape
   kv_heads = k.shape[2]
   q = q.astype(jnp.float32).reshape(b, t, kv_heads, h // kv_heads, d)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(jnp.float32)) * (scale * math.log2(math.e))
   if causal:
     scores = jnp.where(jnp.arange(k.shape[1]) <= jnp.arange(t)[:, None], scores, -jnp.inf)
+  if ids is not None:
+    q_ids, kv_ids = ids
+    scores = jnp.where((q_ids[:, :, None] == kv_ids[:, None, :])[:, None, None], scores, -jnp.inf)
   lse = jax.nn.logsumexp(scores * math.log(2), axis=-1) / math.log(2)  # [B, K, G, T], base 2
+  lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # a row that sees no key: +inf, so its probabilities are 0
   probs = jnp.exp2(scores - lse[..., None])
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32)).reshape(b, t, h, d)
   return out.astype(v.dtype), lse.reshape(b, h, t)
@@ -352,7 +385,7 @@ def backward_unsupported_reason(q_shape, k_shape) -> str | None:
   return None
 
 
-def backward(q, k, v, out, lse, d_out, *, causal: bool, scale: float):
+def backward(q, k, v, out, lse, d_out, *, causal: bool, scale: float, ids=None):
   """FlashAttention-2's backward (Dao 2023, Algorithm 2) for Hopper, as two warp-specialised Mosaic GPU kernels.
 
   Takes `forward`'s padded inputs, its output and base-2 log-sum-exp, and d_out; returns dq [B, Tp, H, D] and
@@ -360,14 +393,15 @@ def backward(q, k, v, out, lse, d_out, *, causal: bool, scale: float):
   streams K/V blocks to them from a producer warpgroup through TMA (as `forward` does); the dK/dV kernel gives
   each consumer 64 keys and streams blocks of Q, dO, log-sum-exp and delta = rowsum(out * dO). Every matmul is a
   wgmma, the softmax's P and dS staying in registers as its A operand. Causal programs stream only the blocks on
-  or below the diagonal and mask the ones that cross it. With grouped heads, a dK/dV program streams the blocks of
+  or below the diagonal and mask the ones that cross it; `ids` (as `forward`'s) stream beside the blocks they
+  belong to. With grouped heads, a dK/dV program streams the blocks of
   every query head of its kv head's group, so dK and dV are summed over the group in fp32 registers and written
   once. Adapted from the backward in jax's `attention_mgpu.py` (jax 0.11.2,
   Copyright 2024 The JAX Authors, Apache-2.0), which has no causal variant, no softmax scale and float16 buffers.
   """
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))  # [B, H, Tp]
-  dq = _dq(q, k, v, d_out, lse, delta, causal=causal, scale=scale)
-  dk, dv = _dkv(q, k, v, d_out, lse, delta, causal=causal, scale=scale)
+  dq = _dq(q, k, v, d_out, lse, delta, ids, causal=causal, scale=scale)
+  dk, dv = _dkv(q, k, v, d_out, lse, delta, ids, causal=causal, scale=scale)
   return dq, dk, dv
 
 
@@ -386,6 +420,12 @@ def _load(ref, layout):
   return plgpu.load(ref, (), layout=layout) if _LOAD_TAKES_INDEX else plgpu.load(ref, layout=layout)
 
 
+def _same_ids(row_ids, col_ids, shape):
+  """[rows, cols] bool in the wgmma layout: the row's id equals the column's (`row_ids` in the layout reduced over
+  columns, `col_ids` over rows)."""
+  return lax.broadcast_in_dim(row_ids, shape, [0]) == lax.broadcast_in_dim(col_ids, shape, [1])
+
+
 def _causal_keep(shape, row_base, col_base, *, rows_are_queries: bool):
   """[rows, cols] bool in the wgmma layout: a query at or after the key."""
   rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + row_base
@@ -393,14 +433,32 @@ def _causal_keep(shape, row_base, col_base, *, rows_are_queries: bool):
   return rows >= cols if rows_are_queries else rows <= cols
 
 
-def _dq(q, k, v, d_out, lse, delta, *, causal, scale):
+def _ids_scratch(stages):
+  """Shared memory and barriers for ids: each consumer's own rows' ids, and the streamed blocks' ids per slot."""
+  return ((plgpu.SMEM((2, BWD_BLOCK), jnp.int32), plgpu.SMEM((stages, BWD_BLOCK), jnp.int32)),
+          plgpu.Barrier(num_barriers=(2, max(2, stages))))
+
+
+def _split_refs(refs, has_ids):
+  """A backward kernel's refs after its six inputs: the two id refs, the outputs and the scratch, with Nones for
+  the id refs, buffers and barriers a call without ids has not."""
+  if not has_ids:
+    return None, None, *refs[:-1], (None, None), None, refs[-1]
+  *rest, ids_buffers, ids_ready, consumed = refs[2:]
+  return refs[0], refs[1], *rest, ids_buffers, ids_ready, consumed
+
+
+def _dq(q, k, v, d_out, lse, delta, ids, *, causal, scale):
   b, tp, h, d = q.shape
   sp, g = k.shape[1], h // k.shape[2]
   dtype, block = q.dtype, BWD_BLOCK
   stages = min(STAGES, sp // block)
   to_base2 = scale * math.log2(math.e)
+  has_ids = ids is not None
 
-  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, buffers, loaded, k_ready, v_ready, consumed):
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+    (q_ids_ref, kv_ids_ref, dq_ref, buffers, loaded, k_ready, v_ready, (q_ids_smem2, kv_ids_smem), ids_ready,
+     consumed) = _split_refs(refs, has_ids)
     batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem = buffers
     program_base = lax.axis_index("q_seq") * (2 * block)
@@ -424,6 +482,10 @@ def _dq(q, k, v, d_out, lse, delta, *, causal, scale):
         plgpu.barrier_wait(loaded.at[i, wg])
       row_lse = _load(lse_smem2.at[wg], plgpu.Layout.WGMMA.reduce(1))
       row_delta = _load(delta_smem2.at[wg], plgpu.Layout.WGMMA.reduce(1))
+      if has_ids:
+        plgpu.copy_gmem_to_smem(q_ids_ref.at[batch, pl.ds(q_base, block)], q_ids_smem2.at[wg], ids_ready.at[0, wg])
+        plgpu.barrier_wait(ids_ready.at[0, wg])
+        row_ids = _load(q_ids_smem2.at[wg], plgpu.Layout.WGMMA.reduce(1))
 
       def step(j, dq_acc, masked=False):
         slot = lax.rem(j, jnp.int32(stages))
@@ -439,7 +501,11 @@ def _dq(q, k, v, d_out, lse, delta, *, causal, scale):
         s = s * to_base2
         if masked:
           s = jnp.where(_causal_keep(s.shape, q_base, j * block, rows_are_queries=True), s, -jnp.inf)
-        p = jnp.exp2(s - lax.broadcast_in_dim(row_lse, s.shape, [0]))
+        if has_ids:
+          plgpu.barrier_wait(ids_ready.at[1, slot])
+          s = jnp.where(_same_ids(row_ids, _load(kv_ids_smem.at[slot], plgpu.Layout.WGMMA.reduce(0)), s.shape), s,
+                        -jnp.inf)
+        p = jnp.exp2(s - lax.broadcast_in_dim(row_lse, s.shape, [0]))  # 0 for a row that sees no key (lse inf)
         ds = (p * (dp - lax.broadcast_in_dim(row_delta, dp.shape, [0]))).astype(dtype)
 
         def accumulate(acc_ref):
@@ -466,6 +532,9 @@ def _dq(q, k, v, d_out, lse, delta, *, causal, scale):
         blk = (batch, pl.ds(j * block, block), kv_head)
         plgpu.copy_gmem_to_smem(k_ref.at[blk], k_smem.at[slot], k_ready.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[blk], v_smem.at[slot], v_ready.at[slot])
+        if has_ids:
+          plgpu.copy_gmem_to_smem(kv_ids_ref.at[batch, pl.ds(j * block, block)], kv_ids_smem.at[slot],
+                                  ids_ready.at[1, slot])
 
       for i in range(stages):
         pl.when(i < stop)(functools.partial(fetch, i, i))
@@ -486,14 +555,15 @@ def _dq(q, k, v, d_out, lse, delta, *, causal, scale):
           plgpu.Barrier(num_barriers=(4, 2)),
           plgpu.Barrier(num_barriers=stages),
           plgpu.Barrier(num_barriers=stages),
+          *(_ids_scratch(stages) if has_ids else ()),
           plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       ],
       grid=(h, tp // (2 * block), b),
       grid_names=("heads", "q_seq", "batch"),
-  )(q, k, v, d_out, lse, delta)
+  )(q, k, v, d_out, lse, delta, *(ids or ()))
 
 
-def _dkv(q, k, v, d_out, lse, delta, *, causal, scale):
+def _dkv(q, k, v, d_out, lse, delta, ids, *, causal, scale):
   b, tp, h, d = q.shape
   sp, kv_heads = k.shape[1], k.shape[2]
   g = h // kv_heads
@@ -501,8 +571,11 @@ def _dkv(q, k, v, d_out, lse, delta, *, causal, scale):
   nq = tp // block
   stages = min(STAGES, nq)
   to_base2 = scale * math.log2(math.e)
+  has_ids = ids is not None
 
-  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, buffers, own, ready, consumed):
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+    (q_ids_ref, kv_ids_ref, dk_ref, dv_ref, buffers, own, ready, (kv_ids_smem2, q_ids_smem), ids_ready,
+     consumed) = _split_refs(refs, has_ids)
     batch, kv_head, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
     k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem = buffers
     program_base = lax.axis_index("kv_seq") * (2 * block)
@@ -522,6 +595,11 @@ def _dkv(q, k, v, d_out, lse, delta, *, causal, scale):
       plgpu.copy_gmem_to_smem(v_ref.at[batch, pl.ds(kv_base, block), kv_head], v_smem, own.at[1, wg])
       plgpu.barrier_wait(own.at[0, wg])
       plgpu.barrier_wait(own.at[1, wg])
+      if has_ids:
+        plgpu.copy_gmem_to_smem(kv_ids_ref.at[batch, pl.ds(kv_base, block)], kv_ids_smem2.at[wg],
+                                ids_ready.at[0, wg])
+        plgpu.barrier_wait(ids_ready.at[0, wg])
+        row_ids = _load(kv_ids_smem2.at[wg], plgpu.Layout.WGMMA.reduce(1))
 
       def step(i, carry, first_step, masked=False):
         dk_acc, dv_acc = carry
@@ -534,6 +612,10 @@ def _dkv(q, k, v, d_out, lse, delta, *, causal, scale):
         st = pl.run_scoped(scores_t, plgpu.ACC((block, block), jnp.float32)) * to_base2
         if masked:
           st = jnp.where(_causal_keep(st.shape, kv_base, i * block, rows_are_queries=False), st, -jnp.inf)
+        if has_ids:
+          plgpu.barrier_wait(ids_ready.at[1, slot])
+          st = jnp.where(_same_ids(row_ids, _load(q_ids_smem.at[slot], plgpu.Layout.WGMMA.reduce(0)), st.shape),
+                         st, -jnp.inf)
         plgpu.barrier_wait(ready.at[2, slot])
         col_lse = _load(lse_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
         pt = jnp.exp2(st - lax.broadcast_in_dim(col_lse, st.shape, [1]))
@@ -586,6 +668,9 @@ def _dkv(q, k, v, d_out, lse, delta, *, causal, scale):
                                 ready.at[2, slot])
         plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, pl.ds(i * block, block)], delta_smem.at[slot],
                                 ready.at[3, slot])
+        if has_ids:
+          plgpu.copy_gmem_to_smem(q_ids_ref.at[batch, pl.ds(i * block, block)], q_ids_smem.at[slot],
+                                  ids_ready.at[1, slot])
 
       for n in range(stages):
         pl.when(n < g * blocks)(functools.partial(fetch, jnp.int32(n), n))
@@ -605,8 +690,9 @@ def _dkv(q, k, v, d_out, lse, delta, *, causal, scale):
            plgpu.SMEM((stages, block), jnp.float32)),
           plgpu.Barrier(num_barriers=(2, 2)),
           plgpu.Barrier(num_barriers=(4, stages)),
+          *(_ids_scratch(stages) if has_ids else ()),
           plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       ],
       grid=(kv_heads, sp // (2 * block), b),
       grid_names=("kv_heads", "kv_seq", "batch"),
-  )(q, k, v, d_out, lse, delta)
+  )(q, k, v, d_out, lse, delta, *(ids or ()))
