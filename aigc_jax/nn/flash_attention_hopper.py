@@ -103,6 +103,28 @@ def _ptxas_miscompiles_causal() -> bool:
   return 12080 <= cuda_versions.cuda_runtime_get_version() < 12091
 
 
+# jax 0.10.2's plgpu.load takes the index apart from the ref; jax 0.11 deprecates that.
+_LOAD_TAKES_INDEX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+
+
+def _load(ref, layout):
+  """All of `ref` into registers, in `layout`."""
+  return plgpu.load(ref, (), layout=layout) if _LOAD_TAKES_INDEX else plgpu.load(ref, layout=layout)
+
+
+def _same_ids(row_ids, col_ids, shape):
+  """[rows, cols] bool in the wgmma layout: the row's id equals the column's (`row_ids` in the layout reduced over
+  columns, `col_ids` over rows)."""
+  return lax.broadcast_in_dim(row_ids, shape, [0]) == lax.broadcast_in_dim(col_ids, shape, [1])
+
+
+def _causal_keep(shape, row_base, col_base, *, rows_are_queries: bool):
+  """[rows, cols] bool in the wgmma layout: a query at or after the key."""
+  rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + row_base
+  cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + col_base
+  return rows >= cols if rows_are_queries else rows <= cols
+
+
 def forward(q, k, v, *, causal: bool, scale: float, ids=None):
   """q [B, Tp, H, D], k/v [B, Sp, K, D] (bf16/fp16, D a multiple of 64, Tp of 128) -> out [B, Tp, H, D] and
   lse [B, H, Tp] fp32, log2 of sum(2^(scale * log2(e) * q.k)) per query.
@@ -394,10 +416,10 @@ def backward(q, k, v, out, lse, d_out, *, causal: bool, scale: float, ids=None):
   each consumer 64 keys and streams blocks of Q, dO, log-sum-exp and delta = rowsum(out * dO). Every matmul is a
   wgmma, the softmax's P and dS staying in registers as its A operand. Causal programs stream only the blocks on
   or below the diagonal and mask the ones that cross it; `ids` (as `forward`'s) stream beside the blocks they
-  belong to. With grouped heads, a dK/dV program streams the blocks of
-  every query head of its kv head's group, so dK and dV are summed over the group in fp32 registers and written
-  once. Adapted from the backward in jax's `attention_mgpu.py` (jax 0.11.2,
-  Copyright 2024 The JAX Authors, Apache-2.0), which has no causal variant, no softmax scale and float16 buffers.
+  belong to. With grouped heads, a dK/dV program streams the blocks of every query head of its kv head's group,
+  so dK and dV are summed over the group in fp32 registers and written once. Adapted from the backward in jax's
+  `attention_mgpu.py` (jax 0.11.2, Copyright 2024 The JAX Authors, Apache-2.0), which has no causal variant, no
+  softmax scale and float16 buffers.
   """
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))  # [B, H, Tp]
   dq = _dq(q, k, v, d_out, lse, delta, ids, causal=causal, scale=scale)
@@ -405,32 +427,10 @@ def backward(q, k, v, out, lse, d_out, *, causal: bool, scale: float, ids=None):
   return dq, dk, dv
 
 
-def _bwd_smem(rows, head_dim, dtype, copies=None):
-  """Shared memory for `copies` (None: one) tiles of [rows, head_dim], in wgmma's tiled, swizzled layout."""
-  shape = (rows, head_dim) if copies is None else (copies, rows, head_dim)
-  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-
-
-# jax 0.10.2's plgpu.load takes the index apart from the ref; jax 0.11 deprecates that.
-_LOAD_TAKES_INDEX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
-
-
-def _load(ref, layout):
-  """All of `ref` into registers, in `layout`."""
-  return plgpu.load(ref, (), layout=layout) if _LOAD_TAKES_INDEX else plgpu.load(ref, layout=layout)
-
-
-def _same_ids(row_ids, col_ids, shape):
-  """[rows, cols] bool in the wgmma layout: the row's id equals the column's (`row_ids` in the layout reduced over
-  columns, `col_ids` over rows)."""
-  return lax.broadcast_in_dim(row_ids, shape, [0]) == lax.broadcast_in_dim(col_ids, shape, [1])
-
-
-def _causal_keep(shape, row_base, col_base, *, rows_are_queries: bool):
-  """[rows, cols] bool in the wgmma layout: a query at or after the key."""
-  rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + row_base
-  cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + col_base
-  return rows >= cols if rows_are_queries else rows <= cols
+def _bwd_smem(rows, head_dim, dtype, copies):
+  """Shared memory for `copies` tiles of [rows, head_dim], in wgmma's tiled, swizzled layout."""
+  return plgpu.SMEM((copies, rows, head_dim), dtype,
+                    transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
 def _ids_scratch(stages):
