@@ -362,13 +362,14 @@ def test_flash_tpu_kernels_lower_through_mosaic_for_a_tpu():
       assert f'kernel_name = "splash_mha_{kernel}"' in module
 
 
-@pytest.mark.parametrize("causal, head_dim", [(False, 128), (True, 128), (True, 256)])
-def test_flash_hopper_kernels_lower_for_an_h100(causal, head_dim):
-  """The Mosaic GPU kernels for bf16, grouped heads and a padded length: the forward, and the dQ and dK/dV kernels
-  after it up to head_dim 128; above, the two Triton backward kernels."""
-  t = 300 if causal else 200  # causal: queries and keys padded alike to 384; else the keys must need no padding
+@pytest.mark.parametrize("causal, t, s, head_dim", [(False, 200, 384, 128), (True, 300, 300, 128),
+                                                    (True, 300, 300, 256), (True, 100, 500, 32)])
+def test_flash_hopper_kernels_lower_for_an_h100(causal, t, s, head_dim):
+  """The Mosaic GPU kernels for bf16, grouped heads and padded lengths (causal over a cache too, and a head_dim
+  padded to 64): the forward, and the dQ and dK/dV kernels after it up to head_dim 128; above, the two Triton
+  backward kernels."""
   q = jax.ShapeDtypeStruct((2, t, 4, head_dim), jnp.bfloat16)
-  k = jax.ShapeDtypeStruct((2, 300 if causal else 384, 2, head_dim), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, s, 2, head_dim), jnp.bfloat16)
   fwd = lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=False, hopper=True)
   grad = jax.grad(lambda *args: fwd(*args).astype(jnp.float32).sum(), argnums=(0, 1, 2))
   module = _gpu_module(fwd, q, k, k)
@@ -395,24 +396,25 @@ def test_flash_takes_the_hopper_kernels_only_where_they_can_run(monkeypatch):
   mask = jax.ShapeDtypeStruct((1, 1, 1, 256), jnp.bool_)
   assert uses_hopper(lambda q, k, v, m: forward(mask=m)(q, k, v), q, k, k, mask)  # masks and segments: as ids
   assert uses_hopper(forward(causal=False), q, bf16(1, 200, 1, 64), bf16(1, 200, 1, 64))  # padded keys: as ids
-  assert not uses_hopper(forward(), bf16(1, 128, 2, 64), k, k)  # causal over a cache: Triton
+  assert uses_hopper(forward(), bf16(1, 128, 2, 64), k, k)  # causal over a cache: the queries' offset
+  assert uses_hopper(forward(), bf16(1, 256, 2, 80), bf16(1, 256, 1, 80), bf16(1, 256, 1, 80))  # D zero-padded
+  assert uses_hopper(forward(), bf16(1, 256, 2, 32), bf16(1, 256, 1, 32), bf16(1, 256, 1, 32))  # to 128, to 64
   f32 = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.float32)
   assert not uses_hopper(forward(), f32, f32, f32)
-  assert uses_hopper(forward(), bf16(1, 256, 2, 80), bf16(1, 256, 1, 80), bf16(1, 256, 1, 80))  # D zero-padded
-  assert not uses_hopper(forward(), bf16(1, 256, 2, 32), bf16(1, 256, 1, 32), bf16(1, 256, 1, 32))
-  with pytest.raises(UserError, match="Hopper flash forward cannot run this call: causal needs as many queries as "
-                                      "keys.*hopper=None"):
-    _gpu_module(forward(hopper=True), bf16(1, 128, 2, 64), k, k)
+  with pytest.raises(UserError, match="Hopper flash forward cannot run this call: it takes bfloat16 and float16 "
+                                      r"\(got float32\); leave hopper=None"):
+    _gpu_module(forward(hopper=True), f32, f32, f32)
   monkeypatch.setattr(flash_attention_hopper, "on_hopper", lambda: False)  # e.g. an A100
   assert not uses_hopper(forward(), q, k, k)
 
 
-@pytest.mark.parametrize("causal, padded_keys", [(False, False), (True, False), (False, True)])
-def test_flash_hopper_forward_contract_meets_the_triton_backward(monkeypatch, causal, padded_keys):
+@pytest.mark.parametrize("causal, padded_keys, cache", [(False, False, 0), (True, False, 0), (False, True, 0),
+                                                       (True, False, 56)])
+def test_flash_hopper_forward_contract_meets_the_triton_backward(monkeypatch, causal, padded_keys, cache):
   """`flash_attention_hopper.reference` (the kernel's output and base-2 log-sum-exp, in plain JAX) in the kernel's
-  place, for jax 0.10.2, which cannot interpret it: the padding (padded keys hidden by ids), the scale and that the
-  Triton dK/dV and dQ kernels (the backward above head_dim 128) read its log-sum-exp right, against xla, values and
-  gradients."""
+  place, for jax 0.10.2, which cannot interpret it: the padding (padded keys hidden by ids), the scale, the queries'
+  offset over a cache of keys before them, and that the Triton dK/dV and dQ kernels (the backward above head_dim
+  128) read its log-sum-exp right, against xla, values and gradients."""
   calls, ids_seen = [], []
   def stand_in(*args, ids, **kwargs):
     calls.append(dict(kwargs, ids=ids is not None))
@@ -421,9 +423,10 @@ def test_flash_hopper_forward_contract_meets_the_triton_backward(monkeypatch, ca
     return flash_attention_hopper.reference(*args, ids=ids, **kwargs)
   monkeypatch.setattr(flash_attention_hopper, "forward", stand_in)
   monkeypatch.setattr(flash_attention_hopper, "backward_unsupported_reason", lambda *shapes: "the Triton one's turn")
-  q, k, v, w = qkv(b=1, t=200, s=200 if causal or padded_keys else 256, h=2, kv_heads=1, dtype=jnp.bfloat16)
+  s = 200 + cache if causal or padded_keys else 256
+  q, k, v, w = qkv(b=1, t=200, s=s, h=2, kv_heads=1, dtype=jnp.bfloat16)
   got = out_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=causal, hopper=True), q, k, v, w)
-  assert calls == [{"causal": causal, "scale": 64 ** -0.5, "ids": padded_keys}]
+  assert calls == [{"causal": causal, "scale": 64 ** -0.5, "ids": padded_keys, "q_offset": cache}]
   if padded_keys:  # the 56 keys padded to 256 get the id no query has
     (q_ids, kv_ids), = ids_seen
     np.testing.assert_array_equal(q_ids, np.zeros((1, 256)))
@@ -437,42 +440,49 @@ needs_mosaic_gpu_interpreter = pytest.mark.skipif(
 
 
 @needs_mosaic_gpu_interpreter
-@pytest.mark.parametrize("b, t, s, h, kv_heads, d, causal", [
-    (1, 256, 512, 2, 1, 64, False),  # grouped heads; two query tiles; K/V blocks of 256 filling both stages
-    (1, 384, 384, 2, 1, 128, True),  # three query tiles: skipped, masked and unmasked K/V blocks, the epilogue
-    (1, 128, 256, 1, 1, 256, False),  # head_dim 256: K/V blocks of 64, so slots are refilled while in use
+@pytest.mark.parametrize("b, t, s, h, kv_heads, d, causal, q_offset", [
+    (1, 256, 512, 2, 1, 64, False, 0),  # grouped heads; two query tiles; K/V blocks of 256 filling both stages
+    (1, 384, 384, 2, 1, 128, True, 0),  # three query tiles: skipped, masked and unmasked K/V blocks, the epilogue
+    (1, 128, 256, 1, 1, 256, False, 0),  # head_dim 256: K/V blocks of 64, so slots are refilled while in use
+    (1, 384, 256, 1, 1, 64, True, -150),  # more queries than keys: 150 rows see none (zeros, lse +inf)
+    # (a cache of keys before the queries runs below, through `flash_attention`)
 ])
 def test_flash_hopper_forward_kernel_runs_right_in_the_mosaic_gpu_interpreter(monkeypatch, b, t, s, h, kv_heads, d,
-                                                                               causal):
+                                                                               causal, q_offset):
   """FlashAttention-3's kernel itself (warpgroups as threads, TMA and barriers simulated) against `reference`."""
   mosaic_gpu_interpret.install(monkeypatch)
   q, k, v, _ = qkv(b=b, t=t, s=s, h=h, kv_heads=kv_heads, d=d, dtype=jnp.bfloat16)
-  run = functools.partial(flash_attention_hopper.forward, causal=causal, scale=d ** -0.5)
+  kwargs = dict(causal=causal, scale=d ** -0.5, q_offset=q_offset)
   with mosaic_gpu_interpret.interpreting():
-    out, lse = jax.jit(run)(q, k, v)
-  want_out, want_lse = flash_attention_hopper.reference(q, k, v, causal=causal, scale=d ** -0.5)
+    out, lse = jax.jit(functools.partial(flash_attention_hopper.forward, **kwargs))(q, k, v)
+  want_out, want_lse = flash_attention_hopper.reference(q, k, v, **kwargs)
   assert out.dtype == jnp.bfloat16 and lse.shape == (b, h, t)
+  assert np.isinf(want_lse).sum() == b * h * max(0, -q_offset)
   np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=0, atol=1e-4)
   # Both round to bf16 (a step of 2 ** -7 near 1); the kernel also multiplies P @ V with P in bf16.
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32), rtol=0, atol=2 ** -6)
 
 
 @needs_mosaic_gpu_interpreter
-@pytest.mark.parametrize("t, h, kv_heads, d", [
-    (128, 1, 1, 64),  # one program per kernel, both stages of streamed blocks
-    (128, 2, 1, 128),  # head_dim 128; a dK/dV program streams both query heads of its group
+@pytest.mark.parametrize("t, s, h, kv_heads, d, q_offset", [
+    (128, 128, 1, 1, 64, None),  # one program per kernel, both stages of streamed blocks
+    (128, 128, 2, 1, 128, None),  # head_dim 128; a dK/dV program streams both query heads of its group
+    (128, 384, 1, 1, 64, 96),  # causal, keys after the queries: a dK/dV program no query sees, diagonals in blocks
+    (256, 128, 1, 1, 64, -96),  # causal, 96 queries before the first key (lse +inf: no gradient from them)
 ])
-def test_flash_hopper_backward_kernels_run_right_in_the_mosaic_gpu_interpreter(monkeypatch, t, h, kv_heads, d):
+def test_flash_hopper_backward_kernels_run_right_in_the_mosaic_gpu_interpreter(monkeypatch, t, s, h, kv_heads, d,
+                                                                                q_offset):
   """The dQ and dK/dV kernels against JAX's gradient of `reference` in fp32, fed `reference`'s out and lse
-  (non-causal here; causal runs in the next test, through `flash_attention`)."""
+  (non-causal where q_offset is None; causal with as many queries as keys runs in the next test, through
+  `flash_attention`)."""
   mosaic_gpu_interpret.install(monkeypatch)
-  q, k, v, w = qkv(b=1, t=t, s=t, h=h, kv_heads=kv_heads, d=d, dtype=jnp.bfloat16)
+  q, k, v, w = qkv(b=1, t=t, s=s, h=h, kv_heads=kv_heads, d=d, dtype=jnp.bfloat16)
   d_out = jnp.asarray(w, jnp.bfloat16)
-  attend = functools.partial(flash_attention_hopper.reference, causal=False, scale=d ** -0.5)
+  kwargs = dict(causal=q_offset is not None, scale=d ** -0.5, q_offset=q_offset or 0)
+  attend = functools.partial(flash_attention_hopper.reference, **kwargs)
   out, lse = attend(q, k, v)
   with mosaic_gpu_interpret.interpreting():
-    got = jax.jit(functools.partial(flash_attention_hopper.backward, causal=False, scale=d ** -0.5))(
-        q, k, v, out, lse, d_out)
+    got = jax.jit(functools.partial(flash_attention_hopper.backward, **kwargs))(q, k, v, out, lse, d_out)
   f32 = lambda x: x.astype(jnp.float32)
   want = jax.vjp(lambda q, k, v: attend(q, k, v)[0], f32(q), f32(k), f32(v))[1](f32(d_out))
   for name, a, x, b_ in zip(("dq", "dk", "dv"), got, (q, k, v), want):
@@ -482,13 +492,13 @@ def test_flash_hopper_backward_kernels_run_right_in_the_mosaic_gpu_interpreter(m
 
 
 @needs_mosaic_gpu_interpreter
-@pytest.mark.parametrize("backward, causal, with_ids", [("hopper", True, False), ("triton", True, False),
-                                                        ("hopper", False, True)])
-def test_flash_with_the_interpreted_hopper_kernels_matches_xla(monkeypatch, backward, causal, with_ids):
+@pytest.mark.parametrize("backward, causal, with_ids, cache", [
+    ("hopper", True, False, 0), ("triton", True, False, 0), ("hopper", False, True, 0), ("hopper", True, False, 100)])
+def test_flash_with_the_interpreted_hopper_kernels_matches_xla(monkeypatch, backward, causal, with_ids, cache):
   """The whole Hopper `flash` on a CPU: the Mosaic GPU forward interpreted, then its backward kernels interpreted
   too or (as above head_dim 128) the Triton dK/dV and dQ kernels reading its log-sum-exp in Pallas interpret mode;
-  a padded length, grouped heads; causal, or packed segments with a key padding mask (as ids, with the padded
-  keys and rows that see no key)."""
+  a padded length, grouped heads; causal (over a cache of keys before the queries too), or packed segments with a
+  key padding mask (as ids, with the padded keys and rows that see no key)."""
   mosaic_gpu_interpret.install(monkeypatch)
   calls = []
 
@@ -502,7 +512,7 @@ def test_flash_with_the_interpreted_hopper_kernels_matches_xla(monkeypatch, back
   monkeypatch.setattr(flash_attention_hopper, "backward", interpreted(flash_attention_hopper.backward))
   if backward == "triton":
     monkeypatch.setattr(flash_attention_hopper, "backward_unsupported_reason", lambda *shapes: "the Triton turn")
-  q, k, v, w = qkv(b=1, t=200, s=200, h=2, kv_heads=1, dtype=jnp.bfloat16)
+  q, k, v, w = qkv(b=1, t=200, s=200 + cache, h=2, kv_heads=1, dtype=jnp.bfloat16)
   ids = {}
   if with_ids:  # segments of 50, 100 and 50 tokens; the last 60 keys masked: the last segment's rows see none
     segment_ids = jnp.asarray(np.repeat([0, 1, 2], [50, 100, 50])[None], jnp.int32)
@@ -616,3 +626,28 @@ def test_causal_tile_ranges_skip_exactly_the_tiles_no_query_sees(t, s, block_q, 
   for j in range(nk):
     start = int(first_query_block(j * block_k, block_q, nq, t, s))
     assert start == min((i for i, kj in seen if kj == j), default=start) and 0 <= start <= nq
+
+
+@pytest.mark.parametrize("q_offset", [0, 1, 63, 64, 100, 200, -1, -64, -100, -300])
+@pytest.mark.parametrize("rows, block", [(128, 64), (64, 128), (128, 256), (64, 64)])
+def test_hopper_causal_block_ranges_are_exact(q_offset, rows, block):
+  """The Hopper kernels' causal loop bounds against every (query, key) pair by brute force (query i sees the keys
+  k <= i + q_offset): a skipped block is seen by none of the rows, an unmasked one whole by all of them, and the
+  first and last blocks taken are the first and last any row sees."""
+  from aigc_jax.nn.flash_attention_hopper import causal_key_blocks, causal_query_blocks
+  n = 6  # blocks of queries and keys: 6 * block positions each
+  sees = lambda i, k: k <= i + q_offset
+  for start in range(0, n * block, rows):  # rows of queries from `start`: key blocks
+    queries = range(start, start + rows)
+    unmasked, stop = (int(x) for x in causal_key_blocks(jnp.int32(start), rows, block, n, q_offset))
+    seen = [any(sees(i, k) for i in queries for k in range(j * block, (j + 1) * block)) for j in range(n)]
+    whole = [all(sees(i, k) for i in queries for k in range(j * block, (j + 1) * block)) for j in range(n)]
+    assert stop == max((j + 1 for j in range(n) if seen[j]), default=0)
+    assert unmasked == sum(whole) and all(whole[:unmasked])  # seen whole: a prefix of the blocks
+  for start in range(0, n * block, rows):  # rows of keys from `start`: query blocks
+    keys = range(start, start + rows)
+    first, unmasked = (int(x) for x in causal_query_blocks(jnp.int32(start), rows, block, n, q_offset))
+    seen = [any(sees(i, k) for k in keys for i in range(j * block, (j + 1) * block)) for j in range(n)]
+    whole = [all(sees(i, k) for k in keys for i in range(j * block, (j + 1) * block)) for j in range(n)]
+    assert first == next((j for j in range(n) if seen[j]), n) and all(seen[first:])
+    assert unmasked == n - sum(whole) and all(whole[unmasked:])  # seen whole: a suffix of the blocks

@@ -16,8 +16,9 @@ Implementations:
     Mosaic kernels (`aigc_jax.nn.flash_attention_tpu`); elsewhere Triton kernels
     (`aigc_jax.nn.flash_attention`), compiled on a GPU and run in interpret mode (slow,
     for checking numerics) on a CPU. On a Hopper GPU the forward is FlashAttention-3's
-    Mosaic GPU kernel (`aigc_jax.nn.flash_attention_hopper`) wherever it can run the call,
-    and the backward after it Mosaic GPU kernels too up to head_dim 128.
+    Mosaic GPU kernel (`aigc_jax.nn.flash_attention_hopper`) for every bf16/fp16 call (causal
+    over a cache, masks and segment ids included; head dims below 64 zero-padded), and the
+    backward after it Mosaic GPU kernels too up to head_dim 128.
   * `auto`: on a GPU, `cudnn` for fp16/bf16 with head_dim <= 128 (256 from Hopper on; even
     lengths where a mask, segment ids or causal with T != S reach cuDNN as a bias);
     otherwise (any backend) `chunked` once the score matrix reaches `CHUNKED_MIN_SCORES`

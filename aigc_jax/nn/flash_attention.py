@@ -19,11 +19,11 @@ Apache-2.0), with these changes for `aigc_jax.nn.attention`'s API:
   * the gradient is first-order only: differentiating it again (a gradient penalty, a Hessian) is refused in
     one sentence naming `chunked` and `xla`, rather than failing inside Pallas.
 On a Hopper GPU (sm90) the forward is FlashAttention-3's Mosaic GPU kernel
-(`aigc_jax.nn.flash_attention_hopper`) wherever that kernel can run the call (bf16/fp16, head
-dims a multiple of 64, causal only with as many queries as keys; masks, segment ids and
-padded keys it takes as the same ids), and so is the backward after it for head dims up to
-128; above, the backward is the Triton kernels here, which read the log-sum-exp both
-forwards write.
+(`aigc_jax.nn.flash_attention_hopper`) for every bf16/fp16 call (head dims below 64 are
+zero-padded to 64 for it; masks, segment ids and padded keys it takes as the same ids, causal
+attention over a cache as the queries' offset), and so is the backward after it for head dims
+up to 128; above, the backward is the Triton kernels here, which read the log-sum-exp both
+forwards write. Elsewhere (float32, pre-Hopper GPUs) `flash` is the Triton kernels alone.
 """
 
 import dataclasses
@@ -92,6 +92,11 @@ class _Static:
   interpret: bool
   hopper: bool  # the forward is the Hopper kernel's
 
+  @property
+  def q_offset(self) -> int:
+    """Causal: query i sits at key position i + q_offset (the T queries are the last T of S positions)."""
+    return self.s - self.t if self.causal else 0
+
 
 def flash_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=None,
                     block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None,
@@ -118,17 +123,21 @@ def flash_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=Non
   tp = chunked_lib.round_up(t, max(blocks.block_q, blocks.block_q_bwd))
   sp = chunked_lib.round_up(s, max(blocks.block_k, blocks.block_k_bwd))
   dp = max(16, pl.next_power_of_2(d))
-  q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, dp - d)))
-  k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, dp - d)))
-  v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, dp - d)))
-  ids = segments_lib.with_key_padding(segments_lib.segment_pair(segment_ids, b, t, s), mask, b, t, s)
-  ids = None if ids is None else segments_lib.padded(ids, tp, sp)  # [B, Tp], [B, Sp]
-  why_not = hopper_lib.unsupported_reason(q.shape, k.shape, q.dtype, causal=causal, t=t, s=s)
+  hopper_dp = max(hopper_lib.MIN_HEAD_DIM, dp)  # the Hopper kernels take head dims from 64: smaller ones padded
+  why_not = hopper_lib.unsupported_reason((b, tp, h, hopper_dp), (b, sp, k.shape[2], hopper_dp), q.dtype,
+                                          causal=causal)
   if hopper is None:
     hopper = why_not is None and not interpret and hopper_lib.on_hopper()
   elif hopper and why_not:
     raise UserError(f"The Hopper flash forward cannot run this call: {why_not}; leave hopper=None to let "
                     f"flash use its Triton forward.")
+  if hopper:
+    dp = hopper_dp
+  q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, dp - d)))
+  k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0), (0, dp - d)))
+  v = jnp.pad(v, ((0, 0), (0, sp - s), (0, 0), (0, dp - d)))
+  ids = segments_lib.with_key_padding(segments_lib.segment_pair(segment_ids, b, t, s), mask, b, t, s)
+  ids = None if ids is None else segments_lib.padded(ids, tp, sp)  # [B, Tp], [B, Sp]
   if hopper and ids is None and not causal and sp > s:  # the Hopper kernels hide padded keys by their ids only
     ids = segments_lib.padded((jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)), tp, sp)
   st = _Static(causal, ids is not None, t, s, d ** -0.5, blocks, interpret, hopper)
@@ -301,7 +310,7 @@ def _forward(q, k, v, ids, st: _Static):
 def _forward_kernels(st: _Static, q, k, v, ids):
   """(out [B, Tp, H, Dp], log-sum-exp [B, H, Tp] fp32)."""
   if st.hopper:
-    return hopper_lib.forward(q, k, v, causal=st.causal, scale=st.scale, ids=ids)
+    return hopper_lib.forward(q, k, v, causal=st.causal, scale=st.scale, ids=ids, q_offset=st.q_offset)
   b, tp, h, dp = q.shape
   sp, g = k.shape[1], h // k.shape[2]
   bq = st.blocks.block_q
@@ -331,7 +340,8 @@ def _backward(st: _Static, residuals, d_out):
 def _backward_kernels(st: _Static, residuals, d_out):
   q, k, v, ids, out, lse = residuals
   if st.hopper and hopper_lib.backward_unsupported_reason(q.shape, k.shape) is None:
-    return (*hopper_lib.backward(q, k, v, out, lse, d_out, causal=st.causal, scale=st.scale, ids=ids), None)
+    return (*hopper_lib.backward(q, k, v, out, lse, d_out, causal=st.causal, scale=st.scale, ids=ids,
+                                 q_offset=st.q_offset), None)
   b, tp, h, dp = q.shape
   sp, kv_heads = k.shape[1], k.shape[2]
   g = h // kv_heads

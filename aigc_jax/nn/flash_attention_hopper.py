@@ -17,9 +17,11 @@ K/V blocks through TMA. Changes to it:
   * the K/V block is the longest that fits shared memory for the head dim;
   * segment ids, which also carry key padding masks and padded keys (`aigc_jax.nn.segments`):
     the producer streams each K block's key ids beside it, and a query row that sees no key
-    gives zeros and an lse of +inf (its running max starts finite, as in `chunked`).
-The Triton forward keeps what this kernel lacks: causal attention with fewer queries than
-keys, float32, head dims that are not multiples of 64.
+    gives zeros and an lse of +inf (its running max starts finite, as in `chunked`);
+  * causal attention over a cache (fewer queries than keys, or more): `q_offset` moves the
+    diagonal, and the causal block ranges (`causal_key_blocks`, `causal_query_blocks`) follow it;
+    the producer fetches no block its program will not take.
+The Triton forward keeps what this kernel lacks: float32. `flash` zero-pads head dims below 64.
 `backward` (below) is FlashAttention-2's backward in the same style: a dQ and a dK/dV kernel.
 Off a Hopper GPU the kernels run in jax 0.11's Mosaic GPU interpreter (warpgroups as threads,
 shared memory, TMA and barriers simulated), where the tests check the forward's output and
@@ -44,6 +46,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from aigc_jax.nn import chunked_attention as chunked_lib
 
 BLOCK_Q = 64  # queries per consumer warpgroup; a program (CTA) takes 2 * BLOCK_Q
+MIN_HEAD_DIM = 64  # a 128-byte swizzled row of bf16: head dims are multiples of it
 STAGES = 2  # K/V blocks in flight
 SMEM_BYTES = 227 * 1024  # shared memory one H100 CTA may use
 HOPPER = (9, 0)  # compute capability
@@ -58,19 +61,17 @@ def kv_block(head_dim: int, kv_len: int) -> int | None:
   return None
 
 
-def unsupported_reason(q_shape, k_shape, dtype, *, causal: bool, t: int, s: int) -> str | None:
+def unsupported_reason(q_shape, k_shape, dtype, *, causal: bool) -> str | None:
   """Why this kernel cannot run `flash`'s padded call (a sentence fragment), or None if it can.
 
-  q_shape and k_shape are the padded [B, Tp, H, Dp] and [B, Sp, K, Dp]; t and s the true lengths. Masks, segment
-  ids and padded keys it takes as ids (`forward`'s `ids`).
+  q_shape and k_shape are the padded [B, Tp, H, Dp] and [B, Sp, K, Dp]. Masks, segment ids and padded keys it takes
+  as ids (`forward`'s `ids`), causal attention over a cache as `q_offset`.
   """
   tp, dp, sp = q_shape[1], q_shape[3], k_shape[1]
   if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return f"it takes bfloat16 and float16 (got {jnp.dtype(dtype).name})"
-  if dp % 64:
-    return f"its head_dim must be a multiple of 64 (got {dp})"
-  if causal and t != s:
-    return f"causal needs as many queries as keys (got {t} and {s})"
+  if dp % MIN_HEAD_DIM:
+    return f"its head_dim must be a multiple of {MIN_HEAD_DIM} (got {dp})"
   if tp % (2 * BLOCK_Q):
     return f"the query length must be padded to a multiple of {2 * BLOCK_Q} (got {tp})"
   if kv_block(dp, sp) is None:
@@ -119,18 +120,43 @@ def _same_ids(row_ids, col_ids, shape):
 
 
 def _causal_keep(shape, row_base, col_base, *, rows_are_queries: bool):
-  """[rows, cols] bool in the wgmma layout: a query at or after the key."""
+  """[rows, cols] bool in the wgmma layout: a query at or after the key (bases as key positions: a query's
+  position plus `q_offset`)."""
   rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + row_base
   cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + col_base
   return rows >= cols if rows_are_queries else rows <= cols
 
 
-def forward(q, k, v, *, causal: bool, scale: float, ids=None):
+def _blocks_below(x, block: int, n: int):
+  """floor(x / block) clipped to [0, n], for a traced int32 x of either sign (a GPU's integer division truncates
+  toward zero, so x is clipped at 0 before it is divided)."""
+  return jnp.minimum(lax.div(jnp.maximum(x, 0), jnp.int32(block)), n)
+
+
+def causal_key_blocks(q_start, rows: int, block: int, n: int, q_offset: int):
+  """Causal, for the `rows` queries from q_start and n key blocks of `block`: (unmasked, stop), where every one of
+  the queries sees all of blocks [0, unmasked) and none of them sees any of blocks [stop, n)."""
+  unmasked = _blocks_below(q_start + q_offset + 1, block, n)
+  stop = _blocks_below(q_start + rows - 1 + q_offset + block, block, n)
+  return unmasked, stop
+
+
+def causal_query_blocks(k_start, rows: int, block: int, n: int, q_offset: int):
+  """Causal, for the `rows` keys from k_start and n query blocks of `block`: (start, unmasked), where no query of
+  blocks [0, start) sees any of the keys and every query of blocks [unmasked, n) sees all of them."""
+  start = _blocks_below(k_start - q_offset, block, n)
+  unmasked = _blocks_below(k_start + rows - 1 - q_offset + block - 1, block, n)
+  return start, unmasked
+
+
+def forward(q, k, v, *, causal: bool, scale: float, ids=None, q_offset: int = 0):
   """q [B, Tp, H, D], k/v [B, Sp, K, D] (bf16/fp16, D a multiple of 64, Tp of 128) -> out [B, Tp, H, D] and
   lse [B, H, Tp] fp32, log2 of sum(2^(scale * log2(e) * q.k)) per query.
 
   `ids`: None or (query ids [B, Tp], key ids [B, Sp]) int32 (`aigc_jax.nn.segments`): a query sees only keys of
-  its id. A query that sees no key gets zeros and an lse of +inf (so the backward's probabilities are 0)."""
+  its id. `q_offset`: causal, query i sits at key position i + q_offset and sees the keys up to it (s - t for t
+  queries that are the last t of s positions, as `flash` passes it). A query that sees no key gets zeros and an
+  lse of +inf (so the backward's probabilities are 0)."""
   batch_size, q_seq_len, num_q_heads, head_dim = q.shape
   _, kv_seq_len, num_kv_heads, _ = k.shape
   dtype = q.dtype
@@ -140,6 +166,10 @@ def forward(q, k, v, *, causal: bool, scale: float, ids=None):
   to_base2 = scale * math.log2(math.e)
 
   has_ids = ids is not None
+  num_kv_steps = kv_seq_len // block_kv
+  # Without ids or queries before the first key, every row sees key 0 in the first block it takes: the running max
+  # may start at -inf, as upstream's. Else it starts finite and rows that saw nothing are caught at the end.
+  rows_may_see_nothing = has_ids or (causal and q_offset < 0)
 
   def kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, out_ref, lse_ref, scoped):
     batch = lax.axis_index("batch")
@@ -153,11 +183,11 @@ def forward(q, k, v, *, causal: bool, scale: float, ids=None):
       plgpu.barrier_arrive(schedule_barrier)
       plgpu.barrier_wait(schedule_barrier)
 
-    if causal:
-      block_q_end = (lax.axis_index("q_seq") + 1) * (2 * block_q)
-      block_max_kv_steps = pl.cdiv(block_q_end, jnp.array(block_kv, jnp.int32))
+    if causal:  # the K/V blocks the program's later consumer needs; the producer streams these
+      _, block_max_kv_steps = causal_key_blocks(lax.axis_index("q_seq") * (2 * block_q), 2 * block_q, block_kv,
+                                                num_kv_steps, q_offset)
     else:
-      block_max_kv_steps = kv_seq_len // block_kv
+      block_max_kv_steps = num_kv_steps
 
     @pl.when(wg_idx < 2)
     def _compute_wg():
@@ -166,8 +196,8 @@ def forward(q, k, v, *, causal: bool, scale: float, ids=None):
       lse_smem = lse_smem2.at[wg_idx]
       q_seq_base = lax.axis_index("q_seq") * (2 * block_q) + wg_idx * block_q
 
-      if causal:
-        kv_steps = pl.cdiv(q_seq_base + block_q, jnp.array(block_kv, jnp.int32))
+      if causal:  # the blocks before full_kv_steps need no mask; the consumer takes none from kv_steps on
+        full_kv_steps, kv_steps = causal_key_blocks(q_seq_base, block_q, block_kv, num_kv_steps, q_offset)
       else:
         kv_steps = block_max_kv_steps
 
@@ -183,8 +213,8 @@ def forward(q, k, v, *, causal: bool, scale: float, ids=None):
         plgpu.barrier_wait(ids_barriers.at[0, wg_idx])
         q_ids = _load(q_ids_smem2.at[wg_idx], plgpu.Layout.WGMMA.reduce(1))
 
-      m_i = plgpu.layout_cast(  # with ids, finite: a row whose keys a block hides entirely gets 2^(-inf - m) = 0
-          jnp.full((block_q,), chunked_lib.M_START if has_ids else -jnp.inf, dtype=jnp.float32),
+      m_i = plgpu.layout_cast(  # finite if needed: a row whose keys a block hides entirely gets 2^(-inf - m) = 0
+          jnp.full((block_q,), chunked_lib.M_START if rows_may_see_nothing else -jnp.inf, dtype=jnp.float32),
           plgpu.Layout.WGMMA.reduce(1),
       )
       l_i = plgpu.layout_cast(
@@ -218,7 +248,8 @@ def forward(q, k, v, *, causal: bool, scale: float, ids=None):
         plgpu.barrier_arrive(k_consumed_barriers.at[slot])
 
         if causal:
-          qk = jnp.where(_causal_keep(qk.shape, q_seq_base, kv_step * block_kv, rows_are_queries=True), qk, -jnp.inf)
+          qk = jnp.where(_causal_keep(qk.shape, q_seq_base + q_offset, kv_step * block_kv, rows_are_queries=True),
+                         qk, -jnp.inf)
 
         # Softmax
         # We keep m scaled by scale * log2e to use FMA instructions when computing p.
@@ -270,7 +301,6 @@ def forward(q, k, v, *, causal: bool, scale: float, ids=None):
           perform_schedule_barrier()
 
         causal_kv_loop = functools.partial(kv_loop, causal=True)
-        full_kv_steps = lax.div(q_seq_base, jnp.array(block_kv, jnp.int32))
         # With causal masking, the KV loop unrolling is split in 3 sections:
         # 1. A fast path where no causal mask is needed.
         acc, m_i, l_i = lax.fori_loop(0, full_kv_steps, kv_loop, (acc, m_i, l_i))
@@ -281,7 +311,7 @@ def forward(q, k, v, *, causal: bool, scale: float, ids=None):
       pl.when(wg_idx == 0)(perform_schedule_barrier)
 
       lse = m_i + jnp.log(l_i) * (1 / math.log(2))
-      if has_ids:  # a row that saw no key: zeros, and p = 2^(s - inf) = 0 in the backward
+      if rows_may_see_nothing:  # a row that saw no key: zeros, and p = 2^(s - inf) = 0 in the backward
         seen = l_i > 0
         l_i, lse = jnp.where(seen, l_i, 1.0), jnp.where(seen, lse, jnp.inf)
       # TODO(apaszke): Invert and multiply to avoid expensive divisions.
@@ -306,11 +336,14 @@ def forward(q, k, v, *, causal: bool, scale: float, ids=None):
           plgpu.copy_gmem_to_smem(kv_ids_ref.at[batch, pl.ds(step * block_kv, block_kv)], kv_ids_smem.at[slot],
                                   ids_barriers.at[1, slot])
 
-      for i in range(max_concurrent_steps):
+      def first_fetch(i):
         s = (batch, pl.ds(i * block_kv, block_kv), kv_head)
         plgpu.copy_gmem_to_smem(k_ref.at[s], k_smem.at[i], k_barriers.at[i])
         fetch_ids(i, i)
         plgpu.copy_gmem_to_smem(v_ref.at[s], v_smem.at[i], v_barriers.at[i])
+
+      for i in range(max_concurrent_steps):  # causal: none the program will not take (upstream fetches them anyway)
+        pl.when(i < block_max_kv_steps)(functools.partial(first_fetch, i))
 
       @pl.loop(0, block_max_kv_steps - max_concurrent_steps)
       def _kv_loop(kv_step):
@@ -374,7 +407,7 @@ def _warp_specialized(kernel, **kwargs):
                       **kwargs)
 
 
-def reference(q, k, v, *, causal: bool, scale: float, ids=None):
+def reference(q, k, v, *, causal: bool, scale: float, ids=None, q_offset: int = 0):
   """What `forward` computes, in plain JAX: the contract the backwards read. Tests check the interpreted kernel
   against it, and run it in the kernel's place where jax has no Mosaic GPU interpreter (0.10.2)."""
   b, t, h, d = q.shape
@@ -382,7 +415,7 @@ def reference(q, k, v, *, causal: bool, scale: float, ids=None):
   q = q.astype(jnp.float32).reshape(b, t, kv_heads, h // kv_heads, d)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(jnp.float32)) * (scale * math.log2(math.e))
   if causal:
-    scores = jnp.where(jnp.arange(k.shape[1]) <= jnp.arange(t)[:, None], scores, -jnp.inf)
+    scores = jnp.where(jnp.arange(k.shape[1]) <= jnp.arange(t)[:, None] + q_offset, scores, -jnp.inf)
   if ids is not None:
     q_ids, kv_ids = ids
     scores = jnp.where((q_ids[:, :, None] == kv_ids[:, None, :])[:, None, None], scores, -jnp.inf)
@@ -407,23 +440,24 @@ def backward_unsupported_reason(q_shape, k_shape) -> str | None:
   return None
 
 
-def backward(q, k, v, out, lse, d_out, *, causal: bool, scale: float, ids=None):
+def backward(q, k, v, out, lse, d_out, *, causal: bool, scale: float, ids=None, q_offset: int = 0):
   """FlashAttention-2's backward (Dao 2023, Algorithm 2) for Hopper, as two warp-specialised Mosaic GPU kernels.
 
-  Takes `forward`'s padded inputs, its output and base-2 log-sum-exp, and d_out; returns dq [B, Tp, H, D] and
-  dk, dv [B, Sp, K, D] in the inputs' dtype. The dQ kernel gives each of two consumer warpgroups 64 queries and
-  streams K/V blocks to them from a producer warpgroup through TMA (as `forward` does); the dK/dV kernel gives
-  each consumer 64 keys and streams blocks of Q, dO, log-sum-exp and delta = rowsum(out * dO). Every matmul is a
-  wgmma, the softmax's P and dS staying in registers as its A operand. Causal programs stream only the blocks on
-  or below the diagonal and mask the ones that cross it; `ids` (as `forward`'s) stream beside the blocks they
-  belong to. With grouped heads, a dK/dV program streams the blocks of every query head of its kv head's group,
-  so dK and dV are summed over the group in fp32 registers and written once. Adapted from the backward in jax's
-  `attention_mgpu.py` (jax 0.11.2, Copyright 2024 The JAX Authors, Apache-2.0), which has no causal variant, no
-  softmax scale and float16 buffers.
+  Takes `forward`'s padded inputs, its output and base-2 log-sum-exp, and d_out; returns dq [B, Tp, H, D] and dk, dv
+  [B, Sp, K, D] in the inputs' dtype. The dQ kernel gives each of two consumer warpgroups 64 queries and streams K/V
+  blocks to them from a producer warpgroup through TMA (as `forward` does); the dK/dV kernel gives each consumer 64
+  keys and streams blocks of Q, dO, log-sum-exp and delta = rowsum(out * dO). Every matmul is a wgmma, the softmax's
+  P and dS staying in registers as its A operand. Causal programs stream only the blocks on or below the diagonal
+  and mask the ones that cross it; `ids` (as `forward`'s) stream beside the blocks they belong to, and `q_offset`
+  moves the diagonal as `forward`'s. With grouped heads, a dK/dV program streams the blocks of every query head of
+  its kv head's group, so dK and dV are summed over the group in fp32 registers and written once. Adapted from the
+  backward in jax's `attention_mgpu.py` (jax 0.11.2, Copyright 2024 The JAX Authors, Apache-2.0), which has no
+  causal variant, no softmax scale and float16 buffers.
   """
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))  # [B, H, Tp]
-  dq = _dq(q, k, v, d_out, lse, delta, ids, causal=causal, scale=scale)
-  dk, dv = _dkv(q, k, v, d_out, lse, delta, ids, causal=causal, scale=scale)
+  kwargs = dict(causal=causal, scale=scale, q_offset=q_offset)
+  dq = _dq(q, k, v, d_out, lse, delta, ids, **kwargs)
+  dk, dv = _dkv(q, k, v, d_out, lse, delta, ids, **kwargs)
   return dq, dk, dv
 
 
@@ -448,7 +482,7 @@ def _split_refs(refs, has_ids):
   return refs[0], refs[1], *rest, ids_buffers, ids_ready, consumed
 
 
-def _dq(q, k, v, d_out, lse, delta, ids, *, causal, scale):
+def _dq(q, k, v, d_out, lse, delta, ids, *, causal, scale, q_offset):
   b, tp, h, d = q.shape
   sp, g = k.shape[1], h // k.shape[2]
   dtype, block = q.dtype, BWD_BLOCK
@@ -463,8 +497,7 @@ def _dq(q, k, v, d_out, lse, delta, ids, *, causal, scale):
     q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem = buffers
     program_base = lax.axis_index("q_seq") * (2 * block)
     if causal:  # the key blocks up to the program's last query; the ones from its first query on cross it
-      stop = jnp.minimum(lax.div(program_base, jnp.int32(block)) + 2, sp // block)
-      masked_from = jnp.minimum(lax.div(program_base, jnp.int32(block)), stop)
+      masked_from, stop = causal_key_blocks(program_base, 2 * block, block, sp // block, q_offset)
     else:
       stop = masked_from = jnp.int32(sp // block)
 
@@ -500,7 +533,7 @@ def _dq(q, k, v, d_out, lse, delta, ids, *, causal, scale):
         s, dp = pl.run_state(scores_and_d_probs)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
         s = s * to_base2
         if masked:
-          s = jnp.where(_causal_keep(s.shape, q_base, j * block, rows_are_queries=True), s, -jnp.inf)
+          s = jnp.where(_causal_keep(s.shape, q_base + q_offset, j * block, rows_are_queries=True), s, -jnp.inf)
         if has_ids:
           plgpu.barrier_wait(ids_ready.at[1, slot])
           s = jnp.where(_same_ids(row_ids, _load(kv_ids_smem.at[slot], plgpu.Layout.WGMMA.reduce(0)), s.shape), s,
@@ -563,7 +596,7 @@ def _dq(q, k, v, d_out, lse, delta, ids, *, causal, scale):
   )(q, k, v, d_out, lse, delta, *(ids or ()))
 
 
-def _dkv(q, k, v, d_out, lse, delta, ids, *, causal, scale):
+def _dkv(q, k, v, d_out, lse, delta, ids, *, causal, scale, q_offset):
   b, tp, h, d = q.shape
   sp, kv_heads = k.shape[1], k.shape[2]
   g = h // kv_heads
@@ -580,8 +613,7 @@ def _dkv(q, k, v, d_out, lse, delta, ids, *, causal, scale):
     k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem = buffers
     program_base = lax.axis_index("kv_seq") * (2 * block)
     if causal:  # the query blocks from the program's first key on; the ones before its last key cross it
-      start = jnp.minimum(lax.div(program_base, jnp.int32(block)), nq)
-      unmasked_from = jnp.minimum(start + 2, nq)
+      start, unmasked_from = causal_query_blocks(program_base, 2 * block, block, nq, q_offset)
     else:
       start = unmasked_from = jnp.int32(0)
     blocks = nq - start  # streamed per query head of the group; step n is head n // blocks, block start + n % blocks
@@ -611,7 +643,8 @@ def _dkv(q, k, v, d_out, lse, delta, ids, *, causal, scale):
           return acc_ref[...]
         st = pl.run_scoped(scores_t, plgpu.ACC((block, block), jnp.float32)) * to_base2
         if masked:
-          st = jnp.where(_causal_keep(st.shape, kv_base, i * block, rows_are_queries=False), st, -jnp.inf)
+          st = jnp.where(_causal_keep(st.shape, kv_base, i * block + q_offset, rows_are_queries=False), st,
+                         -jnp.inf)
         if has_ids:
           plgpu.barrier_wait(ids_ready.at[1, slot])
           st = jnp.where(_same_ids(row_ids, _load(q_ids_smem.at[slot], plgpu.Layout.WGMMA.reduce(0)), st.shape),
