@@ -142,9 +142,9 @@ class SyntheticTokens(LanguageModelTask):
     self.vocab_size = vocab_size
     self.units_per_batch = config.batch_size * config.data.seq_len
 
-  def train_batch(self, step: int):
+  def train_batch(self, step: int, rows: slice = slice(None)):
     rng = np.random.default_rng(step)
-    tokens = rng.integers(0, self.vocab_size, (self.config.batch_size, self.config.data.seq_len + 1), np.int32)
+    tokens = rng.integers(0, self.vocab_size, (self.config.batch_size, self.config.data.seq_len + 1), np.int32)[rows]
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}  # [B, T] each
 
 

@@ -73,6 +73,9 @@ def test_split_and_batches_are_pure_functions_of_the_step():
   assert a["inputs"].shape == (4, 8) and a["targets"].shape == (4, 8)
   np.testing.assert_array_equal(a["inputs"][:, 1:], a["targets"][:, :-1])  # targets are inputs shifted by one
   assert not np.array_equal(data.batch("train", 5, 4, seed=0, stream=1)["inputs"], a["inputs"])
+  rows = data.batch("train", 5, 4, seed=0, rows=slice(1, 3))  # what a process holding rows 1 and 2 builds
+  for name in ("inputs", "targets"):
+    np.testing.assert_array_equal(rows[name], a[name][1:3])
 
 
 def test_split_too_short_for_a_window():

@@ -153,6 +153,9 @@ def test_each_critic_update_sees_its_own_real_batch():
   assert task.units_per_batch == 12
   np.testing.assert_array_equal(batch["images"].reshape(12, 28, 28, 1),
                                 task.dataset.batch("train", 0, 12, config.seed)["images"])
+  rows = task.train_batch(0, slice(1, 3))  # what a process holding rows 1 and 2 builds: their d_steps images each
+  assert rows["images"].shape == (2, 3, 28, 28, 1)
+  np.testing.assert_array_equal(rows["images"], batch["images"][1:3])
   seen = []
   d_loss = task.d_loss
   def recording_d_loss(d_params, g_params, real, rng):

@@ -124,9 +124,14 @@ def test_random_flips_mirror_about_half_the_training_images_and_no_held_out_ones
     np.testing.assert_array_equal(b["images"][~same], a["images"][~same][:, :, ::-1])  # the others left to right
     mirrored += int((~same).sum())
     np.testing.assert_array_equal(b["images"], flipping.batch("train", step, 10, seed=3)["images"])  # resumable
+    rows = flipping.batch("train", step, 10, seed=3, rows=slice(5, 10))  # a process's rows: the same, mirrored alike
+    np.testing.assert_array_equal(rows["images"], b["images"][5:])
+    np.testing.assert_array_equal(rows["labels"], b["labels"][5:])
   assert 70 <= mirrored <= 130  # of 200, each with probability 1/2 (P(outside) < 1e-4)
   np.testing.assert_array_equal(flipping.eval_batches("test", 3, 10, seed=3)[2]["images"],
                                 plain.eval_batches("test", 3, 10, seed=3)[2]["images"])
+  np.testing.assert_array_equal(flipping.eval_batches("test", 3, 10, seed=3, rows=slice(0, 5))[2]["images"],
+                                plain.eval_batches("test", 3, 10, seed=3)[2]["images"][:5])
   with pytest.raises(UserError, match=r"data.random_flip is 1; set it to True or False\."):
     ImageDataset(data, (2, 3), 1, random_flip=1)
 

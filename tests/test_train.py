@@ -317,6 +317,20 @@ def test_batch_must_split_over_devices(tiny_config):
     loop.compile_steps(make_task(tiny_config), tiny_config, parallel.data_mesh())
 
 
+def test_a_process_places_the_rows_of_the_batch_it_built():
+  """One process holds every row; a process of a multi-process run builds and places only its devices' rows (the
+  two-process run in test_distributed.py trains as one process)."""
+  mesh = parallel.data_mesh()
+  assert parallel.process_rows(8, mesh) == slice(0, 8)
+  batch = {"x": np.arange(16).reshape(8, 2), "y": np.arange(8)}
+  placed = parallel.shard_batch(batch, mesh, 8)
+  for name in batch:
+    assert placed[name].shape == batch[name].shape and placed[name].sharding == parallel.batch_sharding(mesh)
+    np.testing.assert_array_equal(placed[name], batch[name])
+  with pytest.raises(ValueError, match="got 3 rows; this process holds rows 0..8 of 8"):
+    parallel.shard_batch({"x": np.zeros((3, 2))}, mesh, 8)
+
+
 SHARDED_SCRIPT = r"""
 import sys
 import jax, numpy as np

@@ -242,8 +242,10 @@ class ImageDataset:
   def labels(self, split: str) -> np.ndarray:
     return self.data.splits[split][1]  # int32 [N]
 
-  def batch(self, split: str, step: int, batch_size: int, seed: int, stream: int = 0) -> dict[str, np.ndarray]:
-    """Batch number `step` of `split`: `images` float32 [B, H, W, C] in [-1, 1] and `labels` int32 [B].
+  def batch(self, split: str, step: int, batch_size: int, seed: int, stream: int = 0,
+            rows: slice = slice(None)) -> dict[str, np.ndarray]:
+    """Batch number `step` of `split`: `images` float32 [B, H, W, C] in [-1, 1] and `labels` int32 [B], or only its
+    `rows` (the same images: a process builds only the rows its devices hold).
 
     `stream` 0 is training (mirrored at random with random_flip), 1 the fixed evaluation batches,
     so they never coincide.
@@ -251,12 +253,14 @@ class ImageDataset:
     images, labels = self.data.splits[split]
     rng = np.random.default_rng([seed, stream, self.SPLITS.index(split), step])
     index = rng.integers(0, len(images), size=batch_size)
+    mirror = rng.random(batch_size)[rows] < 0.5 if self.random_flip and stream == 0 else None
+    index = index[rows]
     picked = images[index]
-    if self.random_flip and stream == 0:
-      mirror = rng.random(batch_size) < 0.5
+    if mirror is not None:
       picked = np.where(mirror[:, None, None, None], picked[:, :, ::-1], picked)
     return {"images": to_float(picked), "labels": labels[index]}
 
-  def eval_batches(self, split: str, num_batches: int, batch_size: int, seed: int) -> list[dict[str, np.ndarray]]:
+  def eval_batches(self, split: str, num_batches: int, batch_size: int, seed: int,
+                   rows: slice = slice(None)) -> list[dict[str, np.ndarray]]:
     """The same `num_batches` batches every call (stream 1), for comparable evaluation losses."""
-    return [self.batch(split, step, batch_size, seed, stream=1) for step in range(num_batches)]
+    return [self.batch(split, step, batch_size, seed, stream=1, rows=rows) for step in range(num_batches)]

@@ -154,13 +154,15 @@ class CharDataset:
     text = load_text(data_config.source)
     return cls(text, vocab or CharVocab.from_text(text), data_config.seq_len, data_config.val_fraction)
 
-  def batch(self, split: str, step: int, batch_size: int, seed: int, stream: int = 0) -> dict[str, np.ndarray]:
-    """Batch number `step` of `split`: `inputs` and `targets`, each [batch_size, seq_len].
+  def batch(self, split: str, step: int, batch_size: int, seed: int, stream: int = 0,
+            rows: slice = slice(None)) -> dict[str, np.ndarray]:
+    """Batch number `step` of `split`: `inputs` and `targets`, each [batch_size, seq_len], or only its `rows` (the
+    same windows: a process builds only the rows its devices hold).
 
     `stream` 0 is training, 1 the fixed evaluation batches, so they never coincide.
     """
     data = self.splits[split]
     rng = np.random.default_rng([seed, stream, self.SPLITS.index(split), step])
-    starts = rng.integers(0, len(data) - self.seq_len, size=batch_size)
+    starts = rng.integers(0, len(data) - self.seq_len, size=batch_size)[rows]
     windows = data[starts[:, None] + np.arange(self.seq_len + 1)]
     return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}

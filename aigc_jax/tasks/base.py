@@ -9,8 +9,11 @@ class Task:
 
   Subclasses set `units` (what throughput counts, e.g. "tokens") and
   `units_per_batch`, and implement `init_params(rng)`,
-  `loss(params, batch, rng, train) -> (sum, count, metrics)`, `train_batch(step)`,
-  `eval_batches() -> {split: [batch, ...]}` and `on_eval(params, step, writer)`.
+  `loss(params, batch, rng, train) -> (sum, count, metrics)`, `train_batch(step, rows)`,
+  `eval_batches(rows) -> {split: [batch, ...]}` and `on_eval(params, step, writer)`. Batches are pure
+  functions of the step, `batch_size` rows each; `rows` (a slice) asks for only those rows of them: a
+  process of a multi-process run builds only the rows its devices hold. (A task whose methods take no
+  `rows` builds whole batches, in every process.)
   A family whose update is not "one optimizer on one loss" (GANs) overrides
   `optimizer` and `make_train_step`; one that samples from an EMA sets `ema_decay`.
   """
@@ -53,10 +56,11 @@ class Task:
   def loss(self, params, batch, rng, train: bool):
     raise NotImplementedError
 
-  def train_batch(self, step: int):
+  def train_batch(self, step: int, rows: slice = slice(None)):
     raise NotImplementedError
 
-  def eval_batches(self) -> dict:
+  def eval_batches(self, rows: slice = slice(None)) -> dict:
+    del rows
     return {}
 
   def on_eval(self, params, step: int, writer) -> None:

@@ -62,12 +62,12 @@ class DiffusionTask(ImageTask):
     labels = jnp.zeros((1,), jnp.int32) if self.conditional else None
     return self.model.init(rng, x, jnp.zeros((1,), jnp.int32), labels, train=False)["params"]
 
-  def eval_batches(self) -> dict:
+  def eval_batches(self, rows: slice = slice(None)) -> dict:
     """The held-out batches, each with its index (`eval_index`, one per image): the loss draws each batch's
     timesteps and noise from its own key, so eval_batches batches average over as many draws."""
     return {split: [{**batch, "eval_index": np.full((len(batch["images"]),), i, np.int32)}
                     for i, batch in enumerate(batches)]
-            for split, batches in super().eval_batches().items()}
+            for split, batches in super().eval_batches(rows).items()}
 
   def loss(self, params, batch, rng, train: bool):
     if rng is None:  # evaluation: fixed draws, a batch's own (every batch drew the same timesteps and noise)

@@ -40,11 +40,13 @@ class GANTask(ImageTask):
                                      updates_per_step=m.d_steps if name == "discriminator" else 1)
                 for name in NETWORKS}
 
-  def train_batch(self, step: int):
+  def train_batch(self, step: int, rows: slice = slice(None)):
     """`d_steps` independent batches of real images for step `step`, one per critic update: [B, d_steps, ...]."""
     d_steps, b = self.config.model.d_steps, self.config.batch_size
-    batch = self.dataset.batch("train", step, b * d_steps, self.config.seed)
-    return {name: x.reshape(b, d_steps, *x.shape[1:]) for name, x in batch.items()}
+    start, stop, _ = rows.indices(b)  # row r holds the drawn images r * d_steps ... (r + 1) * d_steps - 1
+    batch = self.dataset.batch("train", step, b * d_steps, self.config.seed, rows=slice(start * d_steps,
+                                                                                         stop * d_steps))
+    return {name: x.reshape(stop - start, d_steps, *x.shape[1:]) for name, x in batch.items()}
 
   def init_params(self, rng):
     g_rng, d_rng = jax.random.split(rng)
@@ -130,7 +132,7 @@ class GANTask(ImageTask):
 
     return train_step
 
-  def eval_batches(self) -> dict:
+  def eval_batches(self, rows: slice = slice(None)) -> dict:
     return {}  # a GAN has no held-out likelihood; `aigc-jax eval` measures its samples
 
   def sample(self, params, rng, num_samples: int, labels=None, **options):

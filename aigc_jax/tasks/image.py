@@ -26,15 +26,15 @@ class ImageTask(Task):
     self.num_classes = self.dataset.num_classes
     self.units_per_batch = config.batch_size
 
-  def train_batch(self, step: int):
-    return self.dataset.batch("train", step, self.config.batch_size, self.config.seed)
+  def train_batch(self, step: int, rows: slice = slice(None)):
+    return self.dataset.batch("train", step, self.config.batch_size, self.config.seed, rows=rows)
 
   def data_fingerprint(self) -> str:
     return self.dataset.fingerprint()
 
-  def eval_batches(self) -> dict:
+  def eval_batches(self, rows: slice = slice(None)) -> dict:
     return {"validation": self.dataset.eval_batches("test", self.config.eval_batches, self.config.batch_size,
-                                                    self.config.seed)}
+                                                    self.config.seed, rows=rows)}
 
   def sample(self, params, rng, num_samples: int, labels=None, **options):
     """`num_samples` images [N, H, W, C] in [-1, 1]; `labels` [N] for conditional families."""

@@ -56,11 +56,11 @@ class LanguageModelTask(Task):
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return jnp.sum(losses), jnp.asarray(losses.size, jnp.float32), {}
 
-  def train_batch(self, step: int):
-    return self.dataset.batch("train", step, self.config.batch_size, seed=self.config.seed)
+  def train_batch(self, step: int, rows: slice = slice(None)):
+    return self.dataset.batch("train", step, self.config.batch_size, seed=self.config.seed, rows=rows)
 
-  def eval_batches(self):
-    return {split: [self.dataset.batch(split, i, self.config.batch_size, seed=self.config.seed, stream=1)
+  def eval_batches(self, rows: slice = slice(None)):
+    return {split: [self.dataset.batch(split, i, self.config.batch_size, seed=self.config.seed, stream=1, rows=rows)
                     for i in range(self.config.eval_batches)]
             for split in CharDataset.SPLITS}
 

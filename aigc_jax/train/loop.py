@@ -1,6 +1,8 @@
 """`train_and_evaluate(config, workdir)`: the one training loop every family runs through."""
 
 import contextlib
+import functools
+import inspect
 import json
 import logging
 import math
@@ -271,6 +273,15 @@ def _changed_keys(saved_path: str, config, missing: bool = True, later_keys: dic
   return sorted(k for k in keys if old.get(k) != new.get(k))
 
 
+def _only_rows(make_batches: Callable, rows: slice, batch_size: int) -> tuple[Callable, int | None]:
+  """A task's `train_batch` or `eval_batches` asking for only `rows` of each batch of `batch_size`, and the batch
+  size to place what it gives as (`parallel.shard_batch`). A task of your own whose method takes no `rows` is
+  called as it is: every process builds whole batches (of any size: None, each batch's own) and places its rows."""
+  if "rows" in inspect.signature(make_batches).parameters:
+    return functools.partial(make_batches, rows=rows), batch_size
+  return make_batches, None
+
+
 def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, profile_steps: int = 0
                        ) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last evaluation (for families
@@ -309,8 +320,11 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(steps.abstract.params))
   logging.info("%s: %.2fM parameters, %d devices, steps %d..%d", config.model.name, n_params / 1e6,
                mesh.devices.size, start, config.num_train_steps)
-  eval_batches = {split: [parallel.shard_batch(b, mesh) for b in batches]
-                  for split, batches in task.eval_batches().items()}
+  rows = parallel.process_rows(config.batch_size, mesh)  # of each batch, the ones this process's devices hold
+  train_batch, train_batch_size = _only_rows(task.train_batch, rows, config.batch_size)
+  make_eval_batches, eval_batch_size = _only_rows(task.eval_batches, rows, config.batch_size)
+  eval_batches = {split: [parallel.shard_batch(b, mesh, eval_batch_size) for b in batches]
+                  for split, batches in make_eval_batches().items()}
   # Written only once the run has started or resumed and read its data: a start that fails (a changed model, a
   # missing corpus) leaves the workdir's run as it was, still resumable and sampled as trained. A run already past
   # num_train_steps trains no further, and keeps the config it was trained with.
@@ -349,7 +363,7 @@ def train_and_evaluate(config, workdir: str, *, show_progress: bool = True, prof
     with StopRequests() as stops:
       for step in range(start, config.num_train_steps):
         with profiler.step(step):
-          state, metrics = steps.train(state, parallel.shard_batch(task.train_batch(step), mesh))
+          state, metrics = steps.train(state, parallel.shard_batch(train_batch(step), mesh, train_batch_size))
         profiler.done(step, metrics)
         pending.append(metrics)
         done = step + 1

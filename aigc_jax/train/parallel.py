@@ -1,9 +1,10 @@
 """Data parallelism over every device: batch sharded on a `data` mesh axis, state replicated.
 
 Every device means every device of every process: a run over several hosts (a TPU pod slice, a GPU cluster) starts
-one process per host, joined by `initialize_distributed`, and the mesh spans them all. Each process computes the
-same global batch (batches are pure functions of the step) and places the rows its own devices hold; only the
-primary process (`is_primary`) writes the workdir's logs and samples, while Orbax coordinates the checkpoints.
+one process per host, joined by `initialize_distributed`, and the mesh spans them all. Batches are pure functions
+of the step: each process builds only the rows of the global batch its own devices hold (`process_rows`) and places
+them (`shard_batch`). Only the primary process (`is_primary`) writes the workdir's logs and samples, while Orbax
+coordinates the checkpoints.
 """
 
 import jax
@@ -60,11 +61,29 @@ def check_batch_size(batch_size: int, mesh, grad_accum_steps: int = 1) -> None:
         f"use a multiple of {devices * grad_accum_steps}.")
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """Places a global host batch on the mesh, split along the batch axis.
+def process_rows(batch_size: int, mesh) -> slice:
+  """The rows of a global batch of `batch_size` that this process's devices hold: all of them in a one-process
+  run, 1/N of them for each of N processes (`jax.make_mesh` orders the devices by process, so they are one range;
+  were they not, this is the range that spans them)."""
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+  bounds = [index[0].indices(batch_size)[:2] for index in index_map.values()]
+  return slice(min(start for start, _ in bounds), max(stop for _, stop in bounds))
 
-  Every process computes the same global batch (batches are pure functions of the step) and places the rows its
-  own devices hold, wherever the mesh put them.
-  """
+
+def shard_batch(batch: dict[str, np.ndarray], mesh, batch_size: int | None = None) -> dict[str, jax.Array]:
+  """Places a batch on the mesh, split along the batch axis: `batch` holds the rows `process_rows(batch_size,
+  mesh)` names of a global batch of `batch_size`, or all of them (as with batch_size None: the whole global batch),
+  and each of this process's devices gets its own rows of them."""
+  first = next(iter(batch.values()))
+  batch_size = len(first) if batch_size is None else batch_size
+  rows = process_rows(batch_size, mesh) if len(first) < batch_size else slice(0, batch_size)
+  if len(first) != rows.stop - rows.start:
+    raise ValueError(f"shard_batch got {len(first)} rows; this process holds rows {rows.start}..{rows.stop} of "
+                     f"{batch_size}")
+
+  def local(v, index):
+    start, stop, _ = index[0].indices(batch_size)
+    return v[(slice(start - rows.start, stop - rows.start), *index[1:])]
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
+  return {k: jax.make_array_from_callback((batch_size, *v.shape[1:]), sharding, lambda index, v=v: local(v, index))
+          for k, v in batch.items()}
