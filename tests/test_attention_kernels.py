@@ -444,7 +444,8 @@ needs_mosaic_gpu_interpreter = pytest.mark.skipif(
     (1, 256, 512, 2, 1, 64, False, 0),  # grouped heads; two query tiles; K/V blocks of 256 filling both stages
     (1, 384, 384, 2, 1, 128, True, 0),  # three query tiles: skipped, masked and unmasked K/V blocks, the epilogue
     (1, 128, 256, 1, 1, 256, False, 0),  # head_dim 256: K/V blocks of 64, so slots are refilled while in use
-    (1, 384, 256, 1, 1, 64, True, -150),  # more queries than keys: 150 rows see none (zeros, lse +inf)
+    (1, 256, 256, 1, 1, 64, True, -100),  # 100 queries before the first key see none (zeros, lse +inf); in the
+    # first program, one consumer takes no K/V block and the other one
     # (a cache of keys before the queries runs below, through `flash_attention`)
 ])
 def test_flash_hopper_forward_kernel_runs_right_in_the_mosaic_gpu_interpreter(monkeypatch, b, t, s, h, kv_heads, d,
@@ -467,8 +468,8 @@ def test_flash_hopper_forward_kernel_runs_right_in_the_mosaic_gpu_interpreter(mo
 @pytest.mark.parametrize("t, s, h, kv_heads, d, q_offset", [
     (128, 128, 1, 1, 64, None),  # one program per kernel, both stages of streamed blocks
     (128, 128, 2, 1, 128, None),  # head_dim 128; a dK/dV program streams both query heads of its group
-    (128, 384, 1, 1, 64, 96),  # causal, keys after the queries: a dK/dV program no query sees, diagonals in blocks
-    (256, 128, 1, 1, 64, -96),  # causal, 96 queries before the first key (lse +inf: no gradient from them)
+    (128, 256, 1, 1, 64, -32),  # causal, 32 queries before the first key (lse +inf: no gradient from them), the
+    # diagonal inside blocks, a dK/dV program whose keys no query sees
 ])
 def test_flash_hopper_backward_kernels_run_right_in_the_mosaic_gpu_interpreter(monkeypatch, t, s, h, kv_heads, d,
                                                                                 q_offset):
@@ -512,7 +513,7 @@ def test_flash_with_the_interpreted_hopper_kernels_matches_xla(monkeypatch, back
   monkeypatch.setattr(flash_attention_hopper, "backward", interpreted(flash_attention_hopper.backward))
   if backward == "triton":
     monkeypatch.setattr(flash_attention_hopper, "backward_unsupported_reason", lambda *shapes: "the Triton turn")
-  q, k, v, w = qkv(b=1, t=200, s=200 + cache, h=2, kv_heads=1, dtype=jnp.bfloat16)
+  q, k, v, w = qkv(b=1, t=200 - cache, s=200, h=2, kv_heads=1, dtype=jnp.bfloat16)  # the last t of s positions
   ids = {}
   if with_ids:  # segments of 50, 100 and 50 tokens; the last 60 keys masked: the last segment's rows see none
     segment_ids = jnp.asarray(np.repeat([0, 1, 2], [50, 100, 50])[None], jnp.int32)
