@@ -408,25 +408,25 @@ def test_flash_takes_the_hopper_kernels_only_where_they_can_run(monkeypatch):
   assert not uses_hopper(forward(), q, k, k)
 
 
-@pytest.mark.parametrize("causal, padded_keys, cache", [(False, False, 0), (True, False, 0), (False, True, 0),
-                                                       (True, False, 56)])
-def test_flash_hopper_forward_contract_meets_the_triton_backward(monkeypatch, causal, padded_keys, cache):
+@pytest.mark.parametrize("causal, padded_keys, cache, d", [(False, False, 0, 64), (True, False, 0, 64),
+                                                          (False, True, 0, 64), (True, False, 56, 32)])
+def test_flash_hopper_forward_contract_meets_the_triton_backward(monkeypatch, causal, padded_keys, cache, d):
   """`flash_attention_hopper.reference` (the kernel's output and base-2 log-sum-exp, in plain JAX) in the kernel's
-  place, for jax 0.10.2, which cannot interpret it: the padding (padded keys hidden by ids), the scale, the queries'
-  offset over a cache of keys before them, and that the Triton dK/dV and dQ kernels (the backward above head_dim
-  128) read its log-sum-exp right, against xla, values and gradients."""
+  place, for jax 0.10.2, which cannot interpret it: the padding (padded keys hidden by ids, head_dim 32 zero-padded
+  to 64 under the true scale), the queries' offset over a cache of keys before them, and that the Triton dK/dV and
+  dQ kernels (the backward above head_dim 128) read its log-sum-exp right, against xla, values and gradients."""
   calls, ids_seen = [], []
   def stand_in(*args, ids, **kwargs):
-    calls.append(dict(kwargs, ids=ids is not None))
+    calls.append(dict(kwargs, ids=ids is not None, head_dim=args[0].shape[-1]))
     if ids is not None:  # traced here: their values come back through a callback
       jax.debug.callback(lambda *x: ids_seen.append([np.asarray(a) for a in x]), *ids)
     return flash_attention_hopper.reference(*args, ids=ids, **kwargs)
   monkeypatch.setattr(flash_attention_hopper, "forward", stand_in)
   monkeypatch.setattr(flash_attention_hopper, "backward_unsupported_reason", lambda *shapes: "the Triton one's turn")
   s = 200 + cache if causal or padded_keys else 256
-  q, k, v, w = qkv(b=1, t=200, s=s, h=2, kv_heads=1, dtype=jnp.bfloat16)
+  q, k, v, w = qkv(b=1, t=200, s=s, h=2, kv_heads=1, d=d, dtype=jnp.bfloat16)
   got = out_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=causal, hopper=True), q, k, v, w)
-  assert calls == [{"causal": causal, "scale": 64 ** -0.5, "ids": padded_keys, "q_offset": cache}]
+  assert calls == [{"causal": causal, "scale": d ** -0.5, "ids": padded_keys, "q_offset": cache, "head_dim": 64}]
   if padded_keys:  # the 56 keys padded to 256 get the id no query has
     (q_ids, kv_ids), = ids_seen
     np.testing.assert_array_equal(q_ids, np.zeros((1, 256)))

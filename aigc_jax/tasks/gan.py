@@ -44,8 +44,8 @@ class GANTask(ImageTask):
     """`d_steps` independent batches of real images for step `step`, one per critic update: [B, d_steps, ...]."""
     d_steps, b = self.config.model.d_steps, self.config.batch_size
     start, stop, _ = rows.indices(b)  # row r holds the drawn images r * d_steps ... (r + 1) * d_steps - 1
-    batch = self.dataset.batch("train", step, b * d_steps, self.config.seed, rows=slice(start * d_steps,
-                                                                                         stop * d_steps))
+    drawn = slice(start * d_steps, stop * d_steps)
+    batch = self.dataset.batch("train", step, b * d_steps, self.config.seed, rows=drawn)
     return {name: x.reshape(stop - start, d_steps, *x.shape[1:]) for name, x in batch.items()}
 
   def init_params(self, rng):
