@@ -104,8 +104,9 @@ def _ptxas_miscompiles_causal() -> bool:
   return 12080 <= cuda_versions.cuda_runtime_get_version() < 12091
 
 
-# jax 0.10.2's plgpu.load takes the index apart from the ref; jax 0.11 deprecates that.
-_LOAD_TAKES_INDEX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+# jax 0.10.2's plgpu.load takes the index apart from the ref; jax 0.11 deprecates that and jax 0.12 removes it.
+_LOAD_INDEX = inspect.signature(plgpu.load).parameters.get("idx")
+_LOAD_TAKES_INDEX = _LOAD_INDEX is not None and _LOAD_INDEX.default is inspect.Parameter.empty
 
 
 def _load(ref, layout):
