@@ -50,8 +50,7 @@ import numpy as np
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn import attention as attention_lib
-from aigc_jax.nn import flash_attention as flash_lib
-from aigc_jax.nn import flash_attention_hopper as hopper_lib
+from aigc_jax.nn import gpus
 from benchmarks import (Report, add_resume_argument, add_timing_arguments, default_out, environment, error_tolerance,
                         positive_float, ratio_range, relative_error, time_alternately, warm_up, within_noise)
 from benchmarks.peak import default_dtype, peak_flops
@@ -139,7 +138,7 @@ def build(implementation, causal, mode, args):
   """A compiled function of `args` for one implementation and mode, and its memory footprint in bytes."""
   def attend(q, k, v):
     if implementation == FLASH_TRITON:
-      return flash_lib.flash_attention(q, k, v, causal=causal, hopper=False)
+      return attention_lib.flash_kernels("flash_attention").flash_attention(q, k, v, causal=causal, hopper=False)
     return attention_lib.dot_product_attention(q, k, v, causal=causal, implementation=implementation)
 
   if mode == "fwd":
@@ -194,7 +193,7 @@ def run(args) -> int:
   on_gpu = backend == "gpu"
   dtype = default_dtype(args.dtype)
   implementations = (args.implementations.split(",") if args.implementations
-                     else ["cudnn", "xla", "chunked", "flash"] + [FLASH_TRITON] * hopper_lib.on_hopper() if on_gpu
+                     else ["cudnn", "xla", "chunked", "flash"] + [FLASH_TRITON] * gpus.on_hopper() if on_gpu
                      else ["xla", "chunked", "flash"] if backend == "tpu" else ["xla", "chunked"])
   known = [i for i in attention_lib.IMPLEMENTATIONS if i != "auto"] + [FLASH_TRITON]
   for name in implementations:

@@ -60,13 +60,13 @@ def test_auto_is_xla_on_cpu_and_cudnn_needs_a_gpu():
 
 def test_cudnn_head_dims_follow_the_gpu_generation(monkeypatch):
   """cuDNN takes head_dim 256 from Hopper on, 128 before; `auto` follows, and the error names the bound."""
-  from aigc_jax.nn import flash_attention_hopper
+  from aigc_jax.nn import gpus
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(flash_attention_hopper, "gpu_compute_capability", lambda: (9, 0))  # H100
+  monkeypatch.setattr(gpus, "gpu_compute_capability", lambda: (9, 0))  # H100
   assert resolve_implementation("auto", jnp.bfloat16, 256, q_len=4096, kv_len=4096) == "cudnn"
   assert resolve_implementation("cudnn", jnp.bfloat16, 256) == "cudnn"
   assert resolve_implementation("auto", jnp.float32, 64, q_len=4096, kv_len=4096) == "chunked"
-  monkeypatch.setattr(flash_attention_hopper, "gpu_compute_capability", lambda: (8, 0))  # A100
+  monkeypatch.setattr(gpus, "gpu_compute_capability", lambda: (8, 0))  # A100
   assert resolve_implementation("auto", jnp.bfloat16, 128) == "cudnn"
   assert resolve_implementation("auto", jnp.bfloat16, 256, q_len=4096, kv_len=4096) == "chunked"
   with pytest.raises(UserError, match="head_dim <= 128, a multiple of 8 .have gpu, bfloat16, head_dim 256"):
@@ -77,9 +77,9 @@ def test_cudnn_head_dims_follow_the_gpu_generation(monkeypatch):
 def on_a_gpu(monkeypatch):
   """This CPU passed off as an A100, with jax.nn's xla path (cuDNN's conventions: causal aligned to the first
   query) standing in for its cuDNN kernel; yields the calls it got."""
-  from aigc_jax.nn import flash_attention_hopper
+  from aigc_jax.nn import gpus
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(flash_attention_hopper, "gpu_compute_capability", lambda: (8, 0))
+  monkeypatch.setattr(gpus, "gpu_compute_capability", lambda: (8, 0))
   calls, xla = [], jax.nn.dot_product_attention
 
   def cudnn(q, k, v, *, mask, is_causal, implementation):
@@ -233,3 +233,38 @@ def test_segment_ids_as_a_list_of_rows_are_self_attention_ids():
   rows = [[0, 0, 1, 1, 1], [0, 1, 1, 2, 2]]
   np.testing.assert_array_equal(dot_product_attention(q, k, v, segment_ids=rows),
                                 dot_product_attention(q, k, v, segment_ids=jnp.asarray(rows)))
+
+
+BROKEN_PALLAS_SCRIPT = r"""
+import sys
+for name in ("jax.experimental.pallas.triton", "jax.experimental.pallas.mosaic_gpu"):
+  sys.modules[name] = None  # as on a JAX whose Pallas GPU backends moved: importing them raises ImportError
+import jax.numpy as jnp
+import benchmarks.attention, aigc_jax.cli, aigc_jax.models, aigc_jax.train.loop  # import as ever
+from aigc_jax.errors import UserError
+from aigc_jax.nn.attention import dot_product_attention
+q = jnp.ones((1, 4, 2, 8))
+for impl in ("auto", "xla", "chunked"):
+  print(impl, float(dot_product_attention(q, q, q, causal=True, implementation=impl).sum()))
+try:
+  dot_product_attention(q, q, q, implementation="flash")
+except UserError as e:
+  print(e)
+"""
+
+
+def test_a_jax_whose_pallas_moved_breaks_flash_alone_in_one_sentence():
+  """The kernel modules are imported on first use of `flash`: without Pallas's GPU backends (as on a JAX release
+  whose Pallas API has moved; jax 0.12 broke an import-time probe of the Hopper module) every module still
+  imports, the other implementations run, and `flash` says what to do."""
+  import os
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-c", BROKEN_PALLAS_SCRIPT], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  assert lines[:3] == ["auto 64.0", "xla 64.0", "chunked 64.0"]  # all ones: 4 queries x 2 heads x 8 dims
+  assert lines[3:] == [f"Attention implementation 'flash' could not load its Pallas kernels on jax {jax.__version__} "
+                       f"(ModuleNotFoundError: import of jax.experimental.pallas.triton halted; None in sys.modules); "
+                       f"use 'chunked' or 'xla', or install a jax that setup.cfg accepts."]

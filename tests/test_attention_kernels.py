@@ -17,7 +17,7 @@ import pytest
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn import attention as attention_lib
-from aigc_jax.nn import flash_attention_hopper, flash_attention_tpu, segments
+from aigc_jax.nn import flash_attention_hopper, flash_attention_tpu, gpus, segments
 from aigc_jax.nn.attention import CHUNKED_MIN_SCORES, dot_product_attention, resolve_implementation
 from aigc_jax.nn.chunked_attention import chunked_attention
 from aigc_jax.nn.flash_attention import BlockSizes, flash_attention
@@ -268,9 +268,10 @@ def test_flash_tpu_rejects_what_its_kernels_lack_in_one_sentence():
 
 
 def test_flash_picks_its_kernels_by_backend(monkeypatch):
-  assert attention_lib._flash_lib() is attention_lib.flash_lib  # Triton: on a GPU, and interpreted here
+  from aigc_jax.nn import flash_attention as triton_kernels
+  assert attention_lib.flash_kernels() is triton_kernels  # Triton (and Mosaic GPU): on a GPU, and interpreted here
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  assert attention_lib._flash_lib() is flash_attention_tpu
+  assert attention_lib.flash_kernels() is flash_attention_tpu
   with pytest.raises(UserError, match="'flash' on TPU supports float32 and bfloat16.*'chunked' or 'xla'"):
     resolve_implementation("flash", jnp.float16, 64, q_len=256, kv_len=256)
   assert resolve_implementation("auto", jnp.bfloat16, 128, q_len=4096, kv_len=4096) == "chunked"
@@ -386,7 +387,7 @@ def test_flash_takes_the_hopper_kernels_only_where_they_can_run(monkeypatch):
   # K/V blocks: the longest that divides the keys and, two stages of K and V deep, fits 227 KiB of shared memory.
   assert [flash_attention_hopper.kv_block(d, 512) for d in (64, 128, 256)] == [256, 128, 64]
   assert flash_attention_hopper.kv_block(64, 384) == 128 and flash_attention_hopper.kv_block(512, 512) is None
-  monkeypatch.setattr(flash_attention_hopper, "on_hopper", lambda: True)
+  monkeypatch.setattr(gpus, "on_hopper", lambda: True)
   bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   q, k = bf16(1, 256, 2, 64), bf16(1, 256, 1, 64)
   forward = lambda causal=True, **kw: (lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=False, **kw))
@@ -404,7 +405,7 @@ def test_flash_takes_the_hopper_kernels_only_where_they_can_run(monkeypatch):
   with pytest.raises(UserError, match="Hopper flash forward cannot run this call: it takes bfloat16 and float16 "
                                       r"\(got float32\); leave hopper=None"):
     _gpu_module(forward(hopper=True), f32, f32, f32)
-  monkeypatch.setattr(flash_attention_hopper, "on_hopper", lambda: False)  # e.g. an A100
+  monkeypatch.setattr(gpus, "on_hopper", lambda: False)  # e.g. an A100
   assert not uses_hopper(forward(), q, k, k)
 
 
@@ -523,7 +524,7 @@ def test_flash_with_the_interpreted_hopper_kernels_matches_xla(monkeypatch, back
   assert_near_xla_in_fp32(got, q, k, v, w, 3e-2, causal=causal, **ids)
 
 
-@pytest.mark.skipif(not flash_attention_hopper.on_hopper(),
+@pytest.mark.skipif(not gpus.on_hopper(),
                     reason="runs the Mosaic GPU kernels compiled: needs a Hopper GPU (the interpreter tests above "
                            "check them anywhere)")
 @pytest.mark.parametrize("causal, head_dim", [(False, 64), (True, 128)])

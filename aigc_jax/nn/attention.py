@@ -38,6 +38,7 @@ other implementations are ordinary XLA ops that it partitions by itself.
 """
 
 import functools
+import importlib
 import logging
 
 import jax
@@ -45,9 +46,7 @@ import jax.numpy as jnp
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn import chunked_attention as chunked_lib
-from aigc_jax.nn import flash_attention as flash_lib
-from aigc_jax.nn import flash_attention_hopper as hopper_lib
-from aigc_jax.nn import flash_attention_tpu as flash_tpu_lib
+from aigc_jax.nn import gpus
 from aigc_jax.nn import segments as segments_lib
 from aigc_jax.nn.autodiff import custom_gradients
 
@@ -83,8 +82,6 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, *, q_len: 
                     f"T != S) only at even lengths, and this call has {q_len} queries and {kv_len} "
                     f"keys; use 'chunked' or 'xla', or pad to an even length.")
   cudnn_ok = cudnn_ok and not cudnn_odd
-  flash_why_not = _flash_lib().unsupported_reason((1, q_len, 1, head_dim), (1, kv_len, 1, head_dim), dtype,
-                                                  mask_shape)
   if implementation == "auto":
     long = q_len * kv_len >= CHUNKED_MIN_SCORES
     chosen = "cudnn" if cudnn_ok else "chunked" if long else "xla"
@@ -97,8 +94,10 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, *, q_len: 
         f"{backend}, {jnp.dtype(dtype).name}, head_dim {head_dim}); use 'xla' or 'auto' (or 'chunked' for "
         f"long sequences).")
   if implementation == "flash":
-    if flash_why_not is not None:
-      raise flash_lib.unsupported_error(flash_why_not)
+    kernels = flash_kernels()
+    why_not = kernels.unsupported_reason((1, q_len, 1, head_dim), (1, kv_len, 1, head_dim), dtype, mask_shape)
+    if why_not is not None:
+      raise kernels.unsupported_error(why_not)
     if backend not in ("gpu", "tpu"):
       _log_interpreted(backend)
   return implementation
@@ -107,13 +106,24 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, *, q_len: 
 def cudnn_max_head_dim() -> int:
   """cuDNN's fused attention takes head dims up to 256 on Hopper and later GPUs, up to 128 before
   (as `jax.nn.dot_product_attention` checks)."""
-  capability = hopper_lib.gpu_compute_capability()
-  return 256 if capability and capability >= hopper_lib.HOPPER else 128
+  capability = gpus.gpu_compute_capability()
+  return 256 if capability and capability >= gpus.HOPPER else 128
 
 
-def _flash_lib():
-  """The module whose kernels `flash` runs on this backend: splash on a TPU, Triton elsewhere."""
-  return flash_tpu_lib if jax.default_backend() == "tpu" else flash_lib
+def flash_kernels(name: str | None = None):
+  """The module of `flash`'s kernels: `name`, or this backend's (`flash_attention_tpu`, JAX's splash kernels, on a
+  TPU; `flash_attention`, Triton and Mosaic GPU, elsewhere).
+
+  Imported on first use, not with this module: a JAX whose Pallas API has moved then breaks `flash` alone, in one
+  sentence, and every model keeps its other implementations.
+  """
+  name = name or ("flash_attention_tpu" if jax.default_backend() == "tpu" else "flash_attention")
+  try:
+    return importlib.import_module(f"aigc_jax.nn.{name}")
+  except Exception as e:  # an ImportError, or whatever a moved Pallas API raises at import time
+    raise UserError(f"Attention implementation 'flash' could not load its Pallas kernels on jax {jax.__version__} "
+                    f"({type(e).__name__}: {e}); use 'chunked' or 'xla', or install a jax that setup.cfg "
+                    f"accepts.") from e
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,7 +169,7 @@ def dot_product_attention(q, k, v, *, causal: bool = False, mask=None, segment_i
   if implementation == "chunked":
     return chunked_lib.chunked_attention(q, k, v, causal=causal, mask=mask, segment_ids=pair)
   if implementation == "flash":
-    return _per_batch_shard(functools.partial(_flash_lib().flash_attention, causal=causal), q, k, v, mask, pair)
+    return _per_batch_shard(functools.partial(flash_kernels().flash_attention, causal=causal), q, k, v, mask, pair)
   if pair is not None:  # xla and cudnn take the segments as a mask
     seg = segments_lib.segment_mask(pair)
     mask = seg if mask is None else jnp.logical_and(mask, seg)

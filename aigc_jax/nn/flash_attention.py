@@ -39,6 +39,7 @@ from jax.experimental.pallas import triton as plgpu
 from aigc_jax.errors import UserError
 from aigc_jax.nn import chunked_attention as chunked_lib
 from aigc_jax.nn import flash_attention_hopper as hopper_lib
+from aigc_jax.nn import gpus
 from aigc_jax.nn import segments as segments_lib
 
 _LOG2E = math.log2(math.e)  # the kernels work in base 2: e^x = 2^(x log2 e), and exp2 is the cheap one
@@ -127,7 +128,7 @@ def flash_attention(q, k, v, *, causal: bool = False, mask=None, segment_ids=Non
   why_not = hopper_lib.unsupported_reason((b, tp, h, hopper_dp), (b, sp, k.shape[2], hopper_dp), q.dtype,
                                           causal=causal)
   if hopper is None:
-    hopper = why_not is None and not interpret and hopper_lib.on_hopper()
+    hopper = why_not is None and not interpret and gpus.on_hopper()
   elif hopper and why_not:
     raise UserError(f"The Hopper flash forward cannot run this call: {why_not}; leave hopper=None to let "
                     f"flash use its Triton forward.")

@@ -49,7 +49,6 @@ BLOCK_Q = 64  # queries per consumer warpgroup; a program (CTA) takes 2 * BLOCK_
 MIN_HEAD_DIM = 64  # a 128-byte swizzled row of bf16: head dims are multiples of it
 STAGES = 2  # K/V blocks in flight
 SMEM_BYTES = 227 * 1024  # shared memory one H100 CTA may use
-HOPPER = (9, 0)  # compute capability
 
 
 def kv_block(head_dim: int, kv_len: int) -> int | None:
@@ -79,21 +78,6 @@ def unsupported_reason(q_shape, k_shape, dtype, *, causal: bool) -> str | None:
   if causal and _ptxas_miscompiles_causal():
     return "causal masking is miscompiled by ptxas in CUDA 12.8.0 to 12.9.0"
   return None
-
-
-def gpu_compute_capability() -> tuple[int, int] | None:
-  """The lowest compute capability among jax's NVIDIA GPUs, e.g. (9, 0) on an H100; None on other backends."""
-  if jax.default_backend() != "gpu":
-    return None
-  try:
-    return min(tuple(int(x) for x in d.compute_capability.split(".")) for d in jax.devices())
-  except (AttributeError, ValueError):  # not CUDA devices (ROCm names its architectures gfx...)
-    return None
-
-
-def on_hopper() -> bool:
-  """Whether jax runs on Hopper GPUs (compute capability 9.0), the only ones with this kernel's wgmma."""
-  return gpu_compute_capability() == HOPPER
 
 
 def _ptxas_miscompiles_causal() -> bool:

@@ -30,6 +30,7 @@ from aigc_jax.nn import flash_attention as flash_lib
 from aigc_jax.nn import segments as segments_lib
 
 LANES = 128  # TPU vector lane width: splash blocks are multiples of it
+unsupported_error = flash_lib.unsupported_error  # the GPU kernels' sentence
 
 
 @dataclasses.dataclass(frozen=True)
