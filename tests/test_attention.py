@@ -235,36 +235,54 @@ def test_segment_ids_as_a_list_of_rows_are_self_attention_ids():
                                 dot_product_attention(q, k, v, segment_ids=jnp.asarray(rows)))
 
 
-BROKEN_PALLAS_SCRIPT = r"""
+NO_PALLAS_TRITON_SCRIPT = r"""
 import sys
-for name in ("jax.experimental.pallas.triton", "jax.experimental.pallas.mosaic_gpu"):
-  sys.modules[name] = None  # as on a JAX whose Pallas GPU backends moved: importing them raises ImportError
+sys.modules["jax.experimental.pallas.triton"] = None  # a JAX without Pallas Triton: importing it raises ImportError
 import jax.numpy as jnp
 import benchmarks.attention, aigc_jax.cli, aigc_jax.models, aigc_jax.train.loop  # import as ever
 from aigc_jax.errors import UserError
 from aigc_jax.nn.attention import dot_product_attention
+from aigc_jax.nn.flash_attention import flash_attention
 q = jnp.ones((1, 4, 2, 8))
-for impl in ("auto", "xla", "chunked"):
+for impl in ("auto", "xla", "chunked", "flash"):  # flash: its Triton kernels interpreted, as on any CPU
   print(impl, float(dot_product_attention(q, q, q, causal=True, implementation=impl).sum()))
 try:
-  dot_product_attention(q, q, q, implementation="flash")
+  flash_attention(q, q, q, interpret=False)  # compiled for a GPU: the Triton kernels' turn (float32)
 except UserError as e:
   print(e)
 """
 
 
-def test_a_jax_whose_pallas_moved_breaks_flash_alone_in_one_sentence():
-  """The kernel modules are imported on first use of `flash`: without Pallas's GPU backends (as on a JAX release
-  whose Pallas API has moved; jax 0.12 broke an import-time probe of the Hopper module) every module still
-  imports, the other implementations run, and `flash` says what to do."""
+def test_a_jax_without_pallas_triton_loses_only_the_compiled_triton_kernels():
+  """Pallas Triton is deprecated since jax 0.11. Without it every module imports, every implementation runs here
+  (flash's kernels interpreted), and compiling the Triton kernels says what to do in one sentence."""
   import os
   import subprocess
   import sys
-  out = subprocess.run([sys.executable, "-c", BROKEN_PALLAS_SCRIPT], capture_output=True, text=True, timeout=300,
+  out = subprocess.run([sys.executable, "-c", NO_PALLAS_TRITON_SCRIPT], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.splitlines()
-  assert lines[:3] == ["auto 64.0", "xla 64.0", "chunked 64.0"]  # all ones: 4 queries x 2 heads x 8 dims
-  assert lines[3:] == [f"Attention implementation 'flash' could not load its Pallas kernels on jax {jax.__version__} "
-                       f"(ModuleNotFoundError: import of jax.experimental.pallas.triton halted; None in sys.modules); "
-                       f"use 'chunked' or 'xla', or install a jax that setup.cfg accepts."]
+  assert lines[:4] == ["auto 64.0", "xla 64.0", "chunked 64.0", "flash 64.0"]  # all ones: 4 queries x 2 heads x 8
+  assert lines[4:] == [f"Attention implementation 'flash' needs Pallas's Triton backend for this call (float32, a "
+                       f"GPU before Hopper, or a backward above head_dim 128), and jax {jax.__version__} could not "
+                       f"import it (ModuleNotFoundError: import of jax.experimental.pallas.triton halted; None in "
+                       f"sys.modules); use 'chunked' or 'xla' for this call."]
+
+
+def test_flash_kernels_that_fail_to_import_are_one_sentence(monkeypatch):
+  """The kernel modules are imported on first use of `flash`, so a JAX whose Pallas API has moved (jax 0.12 broke
+  an import-time probe of the Hopper module, and with it every model) breaks `flash` alone."""
+  import types
+  from aigc_jax.nn import attention as attention_lib
+
+  def moved(name):
+    raise KeyError("idx")
+  monkeypatch.setattr(attention_lib, "importlib", types.SimpleNamespace(import_module=moved))
+  q = jnp.ones((1, 4, 2, 8))
+  with pytest.raises(UserError) as raised:
+    dot_product_attention(q, q, q, implementation="flash")
+  assert str(raised.value) == (f"Attention implementation 'flash' could not load its Pallas kernels on jax "
+                               f"{jax.__version__} (KeyError: 'idx'); use 'chunked' or 'xla', or install a jax that "
+                               f"setup.cfg accepts.")
+  assert float(dot_product_attention(q, q, q, implementation="auto").sum()) == 64.0

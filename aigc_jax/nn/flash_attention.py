@@ -1,8 +1,9 @@
 """FlashAttention as Pallas kernels: a forward, a dK/dV and a dQ kernel behind one `jax.custom_vjp`.
 
 On a GPU the kernels lower through Triton; elsewhere they run in Pallas interpret mode
-(slow, meant for checking numerics on CPU). Adapted from JAX's reference kernels in
-`jax/experimental/pallas/ops/gpu/attention.py` (Copyright 2023 The JAX Authors,
+(slow, meant for checking numerics on CPU), which needs no Triton: only compiling them imports
+Pallas Triton (deprecated since jax 0.11), so a JAX without it still runs the Hopper kernels.
+Adapted from JAX's reference kernels in `jax/experimental/pallas/ops/gpu/attention.py` (Copyright 2023 The JAX Authors,
 Apache-2.0), with these changes for `aigc_jax.nn.attention`'s API:
   * grouped-query heads: the k/v BlockSpecs map query head h to kv head h // G, and the
     dK/dV kernel writes one slice per query head that the wrapper sums over the group;
@@ -34,7 +35,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn import chunked_attention as chunked_lib
@@ -175,7 +175,7 @@ def _forward_kernel(*refs, st: _Static):
     acc, m, l = carry  # [bq, Dp], [bq], [bq] fp32
     k_start = j * block_k
     k = k_ref[pl.ds(k_start, block_k), :]  # [bk, Dp]
-    scores = plgpu.dot(q, k, trans_b=True) * (st.scale * _LOG2E)  # [bq, bk] base-2 logits
+    scores = _dot(q, k, trans_b=True) * (st.scale * _LOG2E)  # [bq, bk] base-2 logits
     keep = _keep(q_pos, q_ids, k_start, block_k, kv_ids_ref, st)
     if keep is not None:
       scores = jnp.where(keep, scores, -jnp.inf)
@@ -183,7 +183,7 @@ def _forward_kernel(*refs, st: _Static):
     probs = jnp.exp2(scores - m_new[:, None])
     rescale = jnp.exp2(m - m_new)
     v = v_ref[pl.ds(k_start, block_k), :]
-    acc = acc * rescale[:, None] + plgpu.dot(probs.astype(v.dtype), v)
+    acc = acc * rescale[:, None] + _dot(probs.astype(v.dtype), v)
     return acc, m_new, l * rescale + jnp.sum(probs, axis=-1)
 
   nk = sp // block_k
@@ -199,11 +199,11 @@ def _forward_kernel(*refs, st: _Static):
 
 def _probs_and_dscores(q, k, v, do, lse, delta, keep, st: _Static):
   """Recomputed probabilities [bq, bk] and d(scores) [bq, bk] (natural-log scale, times the softmax scale)."""
-  scores = plgpu.dot(q, k, trans_b=True) * (st.scale * _LOG2E)
+  scores = _dot(q, k, trans_b=True) * (st.scale * _LOG2E)
   if keep is not None:
     scores = jnp.where(keep, scores, -jnp.inf)
   probs = jnp.exp2(scores - lse[:, None])
-  d_probs = plgpu.dot(do, v, trans_b=True)
+  d_probs = _dot(do, v, trans_b=True)
   return probs, probs * (d_probs - delta[:, None]) * st.scale
 
 
@@ -226,8 +226,8 @@ def _dkv_kernel(*refs, st: _Static):
     keep = _keep(q_pos, q_ids, k_start, block_k, kv_ids_ref, st)
     probs, d_scores = _probs_and_dscores(q, k, v, do, lse_ref[pl.ds(q_start, block_q)],
                                          delta_ref[pl.ds(q_start, block_q)], keep, st)
-    dv = dv + plgpu.dot(probs.astype(do.dtype), do, trans_a=True)
-    dk = dk + plgpu.dot(d_scores.astype(q.dtype), q, trans_a=True)
+    dv = dv + _dot(probs.astype(do.dtype), do, trans_a=True)
+    dk = dk + _dot(d_scores.astype(q.dtype), q, trans_a=True)
     return dk, dv
 
   nq = tp // block_q
@@ -259,15 +259,36 @@ def _dq_kernel(*refs, st: _Static):
     v = v_ref[pl.ds(k_start, block_k), :]
     keep = _keep(q_pos, q_ids, k_start, block_k, kv_ids_ref, st)
     _, d_scores = _probs_and_dscores(q, k, v, do, lse, delta, keep, st)
-    return dq + plgpu.dot(d_scores.astype(k.dtype), k)
+    return dq + _dot(d_scores.astype(k.dtype), k)
 
   nk = sp // block_k
   stop = chunked_lib.key_blocks_seen(q_start, block_q, block_k, nk, st.t, st.s) if st.causal else nk
   dq_ref[...] = lax.fori_loop(0, stop, body, jnp.zeros((block_q, dp), jnp.float32)).astype(dq_ref.dtype)
 
 
-def _compiler_params(block_a, block_b, dp):
-  return plgpu.CompilerParams(num_warps=4 if block_a * block_b < 128 * 128 and dp <= 64 else 8, num_stages=2)
+def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
+  """a @ b of two 2-D tiles (either transposed), accumulated and returned in fp32: Pallas Triton's `dot` written
+  with core JAX, so that only the compiled kernels need the Triton backend (`_compiler_params`)."""
+  contract = ((0 if trans_a else 1,), (1 if trans_b else 0,))
+  return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _compiler_params(st: _Static, block_a: int, block_b: int, dp: int):
+  """Triton's launch parameters for a compiled kernel (None in interpret mode, which needs no Triton).
+
+  Pallas Triton is imported here, not with the module: jax 0.11 deprecates it, and a JAX without it still runs the
+  Hopper kernels, which serve every bf16/fp16 forward and the backward up to head_dim 128 on an H100/H200.
+  """
+  if st.interpret:
+    return None
+  try:
+    from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
+  except Exception as e:  # an ImportError, or whatever a moved Pallas API raises at import time
+    raise UserError(f"Attention implementation 'flash' needs Pallas's Triton backend for this call (float32, a GPU "
+                    f"before Hopper, or a backward above head_dim {hopper_lib.BWD_MAX_HEAD_DIM}), and jax "
+                    f"{jax.__version__} could not import it ({type(e).__name__}: {e}); use 'chunked' or 'xla' for "
+                    f"this call.") from e
+  return pl_triton.CompilerParams(num_warps=4 if block_a * block_b < 128 * 128 and dp <= 64 else 8, num_stages=2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -326,7 +347,7 @@ def _forward_kernels(st: _Static, q, k, v, ids):
       out_specs=[pl.BlockSpec((None, bq, None, dp), lambda i, bi, hi: (bi, i, hi, 0)),
                  pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
-      compiler_params=_compiler_params(bq, st.blocks.block_k, dp),
+      compiler_params=_compiler_params(st, bq, st.blocks.block_k, dp),
       interpret=st.interpret,
       name="flash_attention_forward",
   )(q, k, v, *id_args)
@@ -363,7 +384,7 @@ def _backward_kernels(st: _Static, residuals, d_out):
       in_specs=[whole_q, kv_tile, kv_tile, *id_specs, whole_q, whole_rows, whole_rows],
       out_specs=[dk_per_head, dk_per_head],
       out_shape=[jax.ShapeDtypeStruct((b, sp, h, dp), jnp.float32)] * 2,  # per query head, summed below
-      compiler_params=_compiler_params(bq, bk, dp),
+      compiler_params=_compiler_params(st, bq, bk, dp),
       interpret=st.interpret,
       name="flash_attention_dkv",
   )(q, k, v, *id_args, d_out, lse, delta)
@@ -376,7 +397,7 @@ def _backward_kernels(st: _Static, residuals, d_out):
       in_specs=[q_tile, whole_kv, whole_kv, *id_specs, q_tile, rows_tile, rows_tile],
       out_specs=q_tile,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_compiler_params(bq, bk, dp),
+      compiler_params=_compiler_params(st, bq, bk, dp),
       interpret=st.interpret,
       name="flash_attention_dq",
   )(q, k, v, *id_args, d_out, lse, delta)
