@@ -250,12 +250,23 @@ try:
   flash_attention(q, q, q, interpret=False)  # compiled for a GPU: the Triton kernels' turn (float32)
 except UserError as e:
   print(e)
+# The Hopper kernels' forward, dQ and dK/dV, cross-lowered for an H100 as in test_attention_kernels.py.
+import jax
+from jax import export
+h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+x = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+loss = lambda q, k, v: flash_attention(q, k, v, causal=True, interpret=False, hopper=True).astype(float).sum()
+with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("_",), abstract_device=h100)):
+  module = export.export(jax.jit(jax.grad(loss, (0, 1, 2))), platforms=("cuda",),
+                         disabled_checks=[export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(x, x, x)
+print("hopper kernels", module.mlir_module().count("@mosaic_gpu_v2("))
 """
 
 
 def test_a_jax_without_pallas_triton_loses_only_the_compiled_triton_kernels():
   """Pallas Triton is deprecated since jax 0.11. Without it every module imports, every implementation runs here
-  (flash's kernels interpreted), and compiling the Triton kernels says what to do in one sentence."""
+  (flash's kernels interpreted), the Hopper kernels still lower for an H100, and compiling the Triton kernels says
+  what to do in one sentence."""
   import os
   import subprocess
   import sys
@@ -267,7 +278,7 @@ def test_a_jax_without_pallas_triton_loses_only_the_compiled_triton_kernels():
   assert lines[4:] == [f"Attention implementation 'flash' needs Pallas's Triton backend for this call (float32, a "
                        f"GPU before Hopper, or a backward above head_dim 128), and jax {jax.__version__} could not "
                        f"import it (ModuleNotFoundError: import of jax.experimental.pallas.triton halted; None in "
-                       f"sys.modules); use 'chunked' or 'xla' for this call."]
+                       f"sys.modules); use 'chunked' or 'xla' for this call.", "hopper kernels 3"]
 
 
 def test_flash_kernels_that_fail_to_import_are_one_sentence(monkeypatch):
