@@ -275,10 +275,10 @@ def test_a_jax_without_pallas_triton_loses_only_the_compiled_triton_kernels():
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.splitlines()
   assert lines[:4] == ["auto 64.0", "xla 64.0", "chunked 64.0", "flash 64.0"]  # all ones: 4 queries x 2 heads x 8
-  assert lines[4:] == [f"Attention implementation 'flash' needs Pallas's Triton backend for this call (float32, a "
-                       f"GPU before Hopper, or a backward above head_dim 128), and jax {jax.__version__} could not "
-                       f"import it (ModuleNotFoundError: import of jax.experimental.pallas.triton halted; None in "
-                       f"sys.modules); use 'chunked' or 'xla' for this call.", "hopper kernels 3"]
+  assert lines[4:] == [f"Attention implementation 'flash' runs this call on its Triton kernels (the Hopper ones take "
+                       f"bf16/fp16 on an H100/H200, backward up to head_dim 128), and jax {jax.__version__} could not "
+                       f"import Pallas Triton (ModuleNotFoundError: import of jax.experimental.pallas.triton halted; "
+                       f"None in sys.modules); use 'chunked' or 'xla' for this call.", "hopper kernels 3"]
 
 
 def test_flash_kernels_that_fail_to_import_are_one_sentence(monkeypatch):

@@ -3,8 +3,8 @@
 On a GPU the kernels lower through Triton; elsewhere they run in Pallas interpret mode
 (slow, meant for checking numerics on CPU), which needs no Triton: only compiling them imports
 Pallas Triton (deprecated since jax 0.11), so a JAX without it still runs the Hopper kernels.
-Adapted from JAX's reference kernels in `jax/experimental/pallas/ops/gpu/attention.py` (Copyright 2023 The JAX Authors,
-Apache-2.0), with these changes for `aigc_jax.nn.attention`'s API:
+Adapted from JAX's reference kernels in `jax/experimental/pallas/ops/gpu/attention.py`
+(Copyright 2023 The JAX Authors, Apache-2.0), with these changes for `aigc_jax.nn.attention`'s API:
   * grouped-query heads: the k/v BlockSpecs map query head h to kv head h // G, and the
     dK/dV kernel writes one slice per query head that the wrapper sums over the group;
   * any lengths: q is padded to the query block, k/v to the key block, D to a power of 2,
@@ -284,10 +284,10 @@ def _compiler_params(st: _Static, block_a: int, block_b: int, dp: int):
   try:
     from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
   except Exception as e:  # an ImportError, or whatever a moved Pallas API raises at import time
-    raise UserError(f"Attention implementation 'flash' needs Pallas's Triton backend for this call (float32, a GPU "
-                    f"before Hopper, or a backward above head_dim {hopper_lib.BWD_MAX_HEAD_DIM}), and jax "
-                    f"{jax.__version__} could not import it ({type(e).__name__}: {e}); use 'chunked' or 'xla' for "
-                    f"this call.") from e
+    raise UserError(f"Attention implementation 'flash' runs this call on its Triton kernels (the Hopper ones take "
+                    f"bf16/fp16 on an H100/H200, backward up to head_dim {hopper_lib.BWD_MAX_HEAD_DIM}), and jax "
+                    f"{jax.__version__} could not import Pallas Triton ({type(e).__name__}: {e}); use 'chunked' or "
+                    f"'xla' for this call.") from e
   return pl_triton.CompilerParams(num_warps=4 if block_a * block_b < 128 * 128 and dp <= 64 else 8, num_stages=2)
 
 
